@@ -1,0 +1,337 @@
+"""One ModelConfig for every DeepSeek generation, read from a checkpoint's config.json.
+
+Families: `llama` (DeepSeek-LLM, DeepSeek-Coder v1 and other Llama-shaped models), `deepseek_v2`
+(V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing) and `deepseek_v3` (V3, R1, V3.1:
+MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights).
+
+A field we do not know could change the math, so it is an error, not a silent default: every key of
+config.json is either read here or listed in IGNORED_FIELDS (bookkeeping that cannot change the logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v2", "deepseek_v3")
+
+# Keys that never change a forward pass: HF bookkeeping, training-only knobs, generation defaults.
+IGNORED_FIELDS = frozenset(
+    {
+        "_name_or_path", "architectures", "auto_map", "transformers_version",
+        "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+        "is_encoder_decoder", "id2label", "label2id", "problem_type", "use_cache", "initializer_range",
+        "pad_token_id", "attention_dropout", "output_router_logits", "aux_loss_alpha", "seq_aux",
+        "router_aux_loss_coef", "ep_size", "moe_layer_freq", "tokenizer_class", "model_name",
+        "num_key_value_heads_", "qk_head_dim", "use_flash_attn", "_attn_implementation",
+        "_commit_hash", "tie_encoder_decoder", "bad_words_ids", "do_sample", "max_length",
+        "min_length", "num_beams", "temperature", "top_p", "top_k", "repetition_penalty",
+        "generation_config", "pretraining_tp", "use_sliding_window", "sliding_window",
+        "max_window_layers", "layer_types", "cross_attention_hidden_size", "tf_legacy_loss",
+        "pruned_heads", "torchscript", "add_cross_attention", "finetuning_task", "prefix",
+        "sep_token_id", "decoder_start_token_id", "task_specific_params", "tokenizer_name",
+    }
+)
+
+# Fields read for each family (in addition to the common ones below).
+_COMMON = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
+    "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "head_dim", "rope_theta",
+    "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "quantization_config", "torch_dtype", "dtype",
+}
+_MLA_MOE = {
+    "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "first_k_dense_replace", "n_group", "topk_group", "topk_method", "scoring_func",
+    "norm_topk_prob", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers",
+}
+KNOWN_FIELDS = {"llama": _COMMON, "deepseek_v2": _COMMON | _MLA_MOE, "deepseek_v3": _COMMON | _MLA_MOE}
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot run faithfully; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: `type` is default, linear, llama3 or yarn (DeepSeek's long-context scaling)."""
+
+    type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """Block-scaled FP8 weights (V3/R1/V3.1): W = fp8(W) * weight_scale_inv per block."""
+
+    block_size: tuple[int, int] = (128, 128)
+    scale_fmt: str | None = None  # None or "ue8m0" (V3.1/V3.2: power-of-two scales)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # per-head dim of Llama-shaped attention (MLA uses the qk_/v_ dims below)
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # MLA
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True
+    # DeepSeekMoE
+    moe_intermediate_size: int = 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"  # greedy | group_limited_greedy | noaux_tc
+    scoring_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    # V3 extras
+    num_nextn_predict_layers: int = 0
+    fp8: FP8Config | None = None
+    torch_dtype: str | None = None  # the dtype the checkpoint was saved in, for dtype="auto"
+
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type in ("deepseek_v2", "deepseek_v3")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_values_per_token_per_layer(self) -> int:
+        """What a KV cache stores per token per layer: the MLA latent, or K and V per KV head."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.is_mla and self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times mscale^2 under YaRN (V2 paper App. C; `yarn_get_mscale` in the reference)."""
+        d = self.qk_head_dim if self.is_mla else self.head_dim
+        scale = d**-0.5
+        r = self.rope
+        if self.is_mla and r.type == "yarn" and r.mscale_all_dim:
+            m = yarn_mscale(r.factor, r.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        return _parse(d, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return _parse(d, str(path))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _parse(d: dict[str, Any], source: str) -> ModelConfig:
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"{source}: {msg}")
+
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise fail(
+            f"unsupported model_type {model_type!r} (field 'model_type'); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    unknown = sorted(k for k in d if k not in KNOWN_FIELDS[model_type] and k not in IGNORED_FIELDS)
+    if unknown:
+        raise fail(f"unknown config field(s) {', '.join(map(repr, unknown))} for model_type {model_type!r}")
+
+    def req(key: str) -> Any:
+        if d.get(key) is None:
+            raise fail(f"missing required field {key!r}")
+        return d[key]
+
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise fail(f"unsupported hidden_act {act!r} (field 'hidden_act'); DeepSeek models use 'silu'")
+    for flag in ("mlp_bias",) + (("attention_bias",) if model_type != "llama" else ()):
+        if d.get(flag):
+            raise fail(f"unsupported {flag}=true (field {flag!r})")
+    if d.get("pretraining_tp", 1) not in (1, None):
+        raise fail("unsupported pretraining_tp != 1 (field 'pretraining_tp')")
+    if d.get("use_sliding_window") or (d.get("sliding_window") and model_type == "llama"):
+        raise fail("sliding-window attention is not supported (field 'sliding_window')")
+
+    heads = req("num_attention_heads")
+    hidden = req("hidden_size")
+    kw: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=req("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=req("intermediate_size"),
+        num_hidden_layers=req("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or hidden // heads,
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        rope=_parse_rope(d, fail),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+    )
+    if model_type == "llama" and heads % kw["num_key_value_heads"]:
+        raise fail("num_attention_heads must be a multiple of num_key_value_heads")
+
+    if model_type != "llama":
+        is_v3 = model_type == "deepseek_v3"
+        topk_method = d.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
+        if topk_method == "gready":  # DeepSeek's hub code spells it so in V2-Lite configs
+            topk_method = "greedy"
+        if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise fail(f"unsupported topk_method {topk_method!r} (field 'topk_method')")
+        scoring = d.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
+        if scoring not in ("softmax", "sigmoid"):
+            raise fail(f"unsupported scoring_func {scoring!r} (field 'scoring_func')")
+        n_routed = d.get("n_routed_experts") or 0
+        n_group = d.get("n_group") or 1
+        if n_routed and n_routed % n_group:
+            raise fail("n_routed_experts must be a multiple of n_group (field 'n_group')")
+        kw.update(
+            head_dim=req("v_head_dim"),
+            kv_lora_rank=req("kv_lora_rank"),
+            q_lora_rank=d.get("q_lora_rank") or None,  # V2-Lite: null -> plain q_proj
+            qk_nope_head_dim=req("qk_nope_head_dim"),
+            qk_rope_head_dim=req("qk_rope_head_dim"),
+            v_head_dim=req("v_head_dim"),
+            rope_interleave=bool(d.get("rope_interleave", True)),
+            moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+            n_routed_experts=n_routed,
+            n_shared_experts=d.get("n_shared_experts") or 0,
+            num_experts_per_tok=(req("num_experts_per_tok") if n_routed else 0),
+            first_k_dense_replace=d.get("first_k_dense_replace") or 0,
+            n_group=n_group,
+            topk_group=d.get("topk_group") or 1,
+            topk_method=topk_method,
+            scoring_func=scoring,
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            num_nextn_predict_layers=d.get("num_nextn_predict_layers") or 0,
+            fp8=_parse_quantization(d.get("quantization_config"), fail),
+        )
+    elif d.get("quantization_config"):
+        kw["fp8"] = _parse_quantization(d["quantization_config"], fail)
+    return ModelConfig(**kw)
+
+
+def _parse_rope(d: dict[str, Any], fail) -> RopeConfig:
+    # transformers v5 writes `rope_parameters` (theta inside); released checkpoints write `rope_scaling` + `rope_theta`.
+    params = dict(d.get("rope_parameters") or {})
+    params.update(d.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    rtype = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    known = {
+        "default": set(),
+        "linear": {"factor"},
+        "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+        "yarn": {
+            "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+            "mscale_all_dim", "attention_factor", "truncate",
+        },
+    }
+    if rtype not in known:
+        raise fail(f"unsupported rope type {rtype!r} (field 'rope_scaling.type')")
+    if params.get("partial_rotary_factor") in (1, 1.0):
+        del params["partial_rotary_factor"]
+    unknown = sorted(set(params) - known[rtype])
+    if unknown:
+        raise fail(f"unknown rope_scaling field(s) {', '.join(map(repr, unknown))} for rope type {rtype!r}")
+    if rtype == "default":
+        return RopeConfig(theta=theta)
+    factor = params.get("factor")
+    if factor is None and rtype == "yarn" and params.get("original_max_position_embeddings"):
+        factor = d.get("max_position_embeddings", 0) / params["original_max_position_embeddings"]
+    if factor is None:
+        raise fail(f"rope type {rtype!r} needs 'factor' (field 'rope_scaling.factor')")
+    if rtype in ("yarn", "llama3") and not params.get("original_max_position_embeddings"):
+        raise fail(f"rope type {rtype!r} needs 'original_max_position_embeddings'")
+    return RopeConfig(
+        type=rtype,
+        theta=theta,
+        factor=float(factor),
+        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+    )
+
+
+def _parse_quantization(q: dict[str, Any] | None, fail) -> FP8Config | None:
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise fail(f"unsupported quantization_config.quant_method {method!r}; supported: 'fp8'")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise fail(f"unsupported quantization_config.fmt {fmt!r}; supported: 'e4m3'")
+    block = tuple(q.get("weight_block_size") or (128, 128))
+    if len(block) != 2:
+        raise fail("quantization_config.weight_block_size must have two entries")
+    scale_fmt = q.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise fail(f"unsupported quantization_config.scale_fmt {scale_fmt!r}")
+    return FP8Config(block_size=(int(block[0]), int(block[1])), scale_fmt=scale_fmt)

@@ -1,0 +1,112 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (V2 paper eq. 20, V3 paper eq. 12).
+
+    h' = u + sum_i FFN_i^shared(u) + sum_i g_i FFN_i^routed(u)
+
+Routing (`Gate`), with s the router scores of one token over E experts:
+- greedy (V2-Lite):              s = softmax(z); top-K of s.
+- group_limited_greedy (V2):     s = softmax(z); keep the topk_group groups with the largest max(s);
+                                 top-K among their experts.
+- noaux_tc (V3/R1/V3.1):         s = sigmoid(z); selection uses s + b (aux-loss-free bias), groups ranked
+                                 by the sum of their two best biased scores; weights use the unbiased s.
+Then optionally w /= sum(w) (norm_topk_prob) and w *= routed_scaling_factor.
+
+Shape letters: n tokens, e experts, k experts per token, i expert width, m model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfseek.config import ModelConfig
+from selfseek.models.layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.method, self.scoring = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        # Router and bias stay fp32 whatever the compute dtype: near-ties must not flip experts.
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(self.n_experts, dtype=torch.float32), requires_grad=False
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, m] -> (weights [n, k] fp32, expert ids [n, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        n = scores.shape[0]
+        if self.method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        else:
+            choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
+            grouped = choice.view(n, self.n_group, -1)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)
+            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, ids
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: gate/up [e, i, m], down [e, m, i]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, m = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_proj = nn.Parameter(torch.empty(e, i, m))
+        self.up_proj = nn.Parameter(torch.empty(e, i, m))
+        self.down_proj = nn.Parameter(torch.empty(e, m, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Run each expert once on the tokens routed to it; y[n] = sum_k w[n,k] FFN_{ids[n,k]}(x[n])."""
+        n, k = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0]).tolist()
+        flat_w = weights.flatten()
+        y = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start : start + count]
+            start += count
+            tokens = slots // k
+            h = x[tokens]
+            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
+            out = (h @ self.down_proj[e].T) * flat_w[slots, None]
+            y.index_add_(0, tokens, out.to(y.dtype))
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(flat)
+        y = self.experts(flat, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)

@@ -1,0 +1,239 @@
+"""Hugging Face checkpoint folders -> CausalLM, streamed tensor by tensor from memory-mapped safetensors.
+
+The model is built on the meta device, given empty storage in the compute dtype, and each checkpoint
+tensor is copied into its place and dropped: peak memory stays near the size of the weights.
+FP8 (e4m3) weights are dequantized per 128x128 block with their `weight_scale_inv` on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from selfseek.config import ModelConfig
+from selfseek.models.model import CausalLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load; the message names the file and, where there is one, the tensor."""
+
+
+# Tensors some exporters write that carry nothing we need.
+_SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# MTP tensors that duplicate the main model's embedding and head ("Shares parameters").
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+
+
+@dataclass
+class Target:
+    """Where one checkpoint tensor goes: a parameter, optionally one expert's slot or half of a fused tensor."""
+
+    param: str
+    index: int | None = None  # expert index into a stacked [E, ...] parameter
+    half: int | None = None  # 0/1: first or second half of dim 1 (fused gate_up_proj)
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                first = next(n for n, g in files.items() if g == f)
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing (it holds tensor {first!r})")
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    files: dict[str, Path] = {}
+    for f in shards:
+        for name in _open(f).keys():
+            files[name] = f
+    return files
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def target_of(name: str, cfg: ModelConfig) -> Target | None:
+    """Map a Hugging Face tensor name onto our parameter names (None: not stored by us)."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:  # MTP: model.layers.{L + k}.*
+        k, rest = int(m.group(1)) - cfg.num_hidden_layers, m.group(2)
+        if rest in _MTP_SHARED:
+            return None
+        name = f"mtp.{k}.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.{k}.block.{rest}"
+    if m := _EXPERT.match(name):
+        return Target(f"{m.group(1)}.{m.group(3)}", index=int(m.group(2)))
+    if m := _FUSED_EXPERTS.match(name):
+        if m.group(2) == "down_proj":
+            return Target(f"{m.group(1)}.down_proj")
+        return Target(f"{m.group(1)}.gate_proj", half=0)  # the up half is handled alongside
+    return Target(name)
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W[r, c] = fp8(W)[r, c] * scale_inv[r // 128, c // 128], in fp32 (DeepSeek-V3 weight_dequant)."""
+    rows, cols = w.shape
+    s = scale_inv.float()
+    s = s.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    return w.float() * s
+
+
+def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
+    cfg = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    files = checkpoint_files(path)
+    loaded: set[str] = set()
+    handles: dict[Path, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        f = files[name]
+        if f not in handles:
+            handles[f] = _open(f)
+        try:
+            return handles[f].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+    # One shard at a time, closing each when done, so at most one shard's pages stay mapped.
+    by_file: dict[Path, list[str]] = {}
+    for n in files:
+        if not n.endswith("_scale_inv") and not _SKIPPED.match(n):
+            by_file.setdefault(files[n], []).append(n)
+    bar = tqdm(total=sum(map(len, by_file.values())), desc="Loading weights", unit="tensor",
+               disable=not progress, leave=False)
+    for names in by_file.values():
+        for name in names:
+            _load_one(name, model, params, files, read, loaded)
+            bar.update()
+        handles.clear()
+    bar.close()
+
+    if cfg.num_nextn_predict_layers and not any(n.startswith("mtp.") for n in loaded):
+        model.mtp = torch.nn.ModuleList()  # checkpoint saved without its MTP layer (transformers drops it)
+    _check_complete(model, loaded, path)
+
+
+def _load_one(name: str, model: CausalLM, params: dict, files: dict, read, loaded: set[str]) -> None:
+    """Copy checkpoint tensor `name` into its parameter (dequantizing FP8, splitting fused experts)."""
+    cfg = model.config
+    target = target_of(name, cfg)
+    if target is None:
+        return
+    if target.param not in params:
+        raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a {cfg.model_type} model")
+    t = read(name)
+    if t.dtype == torch.float8_e4m3fn:
+        scale_name = name + "_scale_inv"
+        if scale_name not in files:
+            raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {scale_name!r}")
+        block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
+        t = dequantize_fp8(t, read(scale_name), block)
+    param = params[target.param]
+    with torch.no_grad():
+        if target.half is not None:  # fused [E, 2I, M] gate_up_proj -> gate [E, I, M], up [E, I, M]
+            expect = (param.shape[0], 2 * param.shape[1], param.shape[2])
+            _check_shape(files[name], name, t.shape, expect)
+            gate, up = t.chunk(2, dim=1)
+            param.copy_(gate)
+            params[target.param.replace("gate_proj", "up_proj")].copy_(up)
+            loaded.add(target.param.replace("gate_proj", "up_proj"))
+        elif target.index is not None:
+            _check_shape(files[name], name, t.shape, param.shape[1:])
+            if target.index >= param.shape[0]:
+                raise CheckpointError(f"{files[name]}: tensor {name!r} names expert {target.index}, "
+                                      f"but the config has {param.shape[0]}")
+            param[target.index].copy_(t)
+        else:
+            _check_shape(files[name], name, t.shape, param.shape)
+            param.copy_(t)
+    loaded.add(target.param if target.index is None else f"{target.param}[{target.index}]")
+
+
+def _check_shape(f: Path, name: str, got, expect) -> None:
+    if tuple(got) != tuple(expect):
+        raise CheckpointError(f"{f}: tensor {name!r} has shape {list(got)}, the config implies {list(expect)}")
+
+
+def _check_complete(model: CausalLM, loaded: set[str], path: Path) -> None:
+    missing = []
+    for name, p in model.named_parameters():
+        if name in loaded:
+            continue
+        if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            absent = [e for e in range(p.shape[0]) if f"{name}[{e}]" not in loaded]
+            if absent:
+                missing.append(f"{name} (experts {absent[:4]}{'...' if len(absent) > 4 else ''})")
+        else:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(_hf_name(n, model.config) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint lacks tensor(s) {shown}{more}")
+
+
+def _hf_name(name: str, cfg: ModelConfig) -> str:
+    m = re.match(r"^mtp\.(\d+)\.(?:block\.)?(.*)$", name)
+    return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}" if m else name
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
+    """"auto" keeps the checkpoint's 16-bit dtype (FP8 checkpoints compute in bf16), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if cfg.fp8 is not None:
+            return torch.bfloat16
+        return _DTYPES.get(str(cfg.torch_dtype), torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def build_empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> CausalLM:
+    """The model with uninitialised storage: parameters in `dtype`, the MoE router kept in fp32."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    for name, p in model.named_parameters():
+        if ".mlp.gate." not in name:
+            p.data = p.data.to(dtype)
+    return model.to_empty(device=device).eval().requires_grad_(False)
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> CausalLM:
+    """Load a Hugging Face checkpoint folder (config.json + safetensors) into a CausalLM."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    cfg = ModelConfig.from_file(path)
+    model = build_empty(cfg, resolve_dtype(dtype, cfg), device)
+    load_weights(model, path, progress)
+    return model

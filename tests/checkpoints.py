@@ -1,0 +1,70 @@
+"""Tiny random-weight checkpoints, written by Hugging Face transformers itself, for every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+
+YARN = {
+    "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+    "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+}
+
+# name -> (transformers config class name, config kwargs)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama_linear": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=100000.0,
+        rope_scaling={"type": "linear", "factor": 4.0}, rms_norm_eps=1e-6,
+    )),
+    "v2_lite_greedy": ("DeepseekV2Config", dict(
+        hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+        max_position_embeddings=256, rope_scaling=YARN,
+    )),
+    "v2_group_limited": ("DeepseekV2Config", dict(
+        hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0,
+        norm_topk_prob=False, max_position_embeddings=256, rope_scaling=YARN,
+    )),
+    "v3_noaux": ("DeepseekV3Config", dict(
+        hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=256, rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        num_nextn_predict_layers=1,
+    )),
+}
+
+
+def build_hf_model(family: str, seed: int = 0):
+    import transformers
+
+    cls_name, kwargs = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norms, so a missing norm cannot pass
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # non-zero, mixed-sign aux-loss-free bias
+                b.copy_(0.05 * torch.randn_like(b))
+    return model
+
+
+def save_hf_checkpoint(family: str, out: Path, seed: int = 0):
+    model = build_hf_model(family, seed)
+    model.save_pretrained(out)
+    return model

@@ -1,0 +1,107 @@
+"""config.json of each family, in the released spellings and in transformers v5's, and loud failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfseek.config import ConfigError, ModelConfig
+
+# Trimmed copies of released config.json files (fields as DeepSeek ships them).
+V3_RELEASED = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                             "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+V2_LITE_RELEASED = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "topk_group": 1, "topk_method": "gready", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 102400,
+}
+CODER_V1_RELEASED = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 32013, "eos_token_id": 32021, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5504, "max_position_embeddings": 16384,
+    "model_type": "llama", "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": {"factor": 4.0, "type": "linear"},
+    "rope_theta": 100000, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32256,
+}
+
+
+def test_v3_released_config():
+    c = ModelConfig.from_dict(V3_RELEASED)
+    assert (c.topk_method, c.scoring_func, c.n_group, c.topk_group) == ("noaux_tc", "sigmoid", 8, 4)
+    assert c.kv_values_per_token_per_layer == 576
+    assert c.fp8 is not None and c.fp8.block_size == (128, 128)
+    assert c.rope.type == "yarn" and c.rope.factor == 40
+    # 192^-0.5 * (0.1 * 1.0 * ln 40 + 1)^2 (reference notes §3.2)
+    assert c.softmax_scale() == pytest.approx(192**-0.5 * 1.873854, rel=1e-6)
+    assert c.is_moe_layer(3) and not c.is_moe_layer(2)
+
+
+def test_v2_lite_released_config_with_the_gready_spelling():
+    c = ModelConfig.from_dict(V2_LITE_RELEASED)
+    assert c.q_lora_rank is None and c.topk_method == "greedy" and c.scoring_func == "softmax"
+    assert c.softmax_scale() == pytest.approx(192**-0.5 * 1.589626, rel=1e-5)
+
+
+def test_coder_v1_linear_rope():
+    c = ModelConfig.from_dict(CODER_V1_RELEASED)
+    assert not c.is_mla and c.rope.type == "linear" and c.rope.factor == 4.0 and c.rope.theta == 100000
+    assert c.kv_values_per_token_per_layer == 2 * 16 * 128
+
+
+def test_rope_parameters_spelling_equals_rope_scaling_spelling():
+    old = dict(V3_RELEASED)
+    new = dict(V3_RELEASED)
+    new["rope_parameters"] = {**new.pop("rope_scaling"), "rope_theta": new.pop("rope_theta"), "rope_type": "yarn"}
+    del new["rope_parameters"]["type"]
+    assert ModelConfig.from_dict(old) == ModelConfig.from_dict(new)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"model_type": "mistral"}, "model_type"),
+        ({"sliding_window_size": 4096}, "sliding_window_size"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"topk_method": "random"}, "topk_method"),
+        ({"scoring_func": "relu"}, "scoring_func"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type"),
+        ({"rope_scaling": {**V3_RELEASED["rope_scaling"], "alpha": 3}}, "alpha"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "quant_method"),
+        ({"num_experts_per_tok": None}, "num_experts_per_tok"),
+    ],
+)
+def test_unknown_or_unsupported_fields_fail_with_the_field_name(tmp_path, change, field):
+    (tmp_path / "config.json").write_text(json.dumps({**V3_RELEASED, **change}))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_file(tmp_path)
+    assert field in str(e.value) and "config.json" in str(e.value)
+
+
+def test_config_json_that_is_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path)
