@@ -19,6 +19,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to return per generated token
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated text
+    repetition_penalty: float = 1.0  # HF/CTRL: divide positive (multiply negative) logits of seen tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -33,10 +38,20 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "must be an integer in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
+            ("logit_bias", all(_finite(v) and -100 <= v <= 100 for v in self.logit_bias.values()),
+             "values must be in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why} (got {getattr(self, name)!r})")
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ from checkpoints import FAMILIES, VOCAB, build_hf_model
 from safetensors.torch import load_file, save_file
 
 from selfseek import LLM, SamplingParams
+from selfseek.models.batch import build_batch
 from selfseek.weights.safetensors import load_checkpoint
 
 SEQ = 96  # beyond the YaRN configs' original context of 64, so the stretched frequencies matter
@@ -62,21 +63,23 @@ def test_absorbed_decode_equals_expanded_step_by_step(checkpoints, family):
     """The weight-absorbed path over the latent cache equals the expanded path at every decode step."""
     folder, _ = checkpoints[family]
     model = load_checkpoint(folder, progress=False)
-    prompt = _ids(24, seed=3)
-    caches = {m: model.new_cache(1, 24 + GEN + 1) for m in ("expanded", "absorbed")}
+    n_prompt = 24
+    slots = torch.arange(n_prompt + GEN + 1)  # one sequence, contiguous slots
+    pools = {m: model.new_kv_pools(len(slots)) for m in ("expanded", "absorbed")}
+    cfg = model.config
+    assert pools["absorbed"][0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim  # only the latent
+    prompt = _ids(n_prompt, seed=3)[0]
+
+    def step(tokens, n_prefix, mode):
+        batch = build_batch([(slots, n_prefix, len(tokens))], decode_mode=mode)
+        return model.logits(model.hidden_states(tokens, batch, pools[mode])[-1])
+
     with torch.no_grad():
-        logits = {m: model(prompt, 0, caches[m], mode="expanded")[:, -1] for m in caches}
-        pos = prompt.shape[1]
-        for _ in range(GEN):
+        logits = {m: step(prompt, 0, m) for m in pools}
+        for pos in range(n_prompt, n_prompt + GEN):
             assert (logits["absorbed"] - logits["expanded"]).abs().max().item() <= 1e-5
             token = logits["expanded"].argmax(-1, keepdim=True)
-            logits = {m: model(token, pos, caches[m], mode=m)[:, -1] for m in caches}
-            pos += 1
-    # And both read the same 576-style latent: kv_lora_rank + qk_rope_head_dim values per token per layer.
-    cfg = model.config
-    assert caches["absorbed"][0].latent.shape[-1] + caches["absorbed"][0].rope.shape[-1] == (
-        cfg.kv_values_per_token_per_layer
-    )
+            logits = {m: step(token, pos, m) for m in pools}
 
 
 def test_logprobs_are_log_softmax_of_the_logits(checkpoints):

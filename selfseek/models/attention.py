@@ -1,6 +1,7 @@
 """Multi-head / grouped-query attention for the Llama-shaped family (DeepSeek-LLM, DeepSeek-Coder v1).
 
-Shape letters: b batch, s queries, t keys, k KV heads, g query heads per KV head, d head dim.
+The paged cache of a layer is [slots, 2, k, d]: K and V per KV head.
+Shape letters: T flat rows, b batch, s queries, t keys, k KV heads, g query heads per KV head, d head dim.
 """
 
 from __future__ import annotations
@@ -9,22 +10,8 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
+from selfseek.models.batch import AttnBatch
 from selfseek.models.layers import Rotary
-
-
-class KVCache:
-    """Contiguous per-layer cache of K and V per KV head: [b, T, k, d] each."""
-
-    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype: torch.dtype, device):
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[1]
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        return self.k[:, :end], self.v[:, :end]
 
 
 class Attention(nn.Module):
@@ -39,25 +26,41 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg.rope, self.head_dim, interleaved=False)
         self.scale = cfg.softmax_scale()
 
+    def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
+        return torch.zeros(num_slots, 2, self.n_kv, self.head_dim, dtype=dtype, device=device)
+
     def forward(
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-        mode: str = "auto",
+        batch: AttnBatch,
+        pool: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
+        """x [T, m] (rows of many sequences, see models/batch.py) -> [T, m]."""
+        T = x.shape[0]
         g = self.n_heads // self.n_kv
-        q = self.rotary(self.q_proj(x).view(b, s, self.n_kv, g, self.head_dim), *cos_sin)
-        k = self.rotary(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), *cos_sin)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim)
-        if cache is not None:
-            k, v = cache.update(start_pos, k, v)
+        q = self.rotary(self.q_proj(x).view(T, self.n_kv, g, self.head_dim), *cos_sin)
+        k = self.rotary(self.k_proj(x).view(T, self.n_kv, self.head_dim), *cos_sin)
+        kv = torch.stack([k, self.v_proj(x).view(T, self.n_kv, self.head_dim)], dim=1)  # [T, 2, k, d]
+        if pool is not None and batch.slot_mapping is not None:
+            pool[batch.slot_mapping] = kv
+
+        out = x.new_empty(T, self.n_kv, g, self.head_dim)
+        for seg in batch.prefills:
+            rows = slice(seg.q_start, seg.q_end)
+            ctx = kv[rows] if seg.prefix_slots is None else torch.cat([pool[seg.prefix_slots], kv[rows]])
+            mask = None if seg.mask is None else seg.mask[None]
+            out[rows] = self._attend(q[rows][None], ctx[None], mask)[0]
+        d = batch.decode_start
+        if d < T:
+            out[d:] = self._attend(q[d:, None], pool[batch.decode_slots], batch.decode_mask)[:, 0]
+        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [b, s, k, g, d], ctx [b, t, 2, k, d], mask [b, s, t] -> [b, s, k, g, d]."""
+        k, v = ctx.unbind(dim=2)
         scores = torch.einsum("bskgd,btkd->bskgt", q, k) * self.scale
         if mask is not None:
-            scores = scores + mask[:, None, None, :]
+            scores = scores + mask[:, :, None, None, :]
         p = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.einsum("bskgt,btkd->bskgd", p, v)
-        return self.o_proj(o.reshape(b, s, self.n_heads * self.head_dim))
+        return torch.einsum("bskgt,btkd->bskgd", p, v)

@@ -121,12 +121,3 @@ class Rotary(nn.Module):
             x1, x2 = xf.chunk(2, dim=-1)
             y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return y.to(x.dtype)
-
-
-def causal_mask(s: int, t: int, start_pos: int, device: torch.device) -> torch.Tensor | None:
-    """Additive [s, t] mask: query i (absolute position start_pos + i) sees keys 0..start_pos + i."""
-    if s == 1:
-        return None
-    q_pos = torch.arange(start_pos, start_pos + s, device=device)[:, None]
-    k_pos = torch.arange(t, device=device)[None, :]
-    return torch.zeros(s, t, device=device).masked_fill(k_pos > q_pos, float("-inf"))

@@ -8,34 +8,19 @@ kv_lora_rank + qk_rope_head_dim values. Two ways to attend over them, equal in e
 - absorbed ("MQA mode", decode): W^UK folds into the query and W^UV into the output, so scores are
   q^C W^UK . c_KV + q^R . k^R and no per-head K/V is ever built (V2 paper §2.1.3).
 
-Shape letters: b batch, s queries, t keys, h heads, d nope/v head dim, r rope dim, c latent dim.
+The paged cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 for V3).
+Shape letters: T flat rows, b batch, s queries, t keys, h heads, d nope/v head dim, r rope dim, c latent dim.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
+from selfseek.models.batch import AttnBatch
 from selfseek.models.layers import RMSNorm, Rotary
 
-AttnMode = Literal["auto", "expanded", "absorbed"]
-
-
-class LatentCache:
-    """Contiguous per-layer latent cache: c_KV [b, T, c] and roped k^R [b, T, r]."""
-
-    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype: torch.dtype, device):
-        self.latent = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.rope = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-
-    def update(self, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + latent.shape[1]
-        self.latent[:, start:end] = latent
-        self.rope[:, start:end] = k_rope
-        return self.latent[:, :end], self.rope[:, :end]
 
 
 class MLA(nn.Module):
@@ -59,43 +44,55 @@ class MLA(nn.Module):
         self.rotary = Rotary(cfg.rope, self.rope_dim, interleaved=cfg.rope_interleave)
         self.scale = cfg.softmax_scale()
 
+    def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The paged cache of one layer: [slots, c + r], the normalised latent then the roped key."""
+        return torch.zeros(num_slots, self.latent_dim + self.rope_dim, dtype=dtype, device=device)
+
     def forward(
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: LatentCache | None = None,
-        start_pos: int = 0,
-        mode: AttnMode = "auto",
+        batch: AttnBatch,
+        pool: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
+        """x [T, m] (rows of many sequences, see models/batch.py) -> [T, m]."""
+        T = x.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.view(T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = self.rotary(q_rope, *cos_sin)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_rope = self.rotary(k_rope, *cos_sin)  # one rope key shared by all heads
-        if cache is not None:
-            latent, k_rope = cache.update(start_pos, latent, k_rope)
+        kv = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_rope, *cos_sin)], dim=-1)  # [T, c + r]
+        if pool is not None and batch.slot_mapping is not None:
+            pool[batch.slot_mapping] = kv
 
-        if mode == "auto":
-            mode = "expanded" if s > 1 else "absorbed"
+        out = x.new_empty(T, self.n_heads, self.v_dim)
+        for seg in batch.prefills:
+            rows = slice(seg.q_start, seg.q_end)
+            ctx = kv[rows] if seg.prefix_slots is None else torch.cat([pool[seg.prefix_slots], kv[rows]])
+            mask = None if seg.mask is None else seg.mask[None]
+            out[rows] = self._attend(batch.prefill_mode, q_nope[rows][None], q_rope[rows][None], ctx[None], mask)[0]
+        d = batch.decode_start
+        if d < T:
+            ctx = pool[batch.decode_slots]  # [B, T_max, c + r]: the whole context, this token included
+            out[d:] = self._attend(batch.decode_mode, q_nope[d:, None], q_rope[d:, None], ctx, batch.decode_mask)[:, 0]
+        return self.o_proj(out.flatten(1))
+
+    def _attend(self, mode: str, q_nope, q_rope, ctx, mask) -> torch.Tensor:
+        """q_nope [b, s, h, d], q_rope [b, s, h, r], ctx [b, t, c + r], mask [b, s, t] -> [b, s, h, v]."""
+        latent, k_rope = ctx.split([self.latent_dim, self.rope_dim], dim=-1)
         if mode == "expanded":
-            o = self._attend_expanded(q_nope, q_rope, latent, k_rope, mask)
-        else:
-            o = self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
-        return self.o_proj(o.flatten(2))
+            return self._attend_expanded(q_nope, q_rope, latent, k_rope, mask)
+        return self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dtype = scores.dtype
         scores = scores * self.scale
         if mask is not None:
-            scores = scores + mask[:, None, :]  # mask [s, t] -> [s, h, t]
+            scores = scores + mask[:, :, None, :]  # [b, s, t] -> [b, s, h, t]
         return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
     def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
-from selfseek.models.attention import Attention, KVCache
-from selfseek.models.layers import MLP, RMSNorm, causal_mask
-from selfseek.models.mla import MLA, AttnMode, LatentCache
+from selfseek.models.attention import Attention
+from selfseek.models.batch import AttnBatch, build_batch
+from selfseek.models.layers import MLP, RMSNorm
+from selfseek.models.mla import MLA
 from selfseek.models.moe import MoE
 from selfseek.models.mtp import MTPLayer
 
@@ -30,8 +31,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos_sin, mask, cache=None, start_pos: int = 0, mode: AttnMode = "auto") -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, start_pos, mode)
+    def forward(self, x: torch.Tensor, cos_sin, batch: AttnBatch, pool: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, pool)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -58,48 +59,46 @@ class CausalLM(nn.Module):
     def rotary(self):
         return self.model.layers[0].self_attn.rotary
 
-    def new_cache(self, batch: int, max_len: int) -> list:
-        """Per-layer contiguous caches: the MLA latent (c + r values per token) or K/V per KV head."""
+    def new_kv_pools(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """One paged cache tensor per layer with `num_slots` token slots (MLA: the latent only)."""
         p = self.lm_head.weight
-        kind = LatentCache if self.config.is_mla else KVCache
-        return [kind(batch, max_len, self.config, p.dtype, p.device) for _ in self.model.layers]
+        return [layer.self_attn.new_pool(num_slots, dtype or p.dtype, p.device) for layer in self.model.layers]
 
     def hidden_states(
         self,
         tokens: torch.Tensor,
-        start_pos: int = 0,
-        cache: list | None = None,
-        mode: AttnMode = "auto",
+        batch: AttnBatch | None = None,
+        pools: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """tokens [b, s] at positions start_pos.. -> last hidden states [b, s, m] before the final norm."""
-        b, s = tokens.shape
-        positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
-        cos_sin = self.rotary.cos_sin(positions)
-        mask = causal_mask(s, start_pos + s, start_pos, tokens.device)
+        """Last hidden states before the final norm.
+
+        tokens [T] with an AttnBatch (the engine's flat batch) -> [T, m];
+        or tokens [b, s] without one: each row a whole sequence, no cache -> [b, s, m].
+        """
+        if batch is None:
+            b, s = tokens.shape
+            batch = build_batch([(None, 0, s)] * b, tokens.device)
+            return self.hidden_states(tokens.reshape(-1), batch).view(b, s, -1)
+        cos_sin = self.rotary.cos_sin(batch.positions)
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos_sin, mask, None if cache is None else cache[i], start_pos, mode)
+            h = layer(h, cos_sin, batch, None if pools is None else pools[i])
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int = 0,
-        cache: list | None = None,
-        mode: AttnMode = "auto",
-    ) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, vocab] (in the compute dtype)."""
-        return self.logits(self.hidden_states(tokens, start_pos, cache, mode))
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s], each row a whole sequence -> logits [b, s, vocab] (in the compute dtype)."""
+        return self.logits(self.hidden_states(tokens))
 
-    def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Draft logits for t_{i+2} from the main model's hidden h_i and token t_{i+1} (first MTP depth)."""
+    def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Draft logits for t_{i+2} from the main model's hidden h_i [b, s, m] and tokens t_{i+1} [b, s]."""
         if not len(self.mtp):
             raise ValueError("this model has no multi-token-prediction layer")
         b, s = next_tokens.shape
-        positions = torch.arange(start_pos, start_pos + s, device=next_tokens.device).expand(b, s)
-        mask = causal_mask(s, start_pos + s, start_pos, next_tokens.device)
-        x = self.mtp[0](hidden, self.model.embed_tokens(next_tokens), self.rotary.cos_sin(positions), mask)
-        return self.lm_head(x)
+        batch = build_batch([(None, 0, s)] * b, next_tokens.device)
+        embeds = self.model.embed_tokens(next_tokens).reshape(b * s, -1)
+        cos_sin = self.rotary.cos_sin(batch.positions)
+        x = self.mtp[0](hidden.reshape(b * s, -1), embeds, cos_sin, batch)
+        return self.lm_head(x).view(b, s, -1)

@@ -38,11 +38,10 @@ class MTPLayer(nn.Module):
         hidden: torch.Tensor,
         next_embeds: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache=None,
-        start_pos: int = 0,
+        batch,
+        pool: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden, next_embeds [b, s, m] -> normed hidden [b, s, m]; apply the shared lm_head for logits."""
+        """hidden, next_embeds [T, m] -> normed hidden [T, m]; apply the shared lm_head for logits."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        x = self.block(x, cos_sin, mask, cache, start_pos)
+        x = self.block(x, cos_sin, batch, pool)
         return self.shared_head.norm(x)
