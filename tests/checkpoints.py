@@ -43,6 +43,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         num_nextn_predict_layers=1,
     )),
 }
+# A V3 shape with a longer context, for prefix caching and chunked prefill over 1,000+ token prompts.
+FAMILIES["v3_long"] = (FAMILIES["v3_noaux"][0], {
+    **FAMILIES["v3_noaux"][1], "max_position_embeddings": 2048,
+    "rope_scaling": {**FAMILIES["v3_noaux"][1]["rope_scaling"], "original_max_position_embeddings": 512},
+})
 
 
 def build_hf_model(family: str, seed: int = 0):
@@ -68,3 +73,28 @@ def save_hf_checkpoint(family: str, out: Path, seed: int = 0):
     model = build_hf_model(family, seed)
     model.save_pretrained(out)
     return model
+
+
+def add_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """Train a byte-level BPE of exactly `vocab_size` tokens and save it beside the weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    text = [
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+        "DeepSeek caches the compressed latent; the engine pages it in blocks of sixty-four tokens.",
+        "Un café, s'il vous plaît. 你好，世界！ Ünïcödé ✓",
+    ] * 20
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        '{"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": false}'
+    )
