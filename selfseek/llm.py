@@ -12,7 +12,6 @@ import torch
 from selfseek.engine.engine import EngineArgs, LLMEngine
 from selfseek.outputs import CompletionOutput, RequestOutput
 from selfseek.sampling_params import SamplingParams
-from selfseek.tokenizer import Tokenizer
 from selfseek.weights import load_model
 
 Prompt = str | Sequence[int]
@@ -40,7 +39,9 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt (a string or a list of token ids), in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

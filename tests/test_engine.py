@@ -192,7 +192,8 @@ def test_async_engine_streams_and_aborts(model):
         engine = AsyncEngine(_engine(model, kv_cache_memory=1 << 26))
         try:
             total = engine.core.blocks.num_free
-            stream = engine.add_request("a", _prompt(40, 21), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            greedy6 = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            stream = engine.add_request("a", _prompt(40, 21), greedy6)
             tokens = [t async for d in stream for t in d.token_ids]
             assert len(tokens) == 6
             long = engine.add_request("b", _prompt(40, 22), SamplingParams(max_tokens=500, ignore_eos=True))

@@ -17,7 +17,7 @@ from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.runner import ModelRunner, kv_bytes_per_token
 from selfseek.engine.sampler import sample
 from selfseek.engine.scheduler import Scheduler
-from selfseek.engine.sequence import Sequence, Status
+from selfseek.engine.sequence import Sequence
 from selfseek.models.model import CausalLM
 from selfseek.sampling_params import SamplingParams
 from selfseek.tokenizer import IncrementalDetokenizer, Tokenizer
