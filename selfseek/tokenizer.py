@@ -167,15 +167,16 @@ class Tokenizer:
             return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
         # Decode the runs between literal tokens apart. That equals decoding all the bytes at once: a
         # literal's text is whole UTF-8 characters, and no character can span one.
+        skip = skip_special_tokens
         parts: list[str] = []
         run: list[int] = []
         for token_id in ids:
             if token_id not in self._literal:
                 run.append(token_id)
-            elif not (skip_special_tokens and token_id in self._literal_special):
-                parts += [self._tk.decode(run, skip_special_tokens=skip_special_tokens), self._literal[token_id]]
+            elif not (skip and token_id in self._literal_special):
+                parts += [self._tk.decode(run, skip_special_tokens=skip), self._literal[token_id]]
                 run = []
-        parts.append(self._tk.decode(run, skip_special_tokens=skip_special_tokens))
+        parts.append(self._tk.decode(run, skip_special_tokens=skip))
         return "".join(parts)
 
     def token_to_id(self, tok: str) -> int | None:
@@ -194,8 +195,8 @@ class Tokenizer:
         """Render `messages` with the checkpoint's Jinja chat template, as transformers does.
 
         `template_kwargs` reach the template as variables (e.g. V3.1's `thinking=True`) and override
-        bos_token/eos_token/pad_token/unk_token. Encode the result with add_special_tokens=True: the
-        template already wrote BOS, and encode() never adds a second one.
+        bos_token/eos_token/pad_token/unk_token. The templates write BOS themselves, and encode() never
+        adds a second one, so the result encodes the same with or without add_special_tokens.
         """
         name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
         if name not in self._templates:
@@ -338,16 +339,18 @@ class IncrementalDetokenizer:
         if not window.endswith(_REPLACEMENT):
             if len(window) > self._prefix_len:
                 return self._advance(window, end)
-            # Tokens that decode to nothing (skipped specials, ids past the vocab): consume them, keep
-            # the window's left context.
-            self._read, self._prefix_len = end, len(window)
+            # The tokens since the read offset add no text: skipped special tokens or ids past the
+            # vocabulary, which the full decode drops as well. Drop them too, so the window stays small
+            # and keeps its left context.
+            del self._ids[self._read :]
             return ""
         if end - self._read > self._MAX_HELD:
             # Invalid bytes would otherwise grow the window without bound. If the window splits cleanly
-            # before its newest token (decoding the two halves apart changes nothing), everything up to
-            # there is final: those U+FFFD are in the full decode too. Only the newest token stays held.
-            head = self._decode(self._prefix, end - 1)
-            if len(head) > self._prefix_len and head + self._decode(end - 1, end) == window:
+            # before its newest token (decoding the two halves apart changes nothing) and that token adds
+            # text (so bytes follow the split), everything before the split is final: those U+FFFD are in
+            # the full decode too. Only the newest token stays held.
+            head, tail = self._decode(self._prefix, end - 1), self._decode(end - 1, end)
+            if tail and len(head) > self._prefix_len and head + tail == window:
                 return self._advance(head, end - 1)
         return ""
 
