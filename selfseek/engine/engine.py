@@ -53,7 +53,7 @@ class LLMEngine:
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
-        device = model.lm_head.weight.device
+        device = model.device
         budget = args.kv_cache_memory or int(available_memory(device) * args.kv_cache_fraction)
         useful = args.max_num_seqs * self.max_model_len  # more slots than this can never be used
         num_blocks = min(budget // (self.kv_bytes_per_token * args.block_size), -(-useful // args.block_size))

@@ -16,7 +16,7 @@ from selfseek.models.model import CausalLM
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype | None = None) -> int:
     """Cache bytes one token takes across all layers: layers x (kv_lora_rank + qk_rope_head_dim) x size for MLA."""
-    dtype = dtype or model.lm_head.weight.dtype
+    dtype = dtype or model.dtype
     size = torch.empty((), dtype=dtype).element_size()
     return model.config.num_hidden_layers * model.config.kv_values_per_token_per_layer * size
 
@@ -24,7 +24,7 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype | None = None) -> int
 class ModelRunner:
     def __init__(self, model: CausalLM, blocks: BlockManager):
         self.model, self.blocks = model, blocks
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.pools = model.new_kv_pools(blocks.num_blocks * blocks.block_size)
 
     @torch.inference_mode()

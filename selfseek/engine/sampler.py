@@ -1,5 +1,5 @@
-"""Next tokens for a whole batch in one pass: penalties, logit bias, temperature, top-k, top-p, min-p,
-per-request seeds, and logprobs of the model's own distribution.
+"""Next tokens for a whole batch in one pass: penalties, logit bias, logits processors (grammar constraints),
+temperature, top-k, top-p, min-p, per-request seeds, and logprobs of the model's own distribution.
 
 A seeded request draws from its own CPU generator, one row at a time, so its tokens do not depend on
 what else is in the batch; unseeded rows draw together.
@@ -46,6 +46,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """logits [N, vocab] (one row per sequence) -> the next token of each and its logprobs if asked."""
     raw = logits.float()
     work = apply_penalties(raw.clone(), seqs) if any(s.params.has_penalties for s in seqs) else raw
+    constrained = [i for i, s in enumerate(seqs) if s.params.logits_processors]
+    if constrained:  # after penalties, before any choice; logprobs below stay those of the raw distribution
+        work = work.clone() if work is raw else work
+        for i in constrained:
+            for proc in seqs[i].params.logits_processors:
+                work[i] = proc(seqs[i].output_ids, work[i])
     tokens = work.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:

@@ -22,7 +22,6 @@ from selfseek.models.batch import AttnBatch
 from selfseek.models.layers import RMSNorm, Rotary
 
 
-
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -56,13 +56,21 @@ class CausalLM(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (quantized layers keep their own storage)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
     def rotary(self):
         return self.model.layers[0].self_attn.rotary
 
     def new_kv_pools(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """One paged cache tensor per layer with `num_slots` token slots (MLA: the latent only)."""
-        p = self.lm_head.weight
-        return [layer.self_attn.new_pool(num_slots, dtype or p.dtype, p.device) for layer in self.model.layers]
+        return [layer.self_attn.new_pool(num_slots, dtype or self.dtype, self.device) for layer in self.model.layers]
 
     def hidden_states(
         self,
@@ -80,10 +88,16 @@ class CausalLM(nn.Module):
             batch = build_batch([(None, 0, s)] * b, tokens.device)
             return self.hidden_states(tokens.reshape(-1), batch).view(b, s, -1)
         cos_sin = self.rotary.cos_sin(batch.positions)
-        h = self.model.embed_tokens(tokens)
+        h = self.embed(tokens)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos_sin, batch, None if pools is None else pools[i])
         return h
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.model.embed_tokens
+        if isinstance(emb, nn.Embedding):
+            return emb(tokens)
+        return emb.embed(tokens, self.model.norm.weight.dtype)  # a QuantEmbedding
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))
@@ -98,7 +112,7 @@ class CausalLM(nn.Module):
             raise ValueError("this model has no multi-token-prediction layer")
         b, s = next_tokens.shape
         batch = build_batch([(None, 0, s)] * b, next_tokens.device)
-        embeds = self.model.embed_tokens(next_tokens).reshape(b * s, -1)
+        embeds = self.embed(next_tokens).reshape(b * s, -1)
         cos_sin = self.rotary.cos_sin(batch.positions)
         x = self.mtp[0](hidden.reshape(b * s, -1), embeds, cos_sin, batch)
         return self.lm_head(x).view(b, s, -1)

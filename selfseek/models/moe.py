@@ -67,6 +67,7 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, i, m = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.n_experts = e
         self.gate_proj = nn.Parameter(torch.empty(e, i, m))
         self.up_proj = nn.Parameter(torch.empty(e, i, m))
         self.down_proj = nn.Parameter(torch.empty(e, m, i))
@@ -76,7 +77,7 @@ class Experts(nn.Module):
         n, k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
         flat_w = weights.flatten()
         y = torch.zeros_like(x)
         start = 0
@@ -87,10 +88,16 @@ class Experts(nn.Module):
             start += count
             tokens = slots // k
             h = x[tokens]
-            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
-            out = (h @ self.down_proj[e].T) * flat_w[slots, None]
+            h = F.silu(self._linear("gate_proj", e, h)) * self._linear("up_proj", e, h)
+            out = self._linear("down_proj", e, h) * flat_w[slots, None]
             y.index_add_(0, tokens, out.to(y.dtype))
         return y
+
+    def _linear(self, proj: str, e: int, h: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, proj)
+        if isinstance(w, torch.Tensor):
+            return h @ w[e].T
+        return w.linear(e, h)  # a QuantStack (models/quant.py)
 
 
 class MoE(nn.Module):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from selfseek.config import ModelConfig
 from selfseek.models.model import CausalLM
+from selfseek.models.quant import QuantLinear, QuantStack, quantize_model
 
 
 class CheckpointError(ValueError):
@@ -99,9 +100,24 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     return w.float() * s
 
 
+def destinations(model: CausalLM) -> dict[str, tuple[str, object]]:
+    """Where a (Hugging Face named) tensor can go: a float parameter, a quantized linear layer ("P.weight"),
+    a quantized expert stack ("...experts.gate_proj"), or a pre-quantized buffer ("P.qweight" / scales / mins)."""
+    dest: dict[str, tuple[str, object]] = {n: ("param", p) for n, p in model.named_parameters(remove_duplicate=False)}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantLinear):
+            dest[f"{name}.weight"] = ("quant", m)
+        elif isinstance(m, QuantStack):
+            dest[name] = ("stack", m)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if name.endswith((".qweight", ".scales", ".mins")):
+            dest[name] = ("buffer", b)
+    return dest
+
+
 def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
     cfg = model.config
-    params = dict(model.named_parameters(remove_duplicate=False))
+    dest = destinations(model)
     files = checkpoint_files(path)
     loaded: set[str] = set()
     handles: dict[Path, object] = {}
@@ -124,7 +140,7 @@ def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
                disable=not progress, leave=False)
     for names in by_file.values():
         for name in names:
-            _load_one(name, model, params, files, read, loaded)
+            _load_one(name, model, dest, files, read, loaded)
             bar.update()
         handles.clear()
     bar.close()
@@ -134,13 +150,13 @@ def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
     _check_complete(model, loaded, path)
 
 
-def _load_one(name: str, model: CausalLM, params: dict, files: dict, read, loaded: set[str]) -> None:
-    """Copy checkpoint tensor `name` into its parameter (dequantizing FP8, splitting fused experts)."""
+def _load_one(name: str, model: CausalLM, dest: dict, files: dict, read, loaded: set[str]) -> None:
+    """Put checkpoint tensor `name` in place (dequantizing FP8, splitting fused experts, quantizing if asked)."""
     cfg = model.config
     target = target_of(name, cfg)
     if target is None:
         return
-    if target.param not in params:
+    if target.param not in dest:
         raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a {cfg.model_type} model")
     t = read(name)
     if t.dtype == torch.float8_e4m3fn:
@@ -149,25 +165,54 @@ def _load_one(name: str, model: CausalLM, params: dict, files: dict, read, loade
             raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {scale_name!r}")
         block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
         t = dequantize_fp8(t, read(scale_name), block)
-    param = params[target.param]
+    f = files[name]
+    kind, obj = dest[target.param]
     with torch.no_grad():
+        if kind == "buffer":  # pre-quantized (`selfseek quantize`): stored as it is kept
+            _check_shape(f, name, t.shape, obj.shape)
+            obj.copy_(t)
+            owner = target.param.rsplit(".", 1)[0]
+            if dest.get(owner, ("",))[0] == "stack":
+                loaded.update(f"{owner}[{e}]" for e in range(obj.shape[0]))
+            else:
+                loaded.add(owner + ".weight")
+            return
+        if kind == "quant":
+            _check_shape(f, name, t.shape, (obj.out_features, obj.in_features))
+            obj.set_from_float(t)
+            loaded.add(target.param)
+            return
+        shape = obj.shape  # a parameter [E, out, in] or a QuantStack
         if target.half is not None:  # fused [E, 2I, M] gate_up_proj -> gate [E, I, M], up [E, I, M]
-            expect = (param.shape[0], 2 * param.shape[1], param.shape[2])
-            _check_shape(files[name], name, t.shape, expect)
-            gate, up = t.chunk(2, dim=1)
-            param.copy_(gate)
-            params[target.param.replace("gate_proj", "up_proj")].copy_(up)
-            loaded.add(target.param.replace("gate_proj", "up_proj"))
+            _check_shape(f, name, t.shape, (shape[0], 2 * shape[1], shape[2]))
+            up_name = target.param.replace("gate_proj", "up_proj")
+            for half, pname in zip(t.chunk(2, dim=1), (target.param, up_name), strict=True):
+                for e in range(shape[0]):
+                    _put_expert(dest[pname], e, half[e])
+                    loaded.add(f"{pname}[{e}]")
         elif target.index is not None:
-            _check_shape(files[name], name, t.shape, param.shape[1:])
-            if target.index >= param.shape[0]:
-                raise CheckpointError(f"{files[name]}: tensor {name!r} names expert {target.index}, "
-                                      f"but the config has {param.shape[0]}")
-            param[target.index].copy_(t)
+            _check_shape(f, name, t.shape, shape[1:])
+            if target.index >= shape[0]:
+                raise CheckpointError(f"{f}: tensor {name!r} names expert {target.index}; the config has {shape[0]}")
+            _put_expert(dest[target.param], target.index, t)
+            loaded.add(f"{target.param}[{target.index}]")
+        elif kind == "stack":
+            _check_shape(f, name, t.shape, shape)
+            for e in range(shape[0]):
+                _put_expert(dest[target.param], e, t[e])
+                loaded.add(f"{target.param}[{e}]")
         else:
-            _check_shape(files[name], name, t.shape, param.shape)
-            param.copy_(t)
-    loaded.add(target.param if target.index is None else f"{target.param}[{target.index}]")
+            _check_shape(f, name, t.shape, shape)
+            obj.copy_(t)
+            loaded.add(target.param)
+
+
+def _put_expert(dest: tuple[str, object], e: int, w: torch.Tensor) -> None:
+    kind, obj = dest
+    if kind == "stack":
+        obj.set_from_float(e, w)
+    else:
+        obj[e].copy_(w)
 
 
 def _check_shape(f: Path, name: str, got, expect) -> None:
@@ -177,14 +222,15 @@ def _check_shape(f: Path, name: str, got, expect) -> None:
 
 def _check_complete(model: CausalLM, loaded: set[str], path: Path) -> None:
     missing = []
-    for name, p in model.named_parameters():
-        if name in loaded:
+    for name, (kind, obj) in destinations(model).items():
+        if kind == "buffer" or name in loaded:
             continue
-        if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
-            absent = [e for e in range(p.shape[0]) if f"{name}[{e}]" not in loaded]
+        if kind == "stack" or name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            absent = [e for e in range(obj.shape[0]) if f"{name}[{e}]" not in loaded]
             if absent:
                 missing.append(f"{name} (experts {absent[:4]}{'...' if len(absent) > 4 else ''})")
-        else:
+        elif not (model.config.tie_word_embeddings and {name, "model.embed_tokens.weight", "lm_head.weight"} & loaded
+                  and name in ("model.embed_tokens.weight", "lm_head.weight")):
             missing.append(name)
     if missing:
         shown = ", ".join(_hf_name(n, model.config) for n in missing[:5])
@@ -213,14 +259,25 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def build_empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> CausalLM:
-    """The model with uninitialised storage: parameters in `dtype`, the MoE router kept in fp32."""
+def build_empty(
+    cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu", bits: int | None = None
+) -> CausalLM:
+    """The model with uninitialised storage: parameters in `dtype`, the MoE router kept in fp32, and with
+    `bits` (8 or 4) the linear layers, experts and embedding quantized (models/quant.py)."""
     with torch.device("meta"):
         model = CausalLM(cfg)
+        if bits:
+            quantize_model(model, bits)
     for name, p in model.named_parameters():
         if ".mlp.gate." not in name:
             p.data = p.data.to(dtype)
-    return model.to_empty(device=device).eval().requires_grad_(False)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own new tensor (meta -> device): tie again
+        if bits:
+            model.model.embed_tokens = model.lm_head
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 def load_checkpoint(
@@ -228,12 +285,15 @@ def load_checkpoint(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: int | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors) into a CausalLM."""
+    """Load a Hugging Face checkpoint folder (config.json + safetensors) into a CausalLM; with `quantize`
+    (8 or 4) each weight is quantized as it streams in, so the float model never exists in memory."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     cfg = ModelConfig.from_file(path)
-    model = build_empty(cfg, resolve_dtype(dtype, cfg), device)
+    bits = cfg.weight_bits or quantize
+    model = build_empty(cfg, resolve_dtype(dtype, cfg), device, bits)
     load_weights(model, path, progress)
     return model

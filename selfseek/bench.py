@@ -1,0 +1,237 @@
+"""`selfseek bench`: offline throughput and latency through the engine, with peers measured in the same run.
+
+Scenarios (llama-bench / vLLM conventions): prefill (one prompt of --input-len tokens, one new token) and
+decode at each --concurrency c (c requests of unique random prompts submitted together, --output-len new
+tokens each, greedy, ignore_eos). Per scenario: output tokens/s, TTFT, TPOT, ITL (mean/p50/p99), and
+the engine's KV bytes per token and prefix-cache hit rate. `--compare hf` runs transformers' generate
+on the same checkpoint and prompts; `--compare llamacpp` runs llama-cpp-python on a GGUF of the same model.
+`--make-model DIR` writes the random-weight V3-shaped model of reference/peers.md (871M params, 237M active).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfseek.sampling_params import SamplingParams
+
+# reference/peers.md: hidden 1024, 12 layers (1 dense, inter 2816), 16 heads, q_lora 384, kv_lora 256,
+# nope 64 / rope 32 / v 64, 64 routed experts top-6 (moe_inter 256), 8 groups / top-4, 1 shared, vocab 129280, YaRN x4.
+V3_BENCH_CONFIG = dict(
+    vocab_size=129280, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
+    num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256,
+    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, n_shared_experts=1,
+    num_experts_per_tok=6, first_k_dense_replace=1, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+    norm_topk_prob=True, max_position_embeddings=16384, bos_token_id=0, eos_token_id=1,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    num_nextn_predict_layers=0,
+)
+
+
+def make_v3_bench_model(out: str | Path, seed: int = 0) -> Path:
+    """Write the random V3-shaped benchmark model as a bf16 Hugging Face checkpoint (via transformers)."""
+    import transformers
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(**V3_BENCH_CONFIG)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({n / 1e6:.0f}M parameters, bf16)")
+    return out
+
+
+@dataclass
+class Result:
+    engine: str
+    scenario: str
+    requests: int
+    input_len: int
+    output_len: int
+    wall_s: float
+    output_tok_s: float
+    prefill_tok_s: float | None = None
+    ttft_ms: dict = field(default_factory=dict)
+    tpot_ms: dict = field(default_factory=dict)
+    itl_ms: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def _summary(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    return {"mean": statistics.fmean(xs) * 1e3, "p50": xs[len(xs) // 2] * 1e3,
+            "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1e3}
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Unique random prompts: a benchmark that repeats one prompt measures the prefix cache, not the engine."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
+
+
+def run_selfseek(engine, prompts: list[list[int]], output_len: int, scenario: str) -> Result:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    itl: list[float] = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    n_out = 0
+    while engine.has_work():
+        deltas = engine.step()
+        now = time.perf_counter()
+        for d in deltas:
+            n_out += len(d.token_ids)
+            if d.request_id not in first:
+                first[d.request_id] = now
+            else:
+                itl.append(now - last[d.request_id])
+            last[d.request_id] = now
+    wall = time.perf_counter() - t0
+    ttft = [first[k] - t0 for k in first]
+    tpot = [(last[k] - first[k]) / max(1, output_len - 1) for k in first]
+    stats = engine.stats()
+    return Result(
+        "selfseek", scenario, len(prompts), len(prompts[0]), output_len, wall, n_out / wall,
+        prefill_tok_s=sum(map(len, prompts)) / max(ttft) if output_len == 1 else None,
+        ttft_ms=_summary(ttft), tpot_ms=_summary(tpot), itl_ms=_summary(itl),
+        extra={"kv_bytes_per_token": stats["kv_bytes_per_token"],
+               "prefix_cache_hit_rate": stats["prefix_cache_hit_tokens"] / max(1, stats["prefix_cache_query_tokens"]),
+               "preemptions": stats["preemptions"]},
+    )
+
+
+def run_hf(model_dir: str, prompts: list[list[int]], output_len: int, scenario: str, dtype) -> Result:
+    """transformers' generate on the same prompts as one padded batch (same length: no padding needed)."""
+    import transformers
+
+    if not hasattr(run_hf, "_cache") or run_hf._cache[0] != model_dir:
+        run_hf._cache = (model_dir, transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval())
+    model = run_hf._cache[1]
+    ids = torch.tensor(prompts)
+    model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+        ttft = time.perf_counter() - t0
+        if output_len > 1:
+            t0 = time.perf_counter()
+            model.generate(ids, do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len)
+        wall = time.perf_counter() - t0
+    n_out = len(prompts) * output_len
+    return Result("transformers", scenario, len(prompts), len(prompts[0]), output_len, wall, n_out / wall,
+                  prefill_tok_s=ids.numel() / ttft if output_len == 1 else None,
+                  ttft_ms=_summary([ttft]), tpot_ms=_summary([(wall - ttft) / max(1, output_len - 1)]))
+
+
+def run_llamacpp(gguf: str, prompts: list[list[int]], output_len: int, scenario: str, threads: int) -> Result:
+    """llama-cpp-python, one sequence at a time (its high-level API has no batched generation)."""
+    from llama_cpp import Llama
+
+    if not hasattr(run_llamacpp, "_cache") or run_llamacpp._cache[0] != gguf:
+        llm = Llama(gguf, n_ctx=4096, n_threads=threads, n_batch=512, verbose=False, use_extra_bufts=False)
+        run_llamacpp._cache = (gguf, llm)
+    llm = run_llamacpp._cache[1]
+    t0 = time.perf_counter()
+    ttfts, n_out = [], 0
+    for p in prompts:
+        llm.reset()
+        s = time.perf_counter()
+        for i, _ in enumerate(llm.generate(p, temp=0.0, reset=True)):
+            if i == 0:
+                ttfts.append(time.perf_counter() - s)
+            n_out += 1
+            if i + 1 >= output_len:
+                break
+    wall = time.perf_counter() - t0
+    return Result("llama.cpp", scenario, len(prompts), len(prompts[0]), output_len, wall, n_out / wall,
+                  prefill_tok_s=sum(map(len, prompts)) / sum(ttfts) if output_len == 1 else None,
+                  ttft_ms=_summary(ttfts))
+
+
+def bench(args) -> list[Result]:
+    from selfseek.engine.engine import EngineArgs, LLMEngine
+    from selfseek.weights import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype, args.device or "cpu", progress=False)
+    vocab = model.config.vocab_size
+    results: list[Result] = []
+
+    def engine():
+        return LLMEngine(model, tokenizer, EngineArgs(max_num_seqs=max(args.concurrency), kv_cache_memory=args.kv_cache_memory,
+                                                     max_num_batched_tokens=args.max_num_batched_tokens))
+
+    warm = engine()  # warm-up: first calls allocate and pick kernels
+    run_selfseek(warm, random_prompts(2, 16, vocab, seed=99), 4, "warmup")
+    scenarios = [("prefill", 1, 1)] + [(f"decode c={c}", c, args.output_len) for c in args.concurrency]
+    for k, (name, c, out_len) in enumerate(scenarios):
+        prompts = random_prompts(c, args.input_len, vocab, seed=k)
+        r = run_selfseek(engine(), prompts, out_len, name)
+        results.append(r)
+        print(_line(r), flush=True)
+        if "hf" in args.compare:
+            results.append(run_hf(args.model, prompts, out_len, name, model.dtype))
+            print(_line(results[-1], ref=r), flush=True)
+        if "llamacpp" in args.compare and args.gguf:
+            results.append(run_llamacpp(args.gguf, prompts, out_len, name, args.threads))
+            print(_line(results[-1], ref=r), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return results
+
+
+def _line(r: Result, ref: Result | None = None) -> str:
+    rate = f"{r.prefill_tok_s:8.1f} prefill tok/s" if r.prefill_tok_s else f"{r.output_tok_s:8.1f} out tok/s"
+    ttft = f"TTFT p50 {r.ttft_ms.get('p50', 0):8.1f} ms"
+    itl = f"ITL mean {r.itl_ms['mean']:6.1f} p99 {r.itl_ms['p99']:6.1f} ms" if r.itl_ms else ""
+    ratio = ""
+    if ref is not None:
+        a = ref.prefill_tok_s or ref.output_tok_s
+        b = r.prefill_tok_s or r.output_tok_s
+        ratio = f"  selfseek/{r.engine} = {a / b:.2f}x"
+    kv = f"KV {r.extra['kv_bytes_per_token']} B/tok" if "kv_bytes_per_token" in r.extra else ""
+    return f"{r.engine:12s} {r.scenario:14s} {rate}  {ttft}  {itl}  {kv}{ratio}"
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="throughput and latency, with transformers / llama.cpp in the same run")
+    b.add_argument("--model", default=None, help="checkpoint folder, .gguf or model name")
+    b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", default=None)
+    b.add_argument("--input-len", type=int, default=512)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    b.add_argument("--threads", type=int, default=torch.get_num_threads())
+    b.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the paged cache")
+    b.add_argument("--max-num-batched-tokens", type=int, default=512)
+    b.add_argument("--compare", default="", help="comma list: hf, llamacpp")
+    b.add_argument("--gguf", default=None, help="GGUF of the same model for --compare llamacpp")
+    b.add_argument("--json", default=None, help="write results as JSON here")
+    b.add_argument("--make-model", default=None, metavar="DIR", help="write the random V3-shaped bench model and exit")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    if args.make_model:
+        make_v3_bench_model(args.make_model)
+        return 0
+    args.compare = [c for c in args.compare.split(",") if c]
+    bench(args)
+    return 0

@@ -1,0 +1,180 @@
+// Weight-only quantized linear layers for the CPU: y = x W^T with W in 32-wide blocks.
+//   q8: int8 weights, w = d * q (+ m)           (GGUF Q8_0; Q5_K/Q6_K and `selfseek quantize --bits 8`)
+//   q4: 4-bit weights, two per byte, w = d * q + m  (GGUF Q4_0/Q4_1/Q4_K; `selfseek quantize --bits 4`)
+// A q4 block stores its 32 values as 16 bytes: low nibbles are values 0..15, high nibbles 16..31 (GGUF's order).
+// Small batches (decode) quantize the activations to int8 per block, as llama.cpp does, and take integer dot
+// products (AVX2 maddubs); large batches (prefill) dequantize the weight once and use the BLAS sgemm.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr int64_t QK = 32;
+
+// Per row of x and per block: int8 values, the block scale, and scale * sum(q) (for the weight's offset m).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
+  const int64_t nb = K / QK;
+  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* src = x + i * QK;  // rows are contiguous, so block i of the flattened [M, K] is x[i*32..]
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(src[j]));
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < QK; ++j) {
+        const int q = (int)std::nearbyint(src[j] * id);
+        xq[i * QK + j] = (int8_t)q;
+        sum += q;
+      }
+      xs[i] = d;
+      xsum[i] = d * (float)sum;
+    }
+  });
+}
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256i dot_u8i8(__m256i u, __m256i s) {  // 32 x (unsigned 8-bit * signed 8-bit) -> 8 x int32
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+
+template <bool Q4>
+void qdot(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t K, const int8_t* xq,
+          const float* xs, const float* xsum, int64_t M, float* y) {
+  const int64_t nb = K / QK, row_bytes = Q4 ? K / 2 : K;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = w + n * row_bytes;
+      const float* d = ws + n * nb;
+      const float* m = wm ? wm + n * nb : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        const int8_t* xr = xq + r * K;
+        const float* sx = xs + r * nb;
+        float offset = 0.f;
+#ifdef __AVX2__
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m256i x = _mm256_loadu_si256((const __m256i*)(xr + b * QK));
+          __m256i p;
+          if constexpr (Q4) {
+            const __m128i raw = _mm_loadu_si128((const __m128i*)(wr + b * QK / 2));
+            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+            p = dot_u8i8(_mm256_set_m128i(hi, lo), x);
+          } else {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(wr + b * QK));
+            p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+          }
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b] * sx[b]), acc);
+          if (m) offset += m[b] * xsum[r * nb + b];
+        }
+        y[r * N + n] = hsum(acc) + offset;
+#else
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          int isum = 0;
+          for (int j = 0; j < QK; ++j) {
+            int q;
+            if constexpr (Q4) {
+              const uint8_t byte = wr[b * QK / 2 + (j % 16)];
+              q = j < 16 ? (byte & 0x0F) : (byte >> 4);
+            } else {
+              q = (int8_t)wr[b * QK + j];
+            }
+            isum += q * xr[b * QK + j];
+          }
+          acc += d[b] * sx[b] * (float)isum;
+          if (m) offset += m[b] * xsum[r * nb + b];
+        }
+        y[r * N + n] = acc + offset;
+#endif
+      }
+    }
+  });
+}
+
+template <bool Q4>
+void dequantize_into(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / QK, row_bytes = Q4 ? K / 2 : K;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float d = ws[n * nb + b], m = wm ? wm[n * nb + b] : 0.f;
+        float* o = out + n * K + b * QK;
+        for (int j = 0; j < QK; ++j) {
+          int q;
+          if constexpr (Q4) {
+            const uint8_t byte = w[n * row_bytes + b * QK / 2 + (j % 16)];
+            q = j < 16 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            q = (int8_t)w[n * row_bytes + b * QK + j];
+          }
+          o[j] = d * (float)q + m;
+        }
+      }
+  });
+}
+
+void check(const torch::Tensor& w, const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
+           int64_t K, bool q4) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (q4 ? w.scalar_type() == torch::kUInt8
+                                                      : w.scalar_type() == torch::kInt8),
+              "quantized weight must be a contiguous 2-D ", q4 ? "uint8" : "int8", " tensor");
+  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.size(0) == w.size(0) &&
+              scales.size(1) == K / QK, "scales must be contiguous float32 [out, in/32]");
+  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kFloat &&
+                        mins->is_contiguous(), "mins must match scales");
+}
+}  // namespace
+
+torch::Tensor dequantize(torch::Tensor w, torch::Tensor scales, c10::optional<torch::Tensor> mins, bool q4) {
+  const int64_t N = w.size(0), K = q4 ? w.size(1) * 2 : w.size(1);
+  check(w, scales, mins, K, q4);
+  auto out = torch::empty({N, K}, torch::kFloat);
+  const float* wm = mins ? mins->data_ptr<float>() : nullptr;
+  if (q4) dequantize_into<true>(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), wm, N, K, out.data_ptr<float>());
+  else dequantize_into<false>((const uint8_t*)w.data_ptr<int8_t>(), scales.data_ptr<float>(), wm, N, K,
+                              out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                     bool q4, int64_t gemm_min_rows) {
+  const int64_t N = w.size(0), K = q4 ? w.size(1) * 2 : w.size(1);
+  check(w, scales, mins, K, q4);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  auto x2 = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  if (M >= gemm_min_rows)  // compute-bound: dequantize once, then BLAS
+    return torch::mm(x2, dequantize(w, scales, mins, q4).t()).reshape(out_shape);
+  auto xq = torch::empty({M, K}, torch::kChar);
+  auto xs = torch::empty({M, K / QK}, torch::kFloat);
+  auto xsum = torch::empty({M, K / QK}, torch::kFloat);
+  quantize_rows(x2.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const float* wm = mins ? mins->data_ptr<float>() : nullptr;
+  const uint8_t* wp = q4 ? w.data_ptr<uint8_t>() : (const uint8_t*)w.data_ptr<int8_t>();
+  if (q4) qdot<true>(wp, scales.data_ptr<float>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                     xsum.data_ptr<float>(), M, y.data_ptr<float>());
+  else qdot<false>(wp, scales.data_ptr<float>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                   xsum.data_ptr<float>(), M, y.data_ptr<float>());
+  return y.reshape(out_shape);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "y = x W^T for a block-quantized W (q8 or q4)");
+  m.def("dequantize", &dequantize, "block-quantized W -> float32");
+}
