@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -24,6 +25,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/CTRL: divide positive (multiply negative) logits of seen tokens
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    # Per-sequence hooks on the next-token logits, run after penalties: f(generated ids, logits row) -> row.
+    # The server's grammar constraints are these; a stateful one belongs to a single sequence (use n=1).
+    logits_processors: list[Callable] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
