@@ -165,18 +165,73 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], output_len: int, scenario:
                   ttft_ms=_summary(ttfts))
 
 
+def run_prefix(engine, vocab: int, prefix_len: int) -> Result:
+    """TTFT of a request whose prompt shares `prefix_len` tokens with an earlier one, cold vs warm."""
+    prefix = random_prompts(1, prefix_len, vocab, seed=1234)[0]
+    tails = random_prompts(2, 24, vocab, seed=4321)
+    cold = run_selfseek(engine, [prefix + tails[0]], 1, "prefix cold")
+    warm_engine_stats = engine.stats()["prefix_cache_hit_tokens"]
+    warm = run_selfseek(engine, [prefix + tails[1]], 1, "prefix warm")
+    cached = engine.stats()["prefix_cache_hit_tokens"] - warm_engine_stats
+    ratio = cold.ttft_ms["p50"] / warm.ttft_ms["p50"]
+    warm.scenario = f"prefix {prefix_len}"
+    warm.extra.update({"cached_tokens": cached, "ttft_cold_ms": round(cold.ttft_ms["p50"], 1),
+                       "ttft_warm_ms": round(warm.ttft_ms["p50"], 1), "ttft_speedup": round(ratio, 1)})
+    return warm
+
+
+def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) -> Result:
+    """Where a decode step's time goes: attention, MoE / MLP, the rest of the forward, sampling, scheduling."""
+    from selfseek.models.moe import MoE
+
+    spent = {"attention": 0.0, "moe": 0.0, "dense_mlp": 0.0}
+    hooks = []
+
+    def timed(module, key):
+        start = {}
+        hooks.append(module.register_forward_pre_hook(lambda m, a: start.__setitem__(0, time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda m, a, o: spent.__setitem__(key, spent[key] + time.perf_counter() - start[0])))
+
+    for layer in model.model.layers:
+        timed(layer.self_attn, "attention")
+        timed(layer.mlp, "moe" if isinstance(layer.mlp, MoE) else "dense_mlp")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(random_prompts(concurrency, input_len, vocab, seed=77)):
+        engine.add_request(f"p{i}", p, params)
+    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill first: profile decode steps only
+    for k in spent:
+        spent[k] = 0.0
+    engine.timings.update({k: 0.0 for k in engine.timings})
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    wall = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    t = engine.timings
+    n = max(1, t["steps"])
+    forward_rest = t["forward"] - sum(spent.values())
+    breakdown = {"step": wall / n, **spent, "other_forward (embed, norms, lm_head, batch build)": forward_rest,
+                 "sampling": t["sample"], "scheduling": t["schedule"], "outputs (detokenize, stops)": t["output"]}
+    extra = {k: round((v if k == "step" else v / n) * 1e3, 2) for k, v in breakdown.items()}
+    return Result("selfseek", f"profile c={concurrency}", concurrency, input_len, 40, wall, 0.0, extra=extra)
+
+
 def bench(args) -> list[Result]:
     from selfseek.engine.engine import EngineArgs, LLMEngine
     from selfseek.weights import load_model
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype, args.device or "cpu", progress=False)
+    model, tokenizer = load_model(args.model, args.dtype, args.device or "cpu", progress=False, quantize=args.quantize)
     vocab = model.config.vocab_size
     results: list[Result] = []
 
     def engine():
-        return LLMEngine(model, tokenizer, EngineArgs(max_num_seqs=max(args.concurrency), kv_cache_memory=args.kv_cache_memory,
-                                                     max_num_batched_tokens=args.max_num_batched_tokens))
+        return LLMEngine(model, tokenizer, EngineArgs(
+            max_num_seqs=max(args.concurrency + [args.profile]), kv_cache_memory=args.kv_cache_memory,
+            max_num_batched_tokens=args.max_num_batched_tokens))
 
     warm = engine()  # warm-up: first calls allocate and pick kernels
     run_selfseek(warm, random_prompts(2, 16, vocab, seed=99), 4, "warmup")
@@ -192,6 +247,12 @@ def bench(args) -> list[Result]:
         if "llamacpp" in args.compare and args.gguf:
             results.append(run_llamacpp(args.gguf, prompts, out_len, name, args.threads))
             print(_line(results[-1], ref=r), flush=True)
+    if args.prefix_len:
+        results.append(run_prefix(engine(), vocab, args.prefix_len))
+        print(_line(results[-1]), " ".join(f"{k}={v}" for k, v in results[-1].extra.items()), flush=True)
+    if args.profile:
+        results.append(profile_decode(engine(), model, vocab, args.input_len, args.profile))
+        print("decode step breakdown (ms per step):", json.dumps(results[-1].extra), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     return results
@@ -224,6 +285,9 @@ def add_parser(sub) -> None:
     b.add_argument("--compare", default="", help="comma list: hf, llamacpp")
     b.add_argument("--gguf", default=None, help="GGUF of the same model for --compare llamacpp")
     b.add_argument("--json", default=None, help="write results as JSON here")
+    b.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix TTFT scenario (0: skip)")
+    b.add_argument("--profile", type=int, default=0, metavar="C", help="break down a decode step at concurrency C")
+    b.add_argument("--quantize", type=int, choices=[8, 4], default=None, help="int8 / int4 weight-only")
     b.add_argument("--make-model", default=None, metavar="DIR", help="write the random V3-shaped bench model and exit")
     b.set_defaults(func=cmd_bench)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.timings = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "output": 0.0, "steps": 0}  # seconds
 
     # ---- requests ------------------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -116,13 +118,18 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return self._fail_unschedulable()
+        t1 = time.perf_counter()
         logits, sampled = self.runner.run(scheduled)
         for s in scheduled:
             s.seq.num_computed += s.num_new
+            self.blocks.commit_full_blocks(s.seq)  # before a finishing sequence frees them: they stay cached
+        t2 = time.perf_counter()
         tokens, logprobs = sample(logits, [s.seq for s in sampled]) if sampled else ([], [])
+        t3 = time.perf_counter()
         deltas = []
         for s, token, lp in zip(sampled, tokens, logprobs, strict=True):
             seq = s.seq
@@ -133,12 +140,15 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self.counters["requests_finished"] += 1
             deltas.append(self._delta(seq, final=seq.finish_reason is not None))
-        for s in scheduled:
-            if not s.seq.finished:
-                self.blocks.commit_full_blocks(s.seq)
         for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:
             if all(q.finished for q in self.requests.get(request_id, [])):
                 self.requests.pop(request_id, None)
+        t = self.timings
+        t["schedule"] += t1 - t0
+        t["forward"] += t2 - t1
+        t["sample"] += t3 - t2
+        t["output"] += time.perf_counter() - t3
+        t["steps"] += 1
         return deltas
 
     def _fail_unschedulable(self) -> list[RequestDelta]:

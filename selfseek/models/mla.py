@@ -102,9 +102,18 @@ class MLA(nn.Module):
         p = self._softmax(scores, mask)
         return torch.einsum("bsht,bthd->bshd", p, v)
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK [h, d, c] and W^UV [h, v, c] split out of kv_b_proj, contiguous, made once per weight version."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_absorbed_key", None) != key:
+            w = w.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
+            self._absorbed = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous())
+            self._absorbed_key = key
+        return self._absorbed
+
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W^UK absorbed into the query
         scores = torch.einsum("bshc,btc->bsht", q_latent, latent) + torch.einsum("bshr,btr->bsht", q_rope, k_rope)
         p = self._softmax(scores, mask)
