@@ -32,7 +32,7 @@ def test_native_kernels_agree_with_the_torch_definition(bits):
     w = torch.randn(96, 256) * 0.05
     q, d, m = quantize_weight(w, bits)
     ref = _fallback_dequantize(q, d, m, bits == 4)
-    assert (ref - w).abs().max() <= d.max() * (0.5 if bits == 8 else 0.51) + 1e-7  # within half a step
+    assert (ref - w).abs().max() <= d.float().max() * 0.51 + 1e-4  # within half a step (+ fp16 scale rounding)
     # equal up to the last bit: the native d * q + m may be one fused multiply-add, torch rounds twice
     assert torch.allclose(kernels.dequantize(q, d, m, bits == 4), ref, rtol=1e-6, atol=1e-7)
     for rows in (1, 3, kernels.GEMM_MIN_ROWS + 4):
@@ -77,7 +77,7 @@ def test_quantized_model_stays_close_to_float(v3, bits, max_kl):
     qbytes = sum(b.nbytes for n, b in q.named_buffers() if n.endswith(("qweight", "scales", "mins")))
     n_weights = sum(m.in_features * m.out_features for m in q.modules() if isinstance(m, QuantLinear))
     n_weights += sum(s.n * s.in_features * s.out_features for s in q.modules() if hasattr(s, "n"))
-    assert qbytes / n_weights <= (1 + 4 / 32 + 1e-9 if bits == 8 else 0.5 + 8 / 32 + 1e-9)
+    assert qbytes / n_weights <= (1 + 2 / 32 + 1e-9 if bits == 8 else 0.5 + 4 / 32 + 1e-9)  # as GGUF Q8_0 / Q4_1
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -50,9 +50,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
         q = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
     else:
         q = qweight.view(qweight.shape[0], -1, 32).float()
-    w = q * scales[..., None]
+    w = q * scales.float()[..., None]
     if mins is not None:
-        w = w + mins[..., None]
+        w = w + mins.float()[..., None]
     return w.view(qweight.shape[0], -1)
 
 

@@ -1,6 +1,7 @@
 // Weight-only quantized linear layers for the CPU: y = x W^T with W in 32-wide blocks.
 //   q8: int8 weights, w = d * q (+ m)           (GGUF Q8_0; Q5_K/Q6_K and `selfseek quantize --bits 8`)
 //   q4: 4-bit weights, two per byte, w = d * q + m  (GGUF Q4_0/Q4_1/Q4_K; `selfseek quantize --bits 4`)
+// Scales and offsets are fp16 per block, as in GGUF (a q4 layer then takes 0.625 bytes per weight, q8 1.0625).
 // A q4 block stores its 32 values as 16 bytes: low nibbles are values 0..15, high nibbles 16..31 (GGUF's order).
 // Small batches (decode) quantize the activations to int8 per block, as llama.cpp does, and take integer dot
 // products (AVX2 maddubs); large batches (prefill) dequantize the weight once and use the BLAS sgemm.
@@ -48,15 +49,17 @@ inline __m256i dot_u8i8(__m256i u, __m256i s) {  // 32 x (unsigned 8-bit * signe
 }
 #endif
 
+using half = at::Half;
+
 template <bool Q4>
-void qdot(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t K, const int8_t* xq,
+void qdot(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K, const int8_t* xq,
           const float* xs, const float* xsum, int64_t M, float* y) {
   const int64_t nb = K / QK, row_bytes = Q4 ? K / 2 : K;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = w + n * row_bytes;
-      const float* d = ws + n * nb;
-      const float* m = wm ? wm + n * nb : nullptr;
+      const half* d = ws + n * nb;
+      const half* m = wm ? wm + n * nb : nullptr;
       for (int64_t r = 0; r < M; ++r) {
         const int8_t* xr = xq + r * K;
         const float* sx = xs + r * nb;
@@ -75,8 +78,8 @@ void qdot(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t
             const __m256i q = _mm256_loadu_si256((const __m256i*)(wr + b * QK));
             p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
           }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b] * sx[b]), acc);
-          if (m) offset += m[b] * xsum[r * nb + b];
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps((float)d[b] * sx[b]), acc);
+          if (m) offset += (float)m[b] * xsum[r * nb + b];
         }
         y[r * N + n] = hsum(acc) + offset;
 #else
@@ -93,8 +96,8 @@ void qdot(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t
             }
             isum += q * xr[b * QK + j];
           }
-          acc += d[b] * sx[b] * (float)isum;
-          if (m) offset += m[b] * xsum[r * nb + b];
+          acc += (float)d[b] * sx[b] * (float)isum;
+          if (m) offset += (float)m[b] * xsum[r * nb + b];
         }
         y[r * N + n] = acc + offset;
 #endif
@@ -104,12 +107,12 @@ void qdot(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t
 }
 
 template <bool Q4>
-void dequantize_into(const uint8_t* w, const float* ws, const float* wm, int64_t N, int64_t K, float* out) {
+void dequantize_into(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K, float* out) {
   const int64_t nb = K / QK, row_bytes = Q4 ? K / 2 : K;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t b = 0; b < nb; ++b) {
-        const float d = ws[n * nb + b], m = wm ? wm[n * nb + b] : 0.f;
+        const float d = ws[n * nb + b], m = wm ? (float)wm[n * nb + b] : 0.f;
         float* o = out + n * K + b * QK;
         for (int j = 0; j < QK; ++j) {
           int q;
@@ -131,9 +134,9 @@ void check(const torch::Tensor& w, const torch::Tensor& scales, const c10::optio
                                                       : w.scalar_type() == torch::kInt8),
               "quantized weight must be a contiguous 2-D ", q4 ? "uint8" : "int8", " tensor");
   TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.size(0) == w.size(0) &&
-              scales.size(1) == K / QK, "scales must be contiguous float32 [out, in/32]");
-  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kFloat &&
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.size(0) == w.size(0) &&
+              scales.size(1) == K / QK, "scales must be contiguous float16 [out, in/32]");
+  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kHalf &&
                         mins->is_contiguous(), "mins must match scales");
 }
 }  // namespace
@@ -142,9 +145,9 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor scales, c10::optional<to
   const int64_t N = w.size(0), K = q4 ? w.size(1) * 2 : w.size(1);
   check(w, scales, mins, K, q4);
   auto out = torch::empty({N, K}, torch::kFloat);
-  const float* wm = mins ? mins->data_ptr<float>() : nullptr;
-  if (q4) dequantize_into<true>(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), wm, N, K, out.data_ptr<float>());
-  else dequantize_into<false>((const uint8_t*)w.data_ptr<int8_t>(), scales.data_ptr<float>(), wm, N, K,
+  const half* wm = mins ? mins->data_ptr<half>() : nullptr;
+  if (q4) dequantize_into<true>(w.data_ptr<uint8_t>(), scales.data_ptr<half>(), wm, N, K, out.data_ptr<float>());
+  else dequantize_into<false>((const uint8_t*)w.data_ptr<int8_t>(), scales.data_ptr<half>(), wm, N, K,
                               out.data_ptr<float>());
   return out;
 }
@@ -165,11 +168,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, c10
   auto xsum = torch::empty({M, K / QK}, torch::kFloat);
   quantize_rows(x2.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
   auto y = torch::empty({M, N}, torch::kFloat);
-  const float* wm = mins ? mins->data_ptr<float>() : nullptr;
+  const half* wm = mins ? mins->data_ptr<half>() : nullptr;
   const uint8_t* wp = q4 ? w.data_ptr<uint8_t>() : (const uint8_t*)w.data_ptr<int8_t>();
-  if (q4) qdot<true>(wp, scales.data_ptr<float>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+  if (q4) qdot<true>(wp, scales.data_ptr<half>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
                      xsum.data_ptr<float>(), M, y.data_ptr<float>());
-  else qdot<false>(wp, scales.data_ptr<float>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+  else qdot<false>(wp, scales.data_ptr<half>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
                    xsum.data_ptr<float>(), M, y.data_ptr<float>());
   return y.reshape(out_shape);
 }

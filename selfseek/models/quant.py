@@ -7,6 +7,8 @@ Activations stay float; kernels are in selfseek/kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -16,18 +18,20 @@ GROUP = 32
 
 
 def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """float [out, in] -> (qweight, scales [out, in/32], mins or None). q8 symmetric, q4 asymmetric."""
+    """float [out, in] -> (qweight, scales [out, in/32], mins or None), scales and mins fp16 (as GGUF stores
+    them). q8 symmetric, q4 asymmetric; the integers are rounded against the fp16 scale that will be used."""
     out_f, in_f = w.shape
     blocks = w.float().reshape(out_f, in_f // GROUP, GROUP)
     if bits == 8:
-        d = blocks.abs().amax(-1) / 127
-        q = torch.round(blocks / torch.where(d > 0, d, 1)[..., None]).clamp(-127, 127).to(torch.int8)
+        d = (blocks.abs().amax(-1) / 127).half()
+        q = torch.round(blocks / torch.where(d > 0, d, 1).float()[..., None]).clamp(-127, 127).to(torch.int8)
         return q.view(out_f, in_f), d.contiguous(), None
     if bits != 4:
         raise ValueError(f"bits must be 8 or 4, not {bits}")
-    lo, hi = blocks.amin(-1), blocks.amax(-1)
-    d = (hi - lo) / 15
-    q = torch.round((blocks - lo[..., None]) / torch.where(d > 0, d, 1)[..., None]).clamp(0, 15).to(torch.uint8)
+    lo, hi = blocks.amin(-1).half(), blocks.amax(-1)
+    d = ((hi - lo.float()) / 15).half()
+    scaled = (blocks - lo.float()[..., None]) / torch.where(d > 0, d, 1).float()[..., None]
+    q = torch.round(scaled).clamp(0, 15).to(torch.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)
     return packed.reshape(out_f, in_f // 2).contiguous(), d.contiguous(), lo.contiguous()
 
@@ -45,23 +49,19 @@ class QuantLinear(nn.Module):
         width = in_features if bits == 8 else in_features // 2
         qtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(out_features, width, dtype=qtype))
-        self.register_buffer("scales", torch.empty(out_features, in_features // GROUP))
+        blocks = (out_features, in_features // GROUP)
+        self.register_buffer("scales", torch.empty(blocks, dtype=torch.half))
         has_mins = bits == 4 if has_mins is None else has_mins
-        self.register_buffer("mins", torch.empty(out_features, in_features // GROUP) if has_mins else None)
+        self.register_buffer("mins", torch.empty(blocks, dtype=torch.half) if has_mins else None)
 
-    def set_from_float(self, w: torch.Tensor) -> None:
+    def set_from_float(self, w: torch.Tensor, row0: int = 0) -> None:
+        """Quantize float rows into rows row0.. of this layer (all of it by default)."""
         q, d, m = quantize_weight(w, self.bits)
-        self.set_quantized(q, d, m)
-
-    def set_quantized(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> None:
-        self.qweight.copy_(q)
-        self.scales.copy_(d)
+        rows = slice(row0, row0 + w.shape[0])
+        self.qweight[rows] = q
+        self.scales[rows] = d
         if m is not None:
-            if self.mins is None:
-                self.mins = torch.empty_like(self.scales)
-            self.mins.copy_(m)
-        elif self.mins is not None:
-            self.mins = None
+            self.mins[rows] = m
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,19 +84,21 @@ class QuantStack(nn.Module):
         width = in_features if bits == 8 else in_features // 2
         qtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(n, out_features, width, dtype=qtype))
-        self.register_buffer("scales", torch.empty(n, out_features, in_features // GROUP))
-        self.register_buffer("mins", torch.empty(n, out_features, in_features // GROUP) if bits == 4 else None)
+        blocks = (n, out_features, in_features // GROUP)
+        self.register_buffer("scales", torch.empty(blocks, dtype=torch.half))
+        self.register_buffer("mins", torch.empty(blocks, dtype=torch.half) if bits == 4 else None)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.n, self.out_features, self.in_features)
 
-    def set_from_float(self, index: int, w: torch.Tensor) -> None:
+    def set_from_float(self, index: int, w: torch.Tensor, row0: int = 0) -> None:
         q, d, m = quantize_weight(w, self.bits)
-        self.qweight[index].copy_(q)
-        self.scales[index].copy_(d)
+        rows = slice(row0, row0 + w.shape[0])
+        self.qweight[index, rows] = q
+        self.scales[index, rows] = d
         if m is not None:
-            self.mins[index].copy_(m)
+            self.mins[index, rows] = m
 
     def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
         m = None if self.mins is None else self.mins[index]
@@ -116,40 +118,55 @@ class QuantEmbedding(QuantLinear):
         return rows.to(dtype).view(*ids.shape, -1)
 
 
-def quantize_model(model: nn.Module, bits: int, skip: tuple[str, ...] = ("kv_b_proj",)) -> nn.Module:
+def quantize_model(
+    model: nn.Module, bits: int | Callable[[str], int | None], skip: tuple[str, ...] = ("kv_b_proj",)
+) -> nn.Module:
     """Swap linear layers, expert stacks and the embedding for quantized ones, in place.
 
+    `bits`: 8 or 4 for every layer, or a function of the parameter name ("...q_proj.weight",
+    "...experts.gate_proj") giving 8, 4 or None (stay float), e.g. from a GGUF file's tensor types.
     On a meta-device model this only changes the structure (the loader then fills it tensor by tensor);
     on a real model the float weights are quantized. kv_b_proj stays float: the absorbed MLA path folds it
     into the query and output (and it is small).
     """
     from selfseek.models.moe import Experts
 
+    bits_of = bits if callable(bits) else (lambda name: bits)
     real = next(model.parameters()).device.type != "meta"
-    for parent in list(model.modules()):
+    tied = model.config.tie_word_embeddings
+    for path, parent in list(model.named_modules()):
+        prefix = f"{path}." if path else ""
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name not in skip and can_quantize(child.in_features):
-                q = QuantLinear(child.in_features, child.out_features, bits)
-                if child.bias is not None:
-                    continue  # biased (some Llama-shaped) projections stay float
+            if tied and child is model.lm_head:
+                continue  # the shared matrix is handled below
+            if isinstance(child, nn.Linear) and name not in skip and child.bias is None:
+                b = bits_of(f"{prefix}{name}.weight")
+                if not b or not can_quantize(child.in_features):
+                    continue
+                q = QuantLinear(child.in_features, child.out_features, b)
                 if real:
                     q.set_from_float(child.weight.detach())
                 setattr(parent, name, q.to(child.weight.device) if real else q)
             elif isinstance(child, Experts):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     w = getattr(child, proj)
-                    if not isinstance(w, nn.Parameter) or not can_quantize(w.shape[2]):
+                    b = bits_of(f"{prefix}{name}.{proj}")
+                    if not b or not isinstance(w, nn.Parameter) or not can_quantize(w.shape[2]):
                         continue
-                    stack = QuantStack(w.shape[0], w.shape[2], w.shape[1], bits)
+                    stack = QuantStack(w.shape[0], w.shape[2], w.shape[1], b)
                     if real:
                         for e in range(w.shape[0]):
                             stack.set_from_float(e, w[e].detach())
                     delattr(child, proj)
                     setattr(child, proj, stack)
-    lm = getattr(model, "lm_head", None)
-    if lm is not None and model.config.tie_word_embeddings and isinstance(lm, QuantLinear):
-        emb = QuantEmbedding(lm.in_features, lm.out_features, bits)
-        emb.qweight, emb.scales, emb.mins = lm.qweight, lm.scales, lm.mins
-        model.lm_head = emb
-        model.model.embed_tokens = emb  # one quantized matrix serves both ways
+    # The embedding: quantized rows are dequantized on lookup; tied to the head, one matrix serves both ways.
+    emb = model.model.embed_tokens
+    b = bits_of("model.embed_tokens.weight") or (tied and bits_of("lm_head.weight"))
+    if isinstance(emb, nn.Embedding) and b and can_quantize(emb.embedding_dim):
+        q = QuantEmbedding(emb.embedding_dim, emb.num_embeddings, b)
+        if real:
+            q.set_from_float(emb.weight.detach())
+        model.model.embed_tokens = q
+        if tied:
+            model.lm_head = q
     return model

