@@ -28,7 +28,8 @@ from selfseek.tokenizer import IncrementalDetokenizer, Tokenizer
 class EngineArgs:
     block_size: int = 64
     kv_cache_memory: int | None = None  # bytes for the paged cache; None: a share of free memory
-    kv_cache_fraction: float = 0.15  # that share
+    kv_cache_fraction: float = 0.15  # that share, at most kv_cache_max_default bytes
+    kv_cache_max_default: int = 2 << 30
     max_num_batched_tokens: int = 512  # per-step token budget (the prefill chunk)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -55,7 +56,8 @@ class LLMEngine:
                                  self.config.max_position_embeddings)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
         device = model.device
-        budget = args.kv_cache_memory or int(available_memory(device) * args.kv_cache_fraction)
+        budget = args.kv_cache_memory or min(int(available_memory(device) * args.kv_cache_fraction),
+                                             args.kv_cache_max_default)
         useful = args.max_num_seqs * self.max_model_len  # more slots than this can never be used
         num_blocks = min(budget // (self.kv_bytes_per_token * args.block_size), -(-useful // args.block_size))
         self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching)
