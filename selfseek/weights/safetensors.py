@@ -1,19 +1,20 @@
-"""Hugging Face checkpoint folders -> CausalLM, streamed tensor by tensor from memory-mapped safetensors.
+"""Hugging Face checkpoint folders -> CausalLM, streamed tensor by tensor from safetensors files.
 
 The model is built on the meta device, given empty storage in the compute dtype, and each checkpoint
-tensor is copied into its place and dropped: peak memory stays near the size of the weights.
+tensor is read (plain reads, not a memory map, so no file pages pile up in the process) into a buffer,
+copied into its place and dropped: peak memory stays at the weights plus one tensor.
 FP8 (e4m3) weights are dequantized per 128x128 block with their `weight_scale_inv` on the way in.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from selfseek.config import ModelConfig
@@ -68,11 +69,57 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     return files
 
 
-def _open(f: Path):
-    try:
-        return safe_open(str(f), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain reads: an 8-byte header length, a JSON header, then the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._f = open(path, "rb")
+            size = os.fstat(self._f.fileno()).st_size
+            n = int.from_bytes(self._f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(self._f.read(n))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            end = e.get("data_offsets", [0, 0])[1]
+            if e.get("dtype") not in _ST_DTYPES or self.base + end > size:
+                raise CheckpointError(f"{path}: tensor {name!r} is truncated or of unknown dtype {e.get('dtype')!r} "
+                                      f"(the file has {size} bytes)")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        t = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        if end > start:
+            self._f.seek(self.base + start)
+            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+            if self._f.readinto(buf) != end - start:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
+        return t
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _open(f: Path) -> SafetensorsFile:
+    return SafetensorsFile(f)
 
 
 def target_of(name: str, cfg: ModelConfig) -> Target | None:
@@ -128,7 +175,7 @@ def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
             handles[f] = _open(f)
         try:
             return handles[f].get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
 
     # One shard at a time, closing each when done, so at most one shard's pages stay mapped.
@@ -142,6 +189,8 @@ def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
         for name in names:
             _load_one(name, model, dest, files, read, loaded)
             bar.update()
+        for h in handles.values():
+            h.close()
         handles.clear()
     bar.close()
 
