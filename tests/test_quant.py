@@ -39,8 +39,8 @@ def test_native_kernels_agree_with_the_torch_definition(bits):
         x = torch.randn(rows, 256)
         y = kernels.quant_linear(x, q, d, m, bits == 4)
         exact = x @ ref.T
-        # small batches quantize the activations to int8 per 32-block (as llama.cpp does): ~1% of the scale
-        assert ((y - exact).abs().max() / exact.abs().max()).item() < 0.02
+        # float activations against the dequantized weight: equal up to fp32 summation order
+        assert torch.allclose(y, exact, rtol=1e-4, atol=1e-5)
 
 
 def test_kernels_are_built_here():

@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger(__name__)
 _ext = None
 _tried = False
-GEMM_MIN_ROWS = 16  # from this many rows on, dequantize once and use sgemm (prefill); fewer: integer dots
+GEMM_MIN_ROWS = 16  # from this many rows on, dequantize once and use sgemm (prefill); fewer: packed dot products
 
 
 def _load():

@@ -3,8 +3,9 @@
 //   q4: 4-bit weights, two per byte, w = d * q + m  (GGUF Q4_0/Q4_1/Q4_K; `selfseek quantize --bits 4`)
 // Scales and offsets are fp16 per block, as in GGUF (a q4 layer then takes 0.625 bytes per weight, q8 1.0625).
 // A q4 block stores its 32 values as 16 bytes: low nibbles are values 0..15, high nibbles 16..31 (GGUF's order).
-// Small batches (decode) quantize the activations to int8 per block, as llama.cpp does, and take integer dot
-// products (AVX2 maddubs); large batches (prefill) dequantize the weight once and use the BLAS sgemm.
+// Small batches (decode) read the packed weight once and widen it in registers against float activations
+// (exact up to summation order, unlike llama.cpp's int8 activations); large batches (prefill) dequantize the
+// weight once and use the BLAS sgemm.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -15,26 +16,16 @@
 
 namespace {
 constexpr int64_t QK = 32;
+using half = at::Half;
 
-// Per row of x and per block: int8 values, the block scale, and scale * sum(q) (for the weight's offset m).
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
+// Per row of x and per block: the sum of its 32 values (what a block's offset m multiplies).
+void block_sums(const float* x, int64_t M, int64_t K, float* xsum) {
   const int64_t nb = K / QK;
-  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* src = x + i * QK;  // rows are contiguous, so block i of the flattened [M, K] is x[i*32..]
-      float amax = 0.f;
-      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(src[j]));
-      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int j = 0; j < QK; ++j) {
-        const int q = (int)std::nearbyint(src[j] * id);
-        xq[i * QK + j] = (int8_t)q;
-        sum += q;
-      }
-      xs[i] = d;
-      xsum[i] = d * (float)sum;
-    }
-  });
+  for (int64_t i = 0; i < M * nb; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < QK; ++j) s += x[i * QK + j];
+    xsum[i] = s;
+  }
 }
 
 #ifdef __AVX2__
@@ -44,16 +35,18 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-inline __m256i dot_u8i8(__m256i u, __m256i s) {  // 32 x (unsigned 8-bit * signed 8-bit) -> 8 x int32
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+// 8 integer weights (int8 or nibbles widened to int32) times 8 float activations, accumulated.
+inline __m256 fma8(__m256i q32, const float* x, __m256 acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q32), _mm256_loadu_ps(x), acc);
 }
 #endif
 
-using half = at::Half;
-
+// y[r, n] = sum_b d[n,b] * sum_j q[n,b,j] x[r,b,j] + m[n,b] * sum_j x[r,b,j]: float activations, so the result is
+// the dequantized weight times x up to summation order (no activation rounding). Memory-bound: the weight is
+// read once per row block and converted in registers.
 template <bool Q4>
-void qdot(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K, const int8_t* xq,
-          const float* xs, const float* xsum, int64_t M, float* y) {
+void qdot(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K, const float* x,
+          const float* xsum, int64_t M, float* y) {
   const int64_t nb = K / QK, row_bytes = Q4 ? K / 2 : K;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -61,31 +54,34 @@ void qdot(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K
       const half* d = ws + n * nb;
       const half* m = wm ? wm + n * nb : nullptr;
       for (int64_t r = 0; r < M; ++r) {
-        const int8_t* xr = xq + r * K;
-        const float* sx = xs + r * nb;
+        const float* xr = x + r * K;
         float offset = 0.f;
 #ifdef __AVX2__
         __m256 acc = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
-          const __m256i x = _mm256_loadu_si256((const __m256i*)(xr + b * QK));
-          __m256i p;
+          const float* xb = xr + b * QK;
+          __m256 blk = _mm256_setzero_ps();
           if constexpr (Q4) {
             const __m128i raw = _mm_loadu_si128((const __m128i*)(wr + b * QK / 2));
             const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-            p = dot_u8i8(_mm256_set_m128i(hi, lo), x);
+            blk = fma8(_mm256_cvtepu8_epi32(lo), xb, blk);
+            blk = fma8(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), xb + 8, blk);
+            blk = fma8(_mm256_cvtepu8_epi32(hi), xb + 16, blk);
+            blk = fma8(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), xb + 24, blk);
           } else {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(wr + b * QK));
-            p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+            const int8_t* q = (const int8_t*)(wr + b * QK);
+            for (int k = 0; k < 4; ++k)
+              blk = fma8(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * k))), xb + 8 * k, blk);
           }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps((float)d[b] * sx[b]), acc);
+          acc = _mm256_fmadd_ps(blk, _mm256_set1_ps((float)d[b]), acc);
           if (m) offset += (float)m[b] * xsum[r * nb + b];
         }
         y[r * N + n] = hsum(acc) + offset;
 #else
         float acc = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
-          int isum = 0;
+          float blk = 0.f;
           for (int j = 0; j < QK; ++j) {
             int q;
             if constexpr (Q4) {
@@ -94,9 +90,9 @@ void qdot(const uint8_t* w, const half* ws, const half* wm, int64_t N, int64_t K
             } else {
               q = (int8_t)wr[b * QK + j];
             }
-            isum += q * xr[b * QK + j];
+            blk += (float)q * xr[b * QK + j];
           }
-          acc += (float)d[b] * sx[b] * (float)isum;
+          acc += (float)d[b] * blk;
           if (m) offset += (float)m[b] * xsum[r * nb + b];
         }
         y[r * N + n] = acc + offset;
@@ -163,17 +159,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, c10
   out_shape.back() = N;
   if (M >= gemm_min_rows)  // compute-bound: dequantize once, then BLAS
     return torch::mm(x2, dequantize(w, scales, mins, q4).t()).reshape(out_shape);
-  auto xq = torch::empty({M, K}, torch::kChar);
-  auto xs = torch::empty({M, K / QK}, torch::kFloat);
   auto xsum = torch::empty({M, K / QK}, torch::kFloat);
-  quantize_rows(x2.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
-  auto y = torch::empty({M, N}, torch::kFloat);
   const half* wm = mins ? mins->data_ptr<half>() : nullptr;
+  if (wm) block_sums(x2.data_ptr<float>(), M, K, xsum.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::kFloat);
   const uint8_t* wp = q4 ? w.data_ptr<uint8_t>() : (const uint8_t*)w.data_ptr<int8_t>();
-  if (q4) qdot<true>(wp, scales.data_ptr<half>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                     xsum.data_ptr<float>(), M, y.data_ptr<float>());
-  else qdot<false>(wp, scales.data_ptr<half>(), wm, N, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                   xsum.data_ptr<float>(), M, y.data_ptr<float>());
+  if (q4) qdot<true>(wp, scales.data_ptr<half>(), wm, N, K, x2.data_ptr<float>(), xsum.data_ptr<float>(), M,
+                     y.data_ptr<float>());
+  else qdot<false>(wp, scales.data_ptr<half>(), wm, N, K, x2.data_ptr<float>(), xsum.data_ptr<float>(), M,
+                   y.data_ptr<float>());
   return y.reshape(out_shape);
 }
 
