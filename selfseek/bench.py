@@ -179,24 +179,25 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], output_len: int, scenario:
     from llama_cpp import Llama
 
     if not hasattr(run_llamacpp, "_cache") or run_llamacpp._cache[0] != gguf:
-        llm = Llama(gguf, n_ctx=4096, n_threads=threads, n_batch=512, verbose=False, use_extra_bufts=False)
+        llm = Llama(gguf, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
         run_llamacpp._cache = (gguf, llm)
     llm = run_llamacpp._cache[1]
     t0 = time.perf_counter()
-    ttfts, n_out = [], 0
+    ttfts, itl, n_out = [], [], 0
     for p in prompts:
         llm.reset()
-        s = time.perf_counter()
+        last = time.perf_counter()
         for i, _ in enumerate(llm.generate(p, temp=0.0, reset=True)):
-            if i == 0:
-                ttfts.append(time.perf_counter() - s)
+            now = time.perf_counter()
+            (ttfts if i == 0 else itl).append(now - last)
+            last = now
             n_out += 1
             if i + 1 >= output_len:
                 break
     wall = time.perf_counter() - t0
     return Result("llama.cpp", scenario, len(prompts), len(prompts[0]), output_len, wall, n_out / wall,
                   prefill_tok_s=sum(map(len, prompts)) / sum(ttfts) if output_len == 1 else None,
-                  ttft_ms=_summary(ttfts))
+                  ttft_ms=_summary(ttfts), itl_ms=_summary(itl))
 
 
 def run_prefix(engine, vocab: int, prefix_len: int) -> Result:
@@ -296,6 +297,8 @@ def _line(r: Result, ref: Result | None = None) -> str:
     rate = f"{r.prefill_tok_s:8.1f} prefill tok/s" if r.prefill_tok_s else f"{r.output_tok_s:8.1f} out tok/s"
     ttft = f"TTFT p50 {r.ttft_ms.get('p50', 0):8.1f} ms"
     itl = f"ITL mean {r.itl_ms['mean']:6.1f} p99 {r.itl_ms['p99']:6.1f} ms" if r.itl_ms else ""
+    if r.itl_ms and r.requests == 1:  # the single stream's decode rate, prefill excluded
+        itl += f" ({1e3 / r.itl_ms['mean']:.1f} decode tok/s)"
     ratio = ""
     if ref is not None:
         a = ref.prefill_tok_s or ref.output_tok_s
