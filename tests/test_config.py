@@ -105,3 +105,58 @@ def test_config_json_that_is_not_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path)
+
+
+# The R1 distills' config.json files, as released (DeepSeek-R1-Distill-Qwen-7B / -1.5B, -Llama-8B, R1-0528-Qwen3-8B).
+R1_DISTILL_QWEN_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
+    "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 152064,
+}
+R1_DISTILL_LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256,
+}
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "max_position_embeddings": 131072, "max_window_layers": 36, "model_type": "qwen3",
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_r1_distill_qwen_config():
+    c = ModelConfig.from_dict(R1_DISTILL_QWEN_7B)
+    assert (c.model_type, c.qkv_bias, c.attention_bias, c.qk_norm) == ("qwen2", True, False, False)
+    assert (c.num_key_value_heads, c.head_dim, c.rope.theta) == (4, 128, 10000)
+    c15 = ModelConfig.from_dict({**R1_DISTILL_QWEN_7B, "hidden_size": 1536, "num_attention_heads": 12,
+                                 "num_key_value_heads": 2, "tie_word_embeddings": True})
+    assert c15.tie_word_embeddings and c15.head_dim == 128
+    for bad, field in (({"use_sliding_window": True}, "sliding_window"), ({"use_mrope": True}, "use_mrope")):
+        with pytest.raises(ConfigError, match=field):
+            ModelConfig.from_dict({**R1_DISTILL_QWEN_7B, **bad})
+
+
+def test_r1_0528_qwen3_config():
+    c = ModelConfig.from_dict(QWEN3_8B)
+    assert (c.model_type, c.qk_norm, c.qkv_bias, c.attention_bias, c.head_dim) == ("qwen3", True, False, False, 128)
+    assert c.softmax_scale() == 128**-0.5 and c.rope.theta == 1e6
+
+
+def test_r1_distill_llama_llama3_rope():
+    c = ModelConfig.from_dict(R1_DISTILL_LLAMA_8B)
+    r = c.rope
+    assert (r.type, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings) == \
+        ("llama3", 8.0, 1.0, 4.0, 8192)
+    assert not c.qkv_bias and not c.qk_norm and c.head_dim == 128

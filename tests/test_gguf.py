@@ -28,6 +28,7 @@ from tokenizers import pre_tokenizers
 from selfseek.tokenizer import Tokenizer
 from selfseek.weights import CheckpointError, load_model, resolve_source
 from selfseek.weights import gguf as G
+from selfseek.weights import gguf_writer as G_writer
 from selfseek.weights.gguf import GGUFFile, dequantize, gguf_config, iter_gguf_tensors, load_gguf
 from selfseek.weights.gguf_tokenizer import PRE_TOKENIZERS, tokenizer_from_gguf
 from selfseek.weights.gguf_writer import gguf_tokenizer_metadata, write_gguf
@@ -207,14 +208,69 @@ def test_deepseek_tokenizer_from_gguf_metadata_matches_tokenizer_json(tokenizer_
 
 
 def test_unknown_pre_tokenizer_is_an_error():
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a"]}
-    with pytest.raises(ValueError, match="unknown pre-tokenizer 'qwen2'"):
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen9", "tokenizer.ggml.tokens": ["a"]}
+    with pytest.raises(ValueError, match="unknown pre-tokenizer 'qwen9'.*supported: .*deepseek-r1-qwen.*joyai-llm"):
         tokenizer_from_gguf(meta, "x.gguf")
+    meta["tokenizer.ggml.pre"] = "gemma4"
+    with pytest.raises(ValueError, match="'gemma4'.*raw UTF-8 vocabulary, not byte-level BPE"):
+        tokenizer_from_gguf(meta, "x.gguf")
+
+
+def test_every_llama_cpp_pre_tokenizer_name_builds():
+    """Every name llama.cpp's loader knows (src/llama-vocab.cpp) gives a working tokenizer with its regexes."""
+    from selfseek.weights.gguf_pretokenizers import LLAMA_CPP_PRE_NAMES, NOT_BYTE_LEVEL
+    from selfseek.weights.gguf_tokenizer import pre_tokenizer
+
+    assert {"joyai-llm", "deepseek-v3", "qwen2", "deepseek-r1-qwen", "llama-bpe", "smollm"} <= set(LLAMA_CPP_PRE_NAMES)
+    assert pre_tokenizer("joyai-llm") == pre_tokenizer("deepseek-v3")
+    assert pre_tokenizer("deepseek-r1-qwen") == pre_tokenizer("qwen2")
+    tokens = [bytes_to_unicode_char(b) for b in range(256)]
+    built = 0
+    for name, kind in LLAMA_CPP_PRE_NAMES.items():
+        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.bos_token_id": 0}
+        if kind in NOT_BYTE_LEVEL:
+            continue
+        tok = tokenizer_from_gguf(meta, f"{name}.gguf")
+        text = "Hello, world! 12345 数字 <sentinel:1>  x\n\n"
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text, name
+        built += 1
+    assert built >= 85
+
+
+def bytes_to_unicode_char(b: int) -> str:
+    """GPT-2's byte -> printable character map (the byte-level alphabet), for a 256-token vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(b))
+
+
+@pytest.mark.parametrize("name, pre", [("deepseek-r1-distill-qwen-7b", "deepseek-r1-qwen"),
+                                       ("deepseek-r1-0528-qwen3-8b", "qwen2")])
+def test_qwen_distill_tokenizer_from_gguf_metadata_matches_tokenizer_json(tokenizer_dir, name, pre):
+    """The R1 Qwen distills' GGUF pre-tokenizer names (llama.cpp's converter hashes them to these) encode as their
+    released tokenizer.json; the released file also NFC-normalizes, which llama.cpp does not, so the strings are
+    NFC already."""
+    folder = tokenizer_dir(name)
+    ref = Tokenizer.from_dir(folder)
+    meta = gguf_tokenizer_metadata(folder / "tokenizer.json", folder / "tokenizer_config.json", pre)
+    ours = tokenizer_from_gguf(meta, name)
+    specials = [t for t in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                            "<think>", "</think>") if ref.token_to_id(t) is not None]
+    strings = [unicodedata.normalize("NFC", s) for s in _strings(specials)]
+    mismatched = [s for s in strings if ours.encode(s) != ref.encode(s)]
+    assert not mismatched, mismatched[:5]
+    assert (ours.bos_id, ours.eos_id, ours.add_bos) == (ref.bos_id, ref.eos_id, ref.add_bos)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "ö 数字"}]
+    assert ours.apply_chat_template(messages) == ref.apply_chat_template(messages)
 
 
 # ---------------------------------------------------------------- tiny llama / V2 / V3 files
 
-FAMILIES = ["llama_linear", "v2_lite_greedy", "v2_group_limited", "v3_noaux"]
+FAMILIES = ["llama_linear", "v2_lite_greedy", "v2_group_limited", "v3_noaux", "qwen2", "qwen3", "llama3"]
+GQA = ("llama_linear", "qwen2", "qwen3", "llama3")
 SEQ = 96  # past the YaRN configs' original context of 64
 
 
@@ -241,6 +297,9 @@ def tiny(tmp_path_factory):
         ("v2_group_limited", True, False),
         ("v3_noaux", True, False),
         ("v3_noaux", False, False),
+        ("qwen2", True, False),  # R1-Distill-Qwen: q/k/v bias, tied embeddings
+        ("qwen3", True, False),  # R1-0528-Qwen3: attn_q_norm / attn_k_norm, head_dim 32 != 64 / 4
+        ("llama3", True, False),  # R1-Distill-Llama: Llama 3.1 RoPE scaling as rope_freqs.weight
     ],
 )
 def test_f32_gguf_logits_equal_safetensors(tiny, tmp_path, family, split_kv_b, q_lora_zero):
@@ -253,7 +312,8 @@ def test_f32_gguf_logits_equal_safetensors(tiny, tmp_path, family, split_kv_b, q
     assert tokenizer is None
     for field in ("model_type", "topk_method", "scoring_func", "n_group", "topk_group", "norm_topk_prob",
                   "routed_scaling_factor", "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "n_shared_experts",
-                  "num_key_value_heads" if family == "llama_linear" else "v_head_dim", "tie_word_embeddings"):
+                  "num_key_value_heads" if family in GQA else "v_head_dim", "tie_word_embeddings", "head_dim",
+                  "qkv_bias", "qk_norm", "attention_bias"):
         assert getattr(got_model.config, field) == getattr(model.config, field), field
     with torch.no_grad():
         got = got_model(_ids(SEQ, VOCAB))
@@ -328,6 +388,12 @@ def test_names_and_keys_are_gguf_constants():
             if isinstance(v, str) and v.startswith("{arch}.")}
     assert G._KNOWN_KEYS["deepseek2"] <= keys
     assert G._KNOWN_KEYS["llama"] - keys == {"rope.scale_linear"}  # an older key llama.cpp still reads
+    assert G._KNOWN_KEYS["qwen2"] <= keys and G._KNOWN_KEYS["qwen3"] <= keys
+    for arch in (MODEL_ARCH.QWEN2, MODEL_ARCH.QWEN3):  # every per-layer tensor llama.cpp loads for the distills
+        theirs = {TENSOR_NAMES[t] for t in MODEL_TENSORS[arch]} - {"rope_freqs", "blk.{bid}.attn_rot_embd"}
+        used = {"blk.{bid}." + n.rsplit(".", 1)[0] for n in G._LAYER if n.endswith(".weight")}
+        assert {n for n in theirs if n.startswith("blk.")} <= used | {"blk.{bid}.attn_qkv"}, arch
+    assert "rope_freqs" in {TENSOR_NAMES[t] for t in MODEL_TENSORS[MODEL_ARCH.LLAMA]}
 
 
 def test_gguf_with_tokenizer_loads_both(tiny, tmp_path, tokenizer_dir):
@@ -371,11 +437,18 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
         load_model(path, progress=False)
 
 
-def test_unsupported_tensor_type_is_a_clear_error(tiny, tmp_path):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, tiny["llama_linear"][0], T.Q5_0)
-    with pytest.raises(CheckpointError, match=r"q5\.gguf: tensor 'token_embd\.weight' has type Q5_0"):
-        load_model(path, progress=False)
+def test_unsupported_tensor_type_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "tq.gguf"
+    write_gguf(path, tiny["llama_linear"][0], T.Q8_0)
+    # TQ1_0 (ternary) is a type selfseek does not read: relabel the file's tensors as it (same check path).
+    g = GGUFFile.open(path)
+    for info in g.tensors.values():
+        if info.type == T.Q8_0:
+            info.type = T.TQ1_0
+    monkeypatch.setattr(G, "build_empty", lambda *a, **k: pytest.fail("weights were allocated before the check"))
+    with pytest.raises(CheckpointError, match=r"tq\.gguf: tensor 'token_embd\.weight' has type TQ1_0, which "
+                       r"selfseek does not read \(supported: .*IQ2_XXS.*Q5_0"):
+        load_gguf(g, progress=False)
 
 
 def test_unknown_metadata_key_is_a_clear_error(tiny, tmp_path):
@@ -451,3 +524,163 @@ def test_q8_0_gguf_kept_as_int8(tiny, tmp_path):
     with torch.no_grad():
         a, b = f(ids), q(ids)
     assert ((a - b).norm() / a.norm()).item() < 0.3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
+def test_distill_gguf_greedy_tokens_equal_safetensors(tiny, tmp_path, family):
+    """R1-distill architectures: a GGUF with llama.cpp's names (bias, q/k norm, rope_freqs) decodes the same
+    greedy tokens through the engine as the checkpoint folder transformers wrote."""
+    from selfseek import LLM, SamplingParams
+
+    model, _ = tiny[family]
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, model, T.F32)
+    names = GGUFFile.open(path).tensors
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3")
+    assert ("rope_freqs.weight" in names) == (family == "llama3")
+    assert ("output.weight" in names) == (family != "qwen2")  # qwen2 here ties embeddings, as the 1.5B does
+    folder = tmp_path / "hf"
+    build_hf_model(family).save_pretrained(folder)
+    prompt = _ids(40, VOCAB, seed=2)[0].tolist()
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = [LLM(src, dtype="float32", device="cpu", progress=False).generate(prompt, params)[0].outputs[0].token_ids
+              for src in (folder, path)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+
+
+def test_llama3_rope_freqs_match_transformers_inv_freq(tiny):
+    """rope_freqs.weight (the converter's divisors) gives transformers' llama3 inverse frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from selfseek.models.layers import rope_inv_freq
+
+    hf = build_hf_model("llama3")
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    cfg = tiny["llama3"][0].config
+    factors = tuple(G_writer.llama3_rope_factors(cfg).tolist())
+    assert len(set(factors)) > 1  # the test shape reaches both scaled and unscaled wavelengths
+    got, attn = rope_inv_freq(cfg.rope.__class__(theta=cfg.rope.theta, freq_factors=factors), cfg.head_dim)
+    torch.testing.assert_close(got, ref.float(), rtol=1e-6, atol=0)
+    assert attn == 1.0
+
+
+def test_rope_freqs_with_wrong_shape_is_a_clear_error(tiny, tmp_path):
+    path = tmp_path / "bad_rope.gguf"
+    model = tiny["llama_linear"][0]
+    w = GGUFWriter(str(path), "llama")
+    G_writer._write_config(w, model.config.replace(rope=model.config.rope.__class__(theta=1e4)), T.F32, True, False)
+    for our, t in model.named_parameters():
+        for name, data in G_writer._file_tensors(our, t.detach().numpy(), model.config, True):
+            w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(3, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"rope_freqs\.weight.*expected F32 \[8\]"):
+        gguf_config(GGUFFile.open(path))
+
+
+# ---------------------------------------------------------------- GGUF types: reading and packing
+
+_EXACT = {T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.IQ4_NL: 8, T.Q3_K: 8, T.Q4_0: 4, T.Q4_1: 4}
+
+
+def _random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes of `qtype` blocks whose values are finite and moderate (random fp16 scale fields can be NaN,
+    inf or huge): each bad block is redrawn. Every quant-index pattern is reachable, unlike quantizer output."""
+    rng = np.random.default_rng(seed)
+    if qtype == T.Q8_0:  # llama.cpp's q is in [-127, 127]; a random byte could be -128
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    block, size = G.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for _ in range(200):
+        vals = gguf_dequantize(raw, qtype).reshape(len(raw), block)
+        # max|w| > 0.02: a re-quantized block's fp16 scale max|w| / 127 stays a normal fp16 (>= 6.1e-5); below,
+        # the subnormal scale loses relative precision and the bound below does not hold.
+        bad = ~(np.isfinite(vals).all(-1) & (np.abs(vals).max(-1) < 1e3) & (np.abs(vals).max(-1) > 0.02))
+        if not bad.any():
+            return raw.reshape(rows, cols // block * size)
+        raw[bad] = rng.integers(0, 256, size=(int(bad.sum()), size), dtype=np.uint8)
+    raise AssertionError(f"could not draw finite {qtype.name} blocks")
+
+
+def _unpack(q: torch.Tensor, d: torch.Tensor, m, bits: int) -> torch.Tensor:
+    """The plain-torch meaning of the packed blocks (models/quant.py's format), kept here as the reference."""
+    rows = q.shape[0]
+    if bits == 8:
+        vals = q.float().reshape(rows, -1, 32)
+    else:
+        nib = q.reshape(rows, -1, 16)
+        vals = torch.cat([nib & 15, nib >> 4], dim=-1).float()
+    out = vals * d.float()[..., None] + (0 if m is None else m.float()[..., None])
+    return out.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(G._BITS, key=lambda t: t.name), ids=lambda t: t.name)
+def test_every_quantized_type_reads_bit_exact_and_packs_within_its_bound(qtype):
+    """Each type dequantizes exactly as gguf.quants.dequantize; packed into models/quant.py's blocks it is exact
+    for the types listed exact, and within the re-quantization bound (half a step of the new block) otherwise."""
+    raw = _random_blocks(qtype, 8, 512)
+    ref = torch.from_numpy(gguf_dequantize(raw, qtype).astype(np.float32))
+    t = G.GGUFTensor("t", "p", qtype, (8, 512), raw)
+    assert torch.equal(dequantize(t), ref)
+    stats = G._PackStats(G._BITS[qtype])
+    q, d, m = G._pack_rows(raw, qtype, G._BITS[qtype], stats)
+    got = _unpack(q, d, m, G._BITS[qtype])
+    blocks_max = ref.reshape(8, -1, 32).abs().amax(-1, keepdim=True).clamp_min(1e-30)  # IQ4_XS: all-zero blocks
+    err = ((got - ref).reshape(8, -1, 32).abs() / blocks_max).max().item()
+    if qtype in _EXACT and qtype != T.Q3_K:
+        assert torch.equal(got, ref) and stats.exact_rows == stats.rows == 8
+    elif qtype == T.Q3_K:  # exact unless a row holds (sc - 32) * (q - 4) = 128, which int8 cannot store
+        scales = torch.from_numpy(G._exact_scales(raw, qtype)[0]).float()[..., None]
+        has128 = ((ref.reshape(8, -1, 32) / torch.where(scales == 0, 1, scales)) == 128).any(-1).any(-1)
+        assert stats.exact_rows == int((~has128).sum())
+        assert torch.equal(got[~has128], ref[~has128]) and err <= 1 / 254 * 1.01
+    else:
+        assert stats.exact_rows == 0
+        # int8: |err| <= d/2 with d = fp16(max|w| / 127) -> 1/254 of max|w| (+ fp16 rounding of d); int4: range/30
+        bound = 1 / 254 * 1.01 if G._BITS[qtype] == 8 else 2 / 30 * 1.01
+        assert err <= bound and abs(stats.max_err - err) < 1e-6
+    print(f"{qtype.name}: packed as int{G._BITS[qtype]}, exact rows {stats.exact_rows}/8, max rel error {err:.2e}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1, T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_legacy_quant_gguf_kept_packed_bit_exact(tiny, tmp_path, qtype, caplog):
+    """A whole file: every linear weight of a Q5_0 / Q5_1 / Q4_0 / Q8_0 GGUF is kept packed, and its packed blocks
+    mean exactly the file's values (the dequantized load)."""
+    from selfseek.models.quant import QuantLinear
+
+    model, ref = tiny["qwen2"]
+    path = tmp_path / f"qwen2.{qtype.name}.gguf"
+    write_gguf(path, model, qtype)
+    with caplog.at_level("INFO", logger="selfseek.weights.gguf"):
+        q = load_gguf(path, progress=False)
+    assert f"kept packed exactly as int{_EXACT[qtype]}" in caplog.text and "lossy" not in caplog.text
+    f = dict(load_gguf(path, progress=False, quantize=0).named_parameters())
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert "model.layers.0.mlp.down_proj" in layers
+    for name, layer in layers.items():
+        w = _unpack(layer.qweight, layer.scales, layer.mins, layer.bits)
+        assert torch.equal(w, f[f"{name}.weight"]), name
+    with torch.no_grad():
+        got = q(_ids(SEQ, VOCAB))
+    assert ((got - ref).norm() / ref.norm()).item() < 0.3
+
+
+def test_split_gguf_loads_as_one_model(tiny, tmp_path):
+    model, ref = tiny["qwen3"]
+    write_gguf(tmp_path / "qwen3.gguf", model, T.Q8_0, split_max_tensors=8)
+    parts = sorted(tmp_path.glob("qwen3-*-of-*.gguf"))
+    assert len(parts) >= 3 and parts[0].name.endswith(f"-00001-of-{len(parts):05d}.gguf")
+    whole = tmp_path / "whole.gguf"
+    write_gguf(whole, model, T.Q8_0)
+    expect = load_gguf(whole, progress=False, quantize=0)
+    for part in (parts[0], parts[-1]):  # any part names the model
+        got = load_gguf(part, progress=False, quantize=0)
+        for (n, a), (_, b) in zip(got.named_parameters(), expect.named_parameters(), strict=True):
+            assert torch.equal(a, b), n
+    parts[1].unlink()
+    with pytest.raises(CheckpointError, match=rf"part 2 of {len(parts)} of split GGUF"):
+        load_model(parts[0], progress=False)

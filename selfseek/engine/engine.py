@@ -1,12 +1,21 @@
 """LLMEngine: the step loop. Requests in; each step schedules, runs the model once, samples, and turns new
 tokens into deltas (text with stop strings handled, logprobs, finish reasons).
 
+A failure belongs to one request: an error while adding it, in its logits processors, penalties,
+sampling, detokenization or stop checks, or in a forward pass it is part of (found by re-running the
+step's sequences one at a time, which rewrites the same KV slots) fails that request alone with a
+RequestFailed on its final delta; its blocks are freed and the others continue.
+
 Not thread-safe by itself: the server drives it through engine/async_engine.py, LLM.generate directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from selfseek.engine.async_engine import RequestDelta
+from selfseek.engine.errors import EngineDead, EngineError, Overloaded, RequestError, RequestFailed
 from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.runner import ModelRunner, kv_bytes_per_token
 from selfseek.engine.sampler import sample
-from selfseek.engine.scheduler import Scheduler
+from selfseek.engine.scheduler import Scheduled, Scheduler
 from selfseek.engine.sequence import Sequence
 from selfseek.models.model import CausalLM
 from selfseek.sampling_params import SamplingParams
@@ -34,6 +44,13 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # Identity of the weights for prefix-cache keys; None: derived from the config and a sample of every
+    # weight tensor (model_fingerprint). A caller that knows the file (a digest of it) may pass that.
+    model_fingerprint: str | None = None
+    # AsyncEngine: requests waiting for their first output beyond this are refused with Overloaded (None:
+    # unbounded); a consumer that leaves more than max_buffered_deltas deltas unread is aborted.
+    max_queue: int | None = None
+    max_buffered_deltas: int = 4096
 
 
 def available_memory(device: torch.device) -> int:
@@ -47,6 +64,45 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+log = logging.getLogger("selfseek.engine")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights: its config, and per tensor its name, shape, dtype and 64
+    values sampled evenly across it (different weights under the same config give a different value)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update(json.dumps(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg), sort_keys=True,
+                        default=repr).encode())
+    with torch.no_grad():
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel():
+                sample = flat[:: max(1, flat.numel() // 64)][:64]
+                h.update(sample.to("cpu", torch.float64 if sample.is_floating_point() else torch.int64)
+                         .numpy().tobytes())
+    return h.hexdigest()
+
+
+def kv_pool_blocks(args: EngineArgs, kv_bytes_per_token: int, max_model_len: int, free_bytes: int | None) -> int:
+    """Blocks of the paged KV pool (allocated, and touched, up front).
+
+    `args.kv_cache_memory` set: that many bytes, capped at what max_num_seqs x max_model_len can use.
+    Unset: what requests need, not what memory allows: one full-length context or two blocks per running
+    sequence, whichever is more (llama-server's default is one context shared by its slots), within
+    min(kv_cache_fraction x free_bytes, kv_cache_max_default). Sizing from free memory alone took 2 GiB
+    for the 135M default model (peak RSS 2.5 GiB). Pass kv_cache_memory for more concurrent long contexts.
+    """
+    block_bytes = kv_bytes_per_token * args.block_size
+    useful = -(-args.max_num_seqs * max_model_len // args.block_size)  # more blocks can never be used
+    if args.kv_cache_memory:
+        return min(args.kv_cache_memory // block_bytes, useful)
+    budget = min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default) // block_bytes
+    needed = max(-(-max_model_len // args.block_size), 2 * args.max_num_seqs)
+    return min(budget, needed, useful)
+
+
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, args: EngineArgs | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -56,64 +112,93 @@ class LLMEngine:
                                  self.config.max_position_embeddings)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
         device = model.device
-        budget = args.kv_cache_memory or min(int(available_memory(device) * args.kv_cache_fraction),
-                                             args.kv_cache_max_default)
-        useful = args.max_num_seqs * self.max_model_len  # more slots than this can never be used
-        num_blocks = min(budget // (self.kv_bytes_per_token * args.block_size), -(-useful // args.block_size))
-        self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching)
+        num_blocks = kv_pool_blocks(args, self.kv_bytes_per_token, self.max_model_len,
+                                    None if args.kv_cache_memory else available_memory(device))
+        self.fingerprint = args.model_fingerprint or model_fingerprint(model)
+        self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching, self.fingerprint)
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
         self.runner = ModelRunner(model, self.blocks)
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_failed": 0}
         self.timings = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "output": 0.0, "steps": 0}  # seconds
 
     # ---- requests ------------------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Tokenize and validate; ValueError with the reason for a prompt we cannot serve."""
+        """Tokenize and validate against this model; RequestError (a ValueError) naming the field at fault."""
+        vocab = self.config.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; send token ids")
+                raise RequestError("this model has no tokenizer; send token ids", param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError) as e:
+                raise RequestError(f"prompt must be a string or token ids: {e}", param="prompt") from None
         if not ids:
-            raise ValueError("prompt is empty")
-        if any(not 0 <= t < self.config.vocab_size for t in ids):
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size})")
+            raise RequestError("prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens")
+            raise RequestError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens",
+                               param="prompt", code="context_length_exceeded")
         if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
-            raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds "
-                             f"{self.blocks.num_blocks * self.blocks.block_size}")
+            raise RequestError(f"prompt has {len(ids)} tokens; the KV cache holds "
+                               f"{self.blocks.num_blocks * self.blocks.block_size}", param="prompt",
+                               code="context_length_exceeded")
+        self.check_params(params)
         return ids
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this model's vocabulary."""
+        vocab = self.config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", param=name)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request's n completions; nothing is queued if building any of them raises."""
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already running")
+            raise RequestError(f"request id {request_id!r} is already running", param="request_id")
+        root = self.blocks.root_for(params.cache_salt)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_ids), params, next(self._arrivals),
                            leader=seqs[0] if seqs and self.blocks.prefix_caching else None,
-                           stop_ids=frozenset(self._stop_ids(params)))
+                           stop_ids=frozenset(self._stop_ids(params)), cache_root=root,
+                           processors=[f() for f in params.logits_processor_factories] + list(params.logits_processors))
             if params.seed is not None:
-                seq.generator = torch.Generator().manual_seed(params.seed + i)
+                seq.generator = torch.Generator().manual_seed(params.generator_seed(i))
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             seqs.append(seq)
+        for seq in seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
         self.counters["prompt_tokens"] += len(prompt_ids)
 
-    def abort(self, request_id: str) -> list[RequestDelta]:
-        """Stop a request at once and free its blocks."""
+    def abort(self, request_id: str, error: EngineError | None = None) -> list[RequestDelta]:
+        """Stop a request at once and free its blocks; `error` goes on its final deltas."""
         deltas = []
         for seq in self.requests.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
+                seq.finish_reason, seq.error = "abort", error
                 deltas.append(self._delta(seq, final=True))
         return deltas
+
+    def fail_request(self, request_id: str, cause: BaseException) -> list[RequestDelta]:
+        """Fail one request alone: RequestFailed (its cause chained, and logged) on each of its final deltas."""
+        if isinstance(cause, EngineError):
+            error = cause
+        else:
+            log.error("request %s failed in the engine", request_id, exc_info=cause)
+            error = RequestFailed(f"request {request_id} failed in the engine: {type(cause).__name__}")
+            error.__cause__ = cause
+        self.counters["requests_failed"] += request_id in self.requests
+        return self.abort(request_id, error)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -125,23 +210,37 @@ class LLMEngine:
         if not scheduled:
             return self._fail_unschedulable()
         t1 = time.perf_counter()
-        logits, sampled = self.runner.run(scheduled)
+        logits, sampled, failed = self._forward(scheduled)
+        deltas: list[RequestDelta] = []
+        for seq, cause in failed:
+            deltas += self.fail_request(seq.request_id, cause)
         for s in scheduled:
-            s.seq.num_computed += s.num_new
-            self.blocks.commit_full_blocks(s.seq)  # before a finishing sequence frees them: they stay cached
+            if not s.seq.finished:
+                s.seq.num_computed += s.num_new
+                self.blocks.commit_full_blocks(s.seq)  # before a finishing sequence frees them: they stay cached
         t2 = time.perf_counter()
-        tokens, logprobs = sample(logits, [s.seq for s in sampled]) if sampled else ([], [])
+        live = [i for i, s in enumerate(sampled) if not s.seq.finished]
+        if len(live) < len(sampled):
+            logits, sampled = logits[live], [sampled[i] for i in live]
+        tokens, logprobs, failures = sample(logits, [s.seq for s in sampled]) if sampled else ([], [], {})
         t3 = time.perf_counter()
-        deltas = []
-        for s, token, lp in zip(sampled, tokens, logprobs, strict=True):
+        for j, (s, token, lp) in enumerate(zip(sampled, tokens, logprobs, strict=True)):
             seq = s.seq
-            if seq.finished:  # aborted mid-step
+            if seq.finished:  # aborted mid-step, or a sibling failed
                 continue
-            self._append(seq, token, lp)
+            if j in failures:
+                deltas += self.fail_request(seq.request_id, failures[j])
+                continue
+            try:
+                self._append(seq, token, lp)
+                delta = self._delta(seq, final=seq.finish_reason is not None)
+            except Exception as e:  # its detokenizer or stop check: fail it alone
+                deltas += self.fail_request(seq.request_id, e)
+                continue
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 self.counters["requests_finished"] += 1
-            deltas.append(self._delta(seq, final=seq.finish_reason is not None))
+            deltas.append(delta)
         for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:
             if all(q.finished for q in self.requests.get(request_id, [])):
                 self.requests.pop(request_id, None)
@@ -153,20 +252,57 @@ class LLMEngine:
         t["steps"] += 1
         return deltas
 
+    def _forward(
+        self, scheduled: list[Scheduled]
+    ) -> tuple[torch.Tensor, list[Scheduled], list[tuple[Sequence, BaseException]]]:
+        """runner.run on the whole batch; if it raises, on each sequence alone, so only the one whose input
+        breaks the forward fails (each writes the same KV slots again, so the re-run is harmless)."""
+        try:
+            logits, sampled = self.runner.run(scheduled)
+            return logits, sampled, []
+        except Exception as e:
+            if len(scheduled) == 1:
+                self._probe()
+                return self._no_logits(), [], [(scheduled[0].seq, e)]
+            log.warning("a batched forward of %d sequences raised %s: running them one at a time",
+                        len(scheduled), type(e).__name__)
+        rows, sampled, failed = [], [], []
+        for s in scheduled:
+            try:
+                logits, one = self.runner.run([s])
+            except Exception as e:
+                failed.append((s.seq, e))
+                continue
+            rows.append(logits)
+            sampled += one
+        if len(failed) == len(scheduled):
+            self._probe()
+        return (torch.cat(rows) if rows else self._no_logits()), sampled, failed
+
+    @torch.inference_mode()
+    def _probe(self) -> None:
+        """Every sequence of a step failed its forward: tell a broken engine (a lost device, corrupted
+        weights) from inputs that fail, by running one plain token through the model without the cache.
+        EngineDead if even that raises: the caller stops serving rather than fail every request forever."""
+        try:
+            self.model(torch.zeros(1, 1, dtype=torch.long, device=self.model.device))
+        except Exception as e:
+            raise EngineDead(f"the model cannot run a forward pass any more: {type(e).__name__}") from e
+
+    def _no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.config.vocab_size)
+
     def _fail_unschedulable(self) -> list[RequestDelta]:
         # Nothing fits even with every block free (prepare() should have caught it): fail the head request.
         seq = self.scheduler.waiting[0]
-        deltas = self.abort(seq.request_id)
-        for d in deltas:
-            d.finish_reason, d.error = "abort", "the request does not fit in the KV cache"
-        return deltas
+        return self.abort(seq.request_id, Overloaded("the request does not fit in the KV cache"))
 
-    def fail_all(self, message: str) -> list[RequestDelta]:
+    def fail_all(self, error: EngineError | str) -> list[RequestDelta]:
+        """Fail every request (after an error the engine cannot attribute to one of them)."""
         deltas = []
         for request_id in list(self.requests):
-            for d in self.abort(request_id):
-                d.error = message
-                deltas.append(d)
+            err = RequestFailed(error) if isinstance(error, str) else error
+            deltas += self.abort(request_id, err)
         return deltas
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -208,6 +344,7 @@ class LLMEngine:
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             num_prompt_tokens=len(seq.prompt_ids), num_cached_tokens=seq.num_cached_prompt,
+            error=seq.error if final else None,
         )
         seq.emitted, seq.pending_ids, seq.pending_logprobs = end, [], []
         return delta

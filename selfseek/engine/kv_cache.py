@@ -1,33 +1,66 @@
 """The paged cache's block manager: free list, reference counts, and the content-addressed prefix cache.
 
-A block holds `block_size` consecutive tokens of one sequence. A full block is named by a hash of its
-tokens chained with the hash of the block before it, so equal hashes mean equal whole prefixes. Freed
-blocks keep their contents and hash and sit in an LRU free list: a later request with the same prefix
+A block holds `block_size` consecutive tokens of one sequence. A full block is named by a key: SHA-256 of
+its parent's key and its token ids; the first block's parent is a root key that mixes in the model/weights
+fingerprint, the adapter and the tenant's cache salt, so equal keys mean equal whole prefixes under the same
+weights for the same tenant. SHA-256 is unkeyed, so keys are stable across restarts (a disk cache can find
+blocks again) and, unlike Python's hash(), nobody can build a prompt whose block collides with another
+user's. Each cached block also keeps its parent key and token ids, compared on every hit: a collision is a
+miss, never someone else's KV.
+
+Freed blocks keep their contents and key and sit in an LRU free list: a later request with the same prefix
 takes them back (a cache hit) until they are evicted for new allocations, oldest first.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
 
 from selfseek.engine.sequence import Sequence
 
+KEY_VERSION = b"selfseek-block-key-v1"
 
-def block_hash(prev: int | None, tokens: list[int] | tuple[int, ...]) -> int:
-    return hash((prev, tuple(tokens)))
+
+def _digest(data: bytes) -> bytes:
+    """The one hash behind every block key (a test may force collisions by replacing it)."""
+    return hashlib.sha256(data).digest()
+
+
+def root_key(fingerprint: bytes | str = b"", adapter: str | None = None, salt: str | None = None) -> bytes:
+    """The parent key of a sequence's first block: what must match besides the tokens for blocks to be shared."""
+    parts = [KEY_VERSION]
+    for part in (fingerprint, adapter or "", salt or ""):
+        b = part.encode() if isinstance(part, str) else bytes(part)
+        parts += [len(b).to_bytes(8, "little"), b]  # length-prefixed: ("ab", "c") never equals ("a", "bc")
+    return _digest(b"".join(parts))
+
+
+def block_key(parent: bytes, tokens: list[int] | tuple[int, ...]) -> bytes:
+    """Key of a full block: SHA-256 over the parent key and the block's token ids (int64 little-endian)."""
+    ids = array("q", tokens)
+    if array("q", [1]).tobytes()[0] != 1:  # big-endian host: keep keys identical across machines
+        ids.byteswap()
+    return _digest(parent + ids.tobytes())
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 fingerprint: bytes | str = b""):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_caching = enable_prefix_caching
+        self.fingerprint = fingerprint
+        self.root = root_key(fingerprint)  # no adapter, no salt
         self.ref_count = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.by_hash: dict[int, int] = {}
+        self.key_of: list[bytes | None] = [None] * num_blocks
+        self.parent_of: list[bytes | None] = [None] * num_blocks  # compared on a hit, with the tokens
+        self.tokens_of: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.by_key: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
         self.hits = 0  # prompt tokens served from cache
         self.queries = 0  # prompt tokens looked up
@@ -39,19 +72,26 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def root_for(self, salt: str | None = None, adapter: str | None = None) -> bytes:
+        """Root key for a tenant's cache salt and an adapter under this manager's model fingerprint."""
+        return self.root if salt is None and adapter is None else root_key(self.fingerprint, adapter, salt)
+
     # ---- prefix cache ------------------------------------------------------------------------------
-    def match_prefix(self, tokens: list[int]) -> list[int]:
+    def match_prefix(self, tokens: list[int], root: bytes | None = None) -> list[int]:
         """Cached blocks covering the longest prefix of full blocks of `tokens` (one token always left over,
         so the sequence still computes the logits of its last prompt token)."""
         if not self.prefix_caching:
             return []
-        blocks, prev = [], None
-        for i in range((len(tokens) - 1) // self.block_size):
-            prev = block_hash(prev, tokens[i * self.block_size : (i + 1) * self.block_size])
-            b = self.by_hash.get(prev)
-            if b is None:
+        bs = self.block_size
+        blocks, prev = [], root or self.root
+        for i in range((len(tokens) - 1) // bs):
+            block = tuple(tokens[i * bs : (i + 1) * bs])
+            key = block_key(prev, block)
+            b = self.by_key.get(key)
+            if b is None or self.tokens_of[b] != block or self.parent_of[b] != prev:  # a collision is a miss
                 break
             blocks.append(b)
+            prev = key
         return blocks
 
     def commit_full_blocks(self, seq: Sequence) -> None:
@@ -60,16 +100,19 @@ class BlockManager:
             return
         bs = self.block_size
         n_full = min(seq.num_computed // bs, len(seq.block_table))
-        if len(seq.block_hashes) < n_full:
-            tokens = seq.tokens
-            for i in range(len(seq.block_hashes), n_full):
-                prev = seq.block_hashes[-1] if seq.block_hashes else None
-                seq.block_hashes.append(block_hash(prev, tokens[i * bs : (i + 1) * bs]))
-        for i in range(n_full):
-            b, h = seq.block_table[i], seq.block_hashes[i]
-            if self.hash_of[b] is None and h not in self.by_hash:
-                self.hash_of[b] = h
-                self.by_hash[h] = b
+        if seq.num_committed_blocks >= n_full:
+            return
+        root = seq.cache_root or self.root
+        for i in range(len(seq.block_hashes), n_full):
+            seq.block_hashes.append(block_key(seq.block_hashes[-1] if seq.block_hashes else root,
+                                              seq.token_slice(i * bs, (i + 1) * bs)))
+        for i in range(seq.num_committed_blocks, n_full):
+            b, key = seq.block_table[i], seq.block_hashes[i]
+            if self.key_of[b] is None and key not in self.by_key:
+                self.key_of[b], self.by_key[key] = key, b
+                self.parent_of[b] = seq.block_hashes[i - 1] if i else root
+                self.tokens_of[b] = tuple(seq.token_slice(i * bs, (i + 1) * bs))
+        seq.num_committed_blocks = n_full
 
     # ---- allocation ----------------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new: int, hits: list[int] = ()) -> bool:
@@ -91,9 +134,9 @@ class BlockManager:
         """Grow the block table to hold seq.num_computed + num_new tokens."""
         for _ in range(self.blocks_needed(seq.num_computed + num_new) - len(seq.block_table)):
             b, _ = self.free.popitem(last=False)  # least recently freed
-            if self.hash_of[b] is not None:  # evict its cached contents
-                del self.by_hash[self.hash_of[b]]
-                self.hash_of[b] = None
+            if self.key_of[b] is not None:  # evict its cached contents
+                del self.by_key[self.key_of[b]]
+                self.key_of[b] = self.parent_of[b] = self.tokens_of[b] = None
             self.ref_count[b] = 1
             seq.block_table.append(b)
 
@@ -104,7 +147,7 @@ class BlockManager:
             if self.ref_count[b] == 0:
                 self.free[b] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_committed_blocks = 0
 
     def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """Pool slot of each of the sequence's first `num_tokens` tokens."""

@@ -1,7 +1,9 @@
 """Builds one step's flat batch from the scheduled sequences, runs the model, returns the logits to sample.
 
-Prefill segments go first and decodes last (models/batch.py); logits are computed only for the rows
-whose sequence reaches its last token this step.
+Dense prefills (nothing cached yet) go first, then sequences with cached context (chunks after a cached
+prefix, decodes), see models/batch.py; logits are computed only for the rows whose sequence reaches its last
+token this step. Block tables live in one persistent tensor (`BlockTables`) updated as sequences gain blocks,
+so a step costs Python work per sequence, not per token of context.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import torch
 
 from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.scheduler import Scheduled
-from selfseek.models.batch import build_batch
+from selfseek.engine.sequence import Sequence
+from selfseek.models.batch import batch_from_tables
 from selfseek.models.model import CausalLM
 
 
@@ -21,24 +24,82 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype | None = None) -> int
     return model.config.num_hidden_layers * model.config.kv_values_per_token_per_layer * size
 
 
+class BlockTables:
+    """The block tables of live sequences as rows of one int32 tensor [rows, max_blocks] (0-padded).
+
+    A sequence keeps its row while it lives; each step copies only the blocks it gained since the last one.
+    Blocks change otherwise only when the sequence is preempted (its blocks freed, later allocated anew): a new
+    preemption count, a replaced `block_table` list or a shorter one rewrites the row from the start. Rows of
+    finished sequences are released at the next step. Both dims grow by doubling when needed.
+    """
+
+    def __init__(self, rows: int = 8, cols: int = 16):
+        self.table = torch.zeros(rows, cols, dtype=torch.int32)
+        self.free_rows = list(range(rows - 1, -1, -1))
+        # seq -> (row, its block list, blocks copied, its preemption count then)
+        self.rows: dict[Sequence, tuple[int, list[int], int, int]] = {}
+
+    def sync(self, seqs: list[Sequence]) -> list[int]:
+        """Copy the scheduled sequences' new blocks into their rows; -> their row indices."""
+        for seq in [s for s in self.rows if s.finished]:
+            self.free_rows.append(self.rows.pop(seq)[0])
+        out = []
+        for seq in seqs:
+            blocks = seq.block_table
+            row, known, n, preemptions = self.rows.get(seq) or (self._take_row(), None, 0, seq.num_preemptions)
+            if known is not blocks or len(blocks) < n or preemptions != seq.num_preemptions:
+                n = 0
+            if len(blocks) > n:
+                self._fit_cols(len(blocks))
+                self.table[row, n : len(blocks)] = torch.tensor(blocks[n:], dtype=torch.int32)
+            self.rows[seq] = (row, blocks, len(blocks), seq.num_preemptions)
+            out.append(row)
+        return out
+
+    def _take_row(self) -> int:
+        if not self.free_rows:
+            n = self.table.shape[0]
+            self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+            self.free_rows = list(range(2 * n - 1, n - 1, -1))
+        return self.free_rows.pop()
+
+    def _fit_cols(self, n: int) -> None:
+        cols = self.table.shape[1]
+        if n > cols:
+            grown = torch.zeros(self.table.shape[0], max(n, 2 * cols), dtype=torch.int32)
+            grown[:, :cols] = self.table
+            self.table = grown
+
+
+def _token_slice(seq: Sequence, start: int, n: int) -> list[int]:
+    """seq.tokens[start : start + n] without building the whole token list (a decode reads one token)."""
+    p = len(seq.prompt_ids)
+    if start >= p:
+        return seq.output_ids[start - p : start - p + n]
+    return seq.prompt_ids[start : start + n] + seq.output_ids[: max(0, start + n - p)]
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, blocks: BlockManager):
         self.model, self.blocks = model, blocks
         self.device = model.device
         self.pools = model.new_kv_pools(blocks.num_blocks * blocks.block_size)
+        self.tables = BlockTables()
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[Scheduled]]:
         """-> (logits [n, vocab] fp32, the n scheduled entries they belong to, in order)."""
-        is_decode = [s.num_new == 1 and s.seq.num_computed > 0 for s in scheduled]
-        order = [s for s, d in zip(scheduled, is_decode, strict=True) if not d]
-        order += [s for s, d in zip(scheduled, is_decode, strict=True) if d]
-        tokens, items = [], []
+        # dense prefills first, then sequences with cached context, longest chunk first (models/batch.py)
+        order = sorted(scheduled, key=lambda s: (s.seq.num_computed > 0, -s.num_new))
+        tokens: list[int] = []
+        starts, num_new = [], []
         for s in order:
-            seq, start = s.seq, s.seq.num_computed
-            tokens.extend(seq.tokens[start : start + s.num_new])
-            items.append((self.blocks.slots(seq, start + s.num_new), start, s.num_new))
-        batch = build_batch(items, self.device)
+            start = s.seq.num_computed
+            tokens.extend(_token_slice(s.seq, start, s.num_new))
+            starts.append(start)
+            num_new.append(s.num_new)
+        rows = self.tables.sync([s.seq for s in order])
+        batch = batch_from_tables(self.tables.table, rows, starts, num_new, self.blocks.block_size, self.device)
         hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), batch, self.pools)
         ends, sampled, row = [], [], 0
         for s in order:

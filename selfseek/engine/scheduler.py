@@ -70,7 +70,7 @@ class Scheduler:
             if seq.leader is not None and not (seq.leader.prompt_done or seq.leader.finished):
                 skipped.append(seq)  # n > 1: wait until the leader's prompt blocks can be shared
                 continue
-            hits = self.blocks.match_prefix(seq.tokens) if seq.num_computed == 0 else []
+            hits = self.blocks.match_prefix(seq.tokens, seq.cache_root) if seq.num_computed == 0 else []
             num_new = min(seq.num_tokens - seq.num_computed - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_allocate(seq, num_new, hits):
                 skipped.append(seq)

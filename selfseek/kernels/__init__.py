@@ -1,64 +1,225 @@
-"""Native CPU kernels, compiled on first use for the machine they run on (torch.utils.cpp_extension).
+"""Native CPU kernels (kernels/quant.cpp, built per instruction set by kernels/build.py, loaded with ctypes).
 
-`quant_linear` / `dequantize` run block-quantized weights (see quant.cpp). When the extension cannot be
-built (no compiler) or SELFSEEK_NO_KERNELS=1 is set, the same math runs in plain torch (slower).
+`quant_linear` / `dequantize` run block-quantized weights, `linear` float weights kept in 16-bit storage, and
+`moe` the fused routed experts, all with float32 activations and results. A weight is a float tensor (float32,
+bfloat16, float16) or a block-quantized one given as (qweight, scales, mins): int8 -> q8, uint8 -> q4 (see
+quant.cpp). Where the library is not loaded (SELFSEEK_NO_KERNELS=1, no compiler, not x86) or the tensors are not
+on the CPU, the same math runs in plain torch.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
+import ctypes
 
 import torch
 
-log = logging.getLogger(__name__)
-_ext = None
-_tried = False
-GEMM_MIN_ROWS = 16  # from this many rows on, dequantize once and use sgemm (prefill); fewer: packed dot products
+QuantWeight = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (qweight, fp16 scales, fp16 mins or None)
+Weight = torch.Tensor | QuantWeight
+# From this many rows of x on, a quantized product is compute-bound: dequantize a tile of weight rows at a time
+# into a cache-sized buffer and multiply it with torch's sgemm (never a whole-weight float copy).
+GEMM_MIN_ROWS = 64
+TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
+_c_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
 
 
-def _load():
-    global _ext, _tried
-    if _tried:
-        return _ext
-    _tried = True
-    if os.environ.get("SELFSEEK_NO_KERNELS") or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
+class _Mat(ctypes.Structure):
+    """quant.cpp's `Mat`: one [rows, cols] weight or a stack of them."""
 
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        _ext = load("selfseek_quant", [str(Path(__file__).with_name("quant.cpp"))], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no headers: fall back to torch
-        log.warning("selfseek: native quantized kernels unavailable (%s); using the torch fallback", e)
-        _ext = None
-    return _ext
+    _fields_ = [("kind", ctypes.c_int32), ("rows", _c_i64), ("cols", _c_i64),
+                ("data", _ptr), ("scales", _ptr), ("mins", _ptr), ("stride", _c_i64), ("sstride", _c_i64)]
+
+
+_lib: ctypes.CDLL | None = None
+_loaded = False
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures of a loaded quant library (any level)."""
+    mat = ctypes.POINTER(_Mat)
+    lib.selfseek_linear.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
+    lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
+    lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
+    lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr]
+    for f in (lib.selfseek_linear, lib.selfseek_dequantize, lib.selfseek_gather_rows, lib.selfseek_moe):
+        f.restype = ctypes.c_int
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _loaded
+    if not _loaded:
+        _loaded = True
+        from selfseek.kernels import build  # here, so `python -m selfseek.kernels.build` imports it once
+
+        lib = build.library("quant")
+        _lib = bind(lib) if lib is not None else None
+    return _lib
 
 
 def available() -> bool:
+    """Whether the native kernels are loaded (False: the torch fallback runs)."""
     return _load() is not None
+
+
+def _native(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    return _load() if all(t.device.type == "cpu" for t in tensors) else None
+
+
+def _split(w: Weight) -> QuantWeight:
+    return (w, None, None) if isinstance(w, torch.Tensor) else w
+
+
+def _mat(w: Weight, stacked: bool = False) -> _Mat:
+    """A ctypes view of a weight ([out, in] or, stacked, [E, out, in]); checks what the C++ side assumes."""
+    q, scales, mins = _split(w)
+    kind = _KINDS.get(q.dtype)
+    if kind is None:
+        raise TypeError(f"weight dtype {q.dtype} is not one of {', '.join(map(str, _KINDS))}")
+    if q.dim() != (3 if stacked else 2) or not q.is_contiguous():
+        raise ValueError(f"weight must be a contiguous {'3' if stacked else '2'}-D tensor, got shape {list(q.shape)}")
+    cols = q.shape[-1] * (2 if kind == 4 else 1)
+    if kind >= 3:
+        blocks = (*q.shape[:-1], cols // 32)
+        if cols % 32:
+            raise ValueError(f"quantized weight: in_features {cols} is not a multiple of 32")
+        for name, t in (("scales", scales), ("mins", mins)):
+            if t is not None and (t.dtype != torch.float16 or tuple(t.shape) != blocks or not t.is_contiguous()):
+                raise ValueError(f"{name} must be contiguous float16 {list(blocks)}")
+        if scales is None:
+            raise ValueError("a quantized weight needs scales")
+        if kind == 4 and mins is None:
+            raise ValueError("a q4 weight needs mins")
+    e_stride = q[0].nbytes if stacked else 0
+    s_stride = scales[0].numel() if stacked and scales is not None else 0
+    return _Mat(kind, q.shape[-2], cols, q.data_ptr(), scales.data_ptr() if scales is not None
+                else None, mins.data_ptr() if mins is not None else None, e_stride, s_stride)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise ValueError(f"{what}: the kernel rejected its arguments (code {rc})")
+
+
+def _torch_dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """The definition of the formats, in torch: the fallback, and what the kernels are tested against."""
+    if q.dtype == torch.uint8:  # a block's 16 bytes hold values 0..15 in low nibbles, 16..31 in high nibbles
+        b = q.view(*q.shape[:-1], -1, 16)
+        v = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
+    else:
+        v = q.view(*q.shape[:-1], -1, 32).float()
+    w = v * scales.float()[..., None]
+    if mins is not None:
+        w = w + mins.float()[..., None]
+    return w.flatten(-2)
+
+
+def to_float(w: Weight) -> torch.Tensor:
+    """Any weight -> float32 (a float32 tensor is returned as is)."""
+    q, scales, mins = _split(w)
+    if scales is None:
+        return q.float()
+    if (lib := _native(q)) is not None and q.dim() == 2:
+        m = _mat(w)
+        out = torch.empty(m.rows, m.cols)
+        _check(lib.selfseek_dequantize(ctypes.byref(m), 0, m.rows, out.data_ptr()), "dequantize")
+        return out
+    return _torch_dequantize(q, scales, mins)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, q4: bool) -> torch.Tensor:
     """Block-quantized [out, in] weight -> float32."""
-    if qweight.device.type == "cpu" and (ext := _load()) is not None:
-        return ext.dequantize(qweight, scales, mins, q4)
-    if q4:  # a block's 16 bytes hold values 0..15 in low nibbles, 16..31 in high nibbles
-        b = qweight.view(qweight.shape[0], -1, 16)
-        q = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
+    _check_q4(qweight, q4)
+    return to_float((qweight, scales, mins))
+
+
+def gather_rows(w: Weight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of an [out, in] weight as float32 [*ids.shape, in] (an embedding lookup)."""
+    q, scales, mins = _split(w)
+    if (lib := _native(q, ids)) is not None:
+        m = _mat(w)
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(flat.numel(), m.cols)
+        rc = lib.selfseek_gather_rows(ctypes.byref(m), flat.data_ptr(), flat.numel(), out.data_ptr())
+        if rc == -2:
+            raise IndexError(f"row index out of range for a weight of {m.rows} rows")
+        _check(rc, "gather_rows")
+        return out.view(*ids.shape, m.cols)
+    if scales is None:
+        return q[ids].float()
+    return _torch_dequantize(q[ids], scales[ids], None if mins is None else mins[ids])
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """y = x W^T in float32, for W float (any storage dtype) or block-quantized, without a float copy of W."""
+    q, scales, mins = _split(w)
+    m = _mat(w)  # checks the weight on every path
+    if x.shape[-1] != m.cols:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {m.cols}")
+    if (lib := _native(x, q)) is None:
+        wf = q.float() if scales is None else _torch_dequantize(q, scales, mins)
+        return torch.nn.functional.linear(x.float(), wf)
+    flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()  # decode's usual case: no copies
+    x2 = x if flat else x.reshape(-1, m.cols).float().contiguous()
+    rows = x2.shape[0]
+    if rows >= GEMM_MIN_ROWS:
+        y = torch.mm(x2, q.t()) if m.kind == _KINDS[torch.float32] else _tiled_mm(lib, m, x2)
     else:
-        q = qweight.view(qweight.shape[0], -1, 32).float()
-    w = q * scales.float()[..., None]
-    if mins is not None:
-        w = w + mins.float()[..., None]
-    return w.view(qweight.shape[0], -1)
+        y = torch.empty(rows, m.rows)
+        if rows:
+            _check(lib.selfseek_linear(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
+    return y if flat else y.view(*x.shape[:-1], m.rows)
+
+
+def _tiled_mm(lib: ctypes.CDLL, m: _Mat, x: torch.Tensor) -> torch.Tensor:
+    """Compute-bound products: y^T one tile of weight rows at a time, each dequantized into one reused buffer."""
+    step = max(16, TILE_VALUES // m.cols // 16 * 16)
+    buf = torch.empty(min(step, m.rows), m.cols)
+    yt = torch.empty(m.rows, x.shape[0])
+    xt = x.t()
+    for n0 in range(0, m.rows, step):
+        n1 = min(m.rows, n0 + step)
+        tile = buf[: n1 - n0]
+        _check(lib.selfseek_dequantize(ctypes.byref(m), n0, n1, tile.data_ptr()), "dequantize")
+        torch.mm(tile, xt, out=yt[n0:n1])
+    return yt.t().contiguous()
+
+
+def _check_q4(qweight: torch.Tensor, q4: bool) -> None:
+    if q4 != (qweight.dtype == torch.uint8):
+        raise TypeError(f"q4={q4} but qweight is {qweight.dtype} (q8 weights are int8, q4 uint8)")
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  q4: bool) -> torch.Tensor:
     """y = x W^T (float32) for a block-quantized W."""
-    if x.device.type == "cpu" and (ext := _load()) is not None:
-        return ext.linear(x, qweight, scales, mins, q4, GEMM_MIN_ROWS)
-    return torch.nn.functional.linear(x.float(), dequantize(qweight, scales, mins, q4))
+    _check_q4(qweight, q4)
+    return linear(x, (qweight, scales, mins))
+
+
+def moe_native(x: torch.Tensor, *stacks: Weight) -> bool:
+    """Whether `moe` runs the fused kernel for these activations and expert stacks (else the caller's torch path)."""
+    tensors = [x, *(_split(s)[0] for s in stacks)]
+    return all(t.dtype in _KINDS for t in tensors[1:]) and _native(*tensors) is not None
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight, up: Weight,
+        down: Weight) -> torch.Tensor:
+    """Fused routed experts on the CPU: y[t] = sum_j weights[t, j] FFN_{ids[t, j]}(x[t]), FFN = down(silu(gate x) *
+    up x); gate/up stacks [E, inter, hidden], down [E, hidden, inter]; float32 result. See quant.cpp."""
+    lib = _native(x)
+    if lib is None:
+        raise RuntimeError("kernels.moe needs the native kernels and CPU tensors (check moe_native first)")
+    g, u, d = _mat(gate, True), _mat(up, True), _mat(down, True)
+    n_experts = _split(gate)[0].shape[0]
+    x2 = x.float().contiguous()
+    w = weights.float().contiguous()
+    i = ids.to(torch.int64).contiguous()
+    y = torch.empty_like(x2)
+    rc = lib.selfseek_moe(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
+                          ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr())
+    if rc == -2:
+        raise IndexError(f"expert id out of range (n_experts={n_experts})")
+    _check(rc, "moe")
+    return y

@@ -24,10 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # F.rms_norm is one fused op computing x * rsqrt(mean(x^2) + eps) (bitwise the eager formula in fp32)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -54,6 +52,8 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     """
     # Explicitly on the CPU: models are built under torch.device("meta").
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    if rope.freq_factors is not None:  # a GGUF's rope_freqs.weight (Llama 3 scaling, as llama.cpp applies it)
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
     if rope.type == "default":
         return inv_freq, 1.0
     if rope.type == "linear":

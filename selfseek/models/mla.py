@@ -4,9 +4,10 @@ Per token: c_KV = RMSNorm(W^DKV h)[:c], k^R = RoPE(W^DKV h)[c:]: the cache holds
 kv_lora_rank + qk_rope_head_dim values. Two ways to attend over them, equal in exact arithmetic:
 
 - expanded ("MHA mode", prefill): k^C, v = W^UKV c_KV per head, then ordinary attention with
-  q = [q^C; q^R], k = [k^C; k^R].
+  q = [q^C; q^R], k = [k^C; k^R] (SDPA); used for new tokens and for long chunks after a cached prefix.
 - absorbed ("MQA mode", decode): W^UK folds into the query and W^UV into the output, so scores are
-  q^C W^UK . c_KV + q^R . k^R and no per-head K/V is ever built (V2 paper §2.1.3).
+  q^C W^UK . c_KV + q^R . k^R and no per-head K/V is ever built (V2 paper §2.1.3); the attention itself is the
+  block-table kernel (models/attention_backend.py) reading the latent cache in place, one KV head shared by all.
 
 The paged cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 for V3).
 Shape letters: T flat rows, b batch, s queries, t keys, h heads, d nope/v head dim, r rope dim, c latent dim.
@@ -18,11 +19,19 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
-from selfseek.models.batch import AttnBatch
+from selfseek.models.attention_backend import dense_attention, paged_attention
+from selfseek.models.batch import AttnBatch, PagedRows
 from selfseek.models.layers import RMSNorm, Rotary
+from selfseek.models.quant import QuantLinear
 
 
 class MLA(nn.Module):
+    # Chunks after a cached prefix with at least this many rows attend expanded (W^UKV applied to the context
+    # once, then per-head attention, SDPA): per query row and key the absorbed form costs h (2c + r) multiply-adds,
+    # the expanded one h (d + r + v) plus c h (d + v) per key shared by all rows, cheaper from ~50-170 rows
+    # (medium V3 .. V3) on. Decodes and short chunks use the absorbed block-table kernel.
+    EXPANDED_MIN_ROWS = 64
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -56,14 +65,12 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [T, m] (rows of many sequences, see models/batch.py) -> [T, m]."""
         T = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_a, ckv = self._down_projections(x)
+        q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q_nope, q_rope = q.view(T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = self.rotary(q_rope, *cos_sin)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent, k_rope = ckv.split([self.latent_dim, self.rope_dim], dim=-1)
         kv = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_rope, *cos_sin)], dim=-1)  # [T, c + r]
         if pool is not None and batch.slot_mapping is not None:
             pool[batch.slot_mapping] = kv
@@ -71,51 +78,119 @@ class MLA(nn.Module):
         out = x.new_empty(T, self.n_heads, self.v_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
-            ctx = kv[rows] if seg.prefix_slots is None else torch.cat([pool[seg.prefix_slots], kv[rows]])
-            mask = None if seg.mask is None else seg.mask[None]
-            out[rows] = self._attend(batch.prefill_mode, q_nope[rows][None], q_rope[rows][None], ctx[None], mask)[0]
-        d = batch.decode_start
-        if d < T:
-            ctx = pool[batch.decode_slots]  # [B, T_max, c + r]: the whole context, this token included
-            out[d:] = self._attend(batch.decode_mode, q_nope[d:, None], q_rope[d:, None], ctx, batch.decode_mask)[:, 0]
+            out[rows] = self._attend_dense(q_nope[rows], q_rope[rows], kv[rows], seg.mask)
+        if (paged := batch.paged) is not None:
+            if pool is None:
+                raise ValueError("rows with cached context need the layer's KV pool")
+            n_long, rest = (paged.num_seqs, None) if batch.decode_mode == "expanded" else paged.split(
+                self.EXPANDED_MIN_ROWS)
+            p, e = paged.start, (rest.start if rest is not None else T)
+            if n_long:
+                out[p:e] = self._attend_paged_expanded(q_nope[p:e], q_rope[p:e], pool, paged, n_long)
+            if rest is not None:
+                out[e:] = self._attend_paged(q_nope[e:], q_rope[e:], pool, rest)
         return self.o_proj(out.flatten(1))
 
-    def _attend(self, mode: str, q_nope, q_rope, ctx, mask) -> torch.Tensor:
-        """q_nope [b, s, h, d], q_rope [b, s, h, r], ctx [b, t, c + r], mask [b, s, t] -> [b, s, h, v]."""
-        latent, k_rope = ctx.split([self.latent_dim, self.rope_dim], dim=-1)
-        if mode == "expanded":
-            return self._attend_expanded(q_nope, q_rope, latent, k_rope, mask)
-        return self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+    # ---- projections ---------------------------------------------------------------------------------
+    def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (q_a_proj(x) or, without query compression, q_proj(x); kv_a_proj_with_mqa(x)): one GEMM when fused."""
+        if self.q_lora_rank is None:
+            return self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        fused = self._fused_down()
+        if fused is None:
+            return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        return fused(x).split([self.q_lora_rank, self.latent_dim + self.rope_dim], dim=-1)
 
-    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        dtype = scores.dtype
-        scores = scores * self.scale
-        if mask is not None:
-            scores = scores + mask[:, :, None, :]  # [b, s, t] -> [b, s, h, t]
-        return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+    def _fused_down(self):
+        """q_a_proj and kv_a_proj_with_mqa as one layer, or None where they cannot be fused.
 
-    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        b, t, _ = latent.shape
-        kv = self.kv_b_proj(latent).view(b, t, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_rope, k_rope)
-        p = self._softmax(scores, mask)
-        return torch.einsum("bsht,bthd->bshd", p, v)
+        The two modules keep their names and parameters (loading, export, quantization and LoRA see them as
+        before); their weights become row views of one concatenated tensor, made once (again only if a weight
+        is replaced), so the fused GEMM costs no extra memory. Not while training their weights (gradients
+        must reach the parameters) nor when a module is wrapped (LoRA).
+        """
+        a, b = self.q_a_proj, self.kv_a_proj_with_mqa
+        if type(a) is nn.Linear and type(b) is nn.Linear:
+            names = ("weight",)
+        elif type(a) is QuantLinear and type(b) is QuantLinear and a.bits == b.bits and a.in_features == b.in_features:
+            if (a.mins is None) != (b.mins is None):
+                return None
+            names = ("qweight", "scales") + (("mins",) if a.mins is not None else ())
+        else:
+            return None
+        wa, wb = getattr(a, names[0]), getattr(b, names[0])
+        if wa.device.type == "meta" or (torch.is_grad_enabled() and (wa.requires_grad or wb.requires_grad)):
+            return None
+        fused = getattr(self, "_fused", None)
+        if fused is None or not all(self._is_view_of(getattr(a, n), getattr(b, n), getattr(fused, n)) for n in names):
+            fused = self._fuse(a, b, names)
+        return fused
+
+    @staticmethod
+    def _is_view_of(ta: torch.Tensor, tb: torch.Tensor, whole: torch.Tensor) -> bool:
+        return ta.data_ptr() == whole.data_ptr() and tb.data_ptr() == whole[ta.shape[0]:].data_ptr()
+
+    def _fuse(self, a, b, names: tuple[str, ...]):
+        with torch.inference_mode(False), torch.no_grad():
+            if names == ("weight",):
+                fused = nn.Linear(a.in_features, a.out_features + b.out_features, bias=False, device="meta")
+                fused.weight = nn.Parameter(torch.cat([a.weight, b.weight]), requires_grad=False)
+                a.weight.data, b.weight.data = fused.weight[: a.out_features], fused.weight[a.out_features :]
+            else:
+                fused = QuantLinear(a.in_features, a.out_features + b.out_features, a.bits, a.mins is not None)
+                for n in names:
+                    whole = torch.cat([getattr(a, n), getattr(b, n)])
+                    setattr(fused, n, whole)
+                    setattr(a, n, whole[: a.out_features])
+                    setattr(b, n, whole[a.out_features :])
+                fused = fused.to(whole.device)
+        object.__setattr__(self, "_fused", fused)  # not a submodule: its tensors are the two layers' own
+        return fused
+
+    # ---- attention -----------------------------------------------------------------------------------
+    def _attend_dense(self, q_nope, q_rope, kv, mask) -> torch.Tensor:
+        """New tokens among themselves, expanded ("MHA mode"): [s, h, d], [s, h, r], kv [s, c + r] -> [s, h, v]."""
+        latent, k_rope = kv.split([self.latent_dim, self.rope_dim], dim=-1)
+        s = latent.shape[0]
+        k_nope, v = self.kv_b_proj(latent).view(s, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(s, self.n_heads, self.rope_dim)], dim=-1)
+        return dense_attention(q, k, v, self.scale, mask)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK [h, d, c] and W^UV [h, v, c] split out of kv_b_proj, contiguous, made once per weight version."""
-        w = self.kv_b_proj.weight
-        key = (w.data_ptr(), w._version)
+        # a QuantLinear (a GGUF's attn_kv_b) dequantizes on every `.weight`: key on its packed storage instead
+        src = self.kv_b_proj.qweight if isinstance(self.kv_b_proj, QuantLinear) else self.kv_b_proj.weight
+        key = (src.data_ptr(), src._version)
         if getattr(self, "_absorbed_key", None) != key:
-            w = w.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
+            w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
             self._absorbed = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous())
             self._absorbed_key = key
         return self._absorbed
 
-    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+    def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
+        """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
+        latent space, then W^UV. [R, h, d], [R, h, r] -> [R, h, v]."""
         w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W^UK absorbed into the query
-        scores = torch.einsum("bshc,btc->bsht", q_latent, latent) + torch.einsum("bshr,btr->bsht", q_rope, k_rope)
-        p = self._softmax(scores, mask)
-        o_latent = torch.einsum("bsht,btc->bshc", p, latent)
-        return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W^UV absorbed after attention
+        q_latent = torch.einsum("rhd,hdc->rhc", q_nope, w_uk)  # W^UK absorbed into the query
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)[:, None]  # [R, 1, h, c + r]: one KV head
+        o_latent = paged_attention(q, pool[:, None], pool[:, None, : self.latent_dim], rows, self.scale)[:, 0]
+        return torch.einsum("rhc,hvc->rhv", o_latent.to(w_uv.dtype), w_uv)  # W^UV absorbed after attention
+
+    def _attend_paged_expanded(self, q_nope, q_rope, pool, rows: PagedRows, num_seqs: int) -> torch.Tensor:
+        """The expanded form over the gathered context of the first `num_seqs` sequences of `rows` (their query
+        rows only): for long chunks after a cached prefix, and the reference the absorbed path must equal."""
+        slots, cu, lens = rows.context_slots(), rows.cu_q.tolist(), rows.context_lens.tolist()
+        out = []
+        for i, n_ctx in enumerate(lens[:num_seqs]):
+            q_rows = slice(cu[i], cu[i + 1])
+            n = cu[i + 1] - cu[i]
+            ctx = pool[slots[i, :n_ctx].to(pool.device)]
+            latent, k_rope = ctx.split([self.latent_dim, self.rope_dim], dim=-1)
+            k_nope, v = self.kv_b_proj(latent).view(n_ctx, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
+            q = torch.cat([q_nope[q_rows], q_rope[q_rows]], dim=-1)
+            k = torch.cat([k_nope, k_rope[:, None].expand(n_ctx, self.n_heads, self.rope_dim)], dim=-1)
+            visible = torch.arange(n_ctx, device=pool.device)[None, :] <= torch.arange(
+                n_ctx - n, n_ctx, device=pool.device)[:, None]
+            out.append(dense_attention(q, k, v, self.scale, visible))
+        return torch.cat(out)

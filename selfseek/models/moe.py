@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfseek import kernels
 from selfseek.config import ModelConfig
 from selfseek.models.layers import MLP
 
@@ -73,7 +74,34 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, m, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Run each expert once on the tokens routed to it; y[n] = sum_k w[n,k] FFN_{ids[n,k]}(x[n])."""
+        """y[n] = sum_k w[n,k] FFN_{ids[n,k]}(x[n]), each expert run once on the tokens routed to it."""
+        stacks = [self._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
+        if not needs_grad and kernels.moe_native(x, *stacks):
+            return kernels.moe(x, weights, ids, *stacks).to(x.dtype)  # fused, one call (kernels/quant.cpp)
+        if not needs_grad and _grouped_mm_runs(x, stacks):
+            return self._forward_grouped(x, weights, ids)
+        return self._forward_torch(x, weights, ids)
+
+    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same math without a host sync, for float stacks where the native kernels do not run (CUDA; bf16 there):
+        slots sorted by expert, one grouped GEMM per projection over the experts' consecutive row ranges
+        (torch._grouped_mm), weighted scatter-add. Counts by scatter_add, not bincount (which syncs on CUDA)."""
+        k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=ids.device)
+        ends = counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids)).cumsum(0).to(torch.int32)
+        tokens = order // k
+        h = x[tokens]
+        h = F.silu(torch._grouped_mm(h, self.gate_proj.transpose(1, 2), offs=ends)) * torch._grouped_mm(
+            h, self.up_proj.transpose(1, 2), offs=ends)
+        out = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends) * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
+
+    def _forward_torch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same math in torch (CUDA, training, no native kernels): one host sync for the expert counts."""
         n, k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
@@ -93,11 +121,34 @@ class Experts(nn.Module):
             y.index_add_(0, tokens, out.to(y.dtype))
         return y
 
+    def _stack(self, proj: str) -> kernels.Weight:
+        w = getattr(self, proj)
+        return w if isinstance(w, torch.Tensor) else w.packed  # a QuantStack (models/quant.py)
+
     def _linear(self, proj: str, e: int, h: torch.Tensor) -> torch.Tensor:
         w = getattr(self, proj)
         if isinstance(w, torch.Tensor):
-            return h @ w[e].T
+            return h @ w[e].to(h.dtype).T
         return w.linear(e, h)  # a QuantStack (models/quant.py)
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_runs(x: torch.Tensor, stacks: list) -> bool:
+    """Whether torch._grouped_mm serves these float stacks (same dtype as x): probed once per device type and dtype,
+    as its support varies with the torch version and the GPU (CUDA: bf16 on recent GPUs)."""
+    if not hasattr(torch, "_grouped_mm") or not all(isinstance(s, torch.Tensor) and s.dtype == x.dtype for s in stacks):
+        return False
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_OK:
+        a, b = torch.ones(4, 16, dtype=x.dtype, device=x.device), torch.ones(2, 16, 16, dtype=x.dtype, device=x.device)
+        try:
+            got = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=x.device))
+            _GROUPED_OK[key] = bool((got == 16).all())
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_OK[key] = False
+    return _GROUPED_OK[key]
 
 
 class MoE(nn.Module):

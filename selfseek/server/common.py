@@ -1,21 +1,23 @@
-"""Helpers every route uses: body parsing with the error envelope, usage objects, waiting for a result
-while watching for the client to leave."""
+"""Helpers every route uses: body parsing with the error envelope, usage objects, engine errors."""
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from selfseek.engine import errors
 from selfseek.engine.async_engine import RequestDelta
+from selfseek.server.errors import api_error, internal_error
 from selfseek.server.protocol import APIError
 from selfseek.server.service import ModelService
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("selfseek.server")
 
 
 def service(request: Request) -> ModelService:
@@ -34,13 +36,47 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = json.loads(body)  # Python's parser: NaN reaches validation, which names the field
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from e
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_tree(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         param, message = _describe(e)
         raise APIError(422, message, param=param, code="invalid_parameters") from e
+
+
+MAX_JSON_DEPTH = 64  # deeper bodies are refused: later recursive code (schemas, templates) must not overflow
+
+
+def check_tree(data: object) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH and strings with lone UTF-16 surrogates ("\\ud800" is
+    valid JSON but not Unicode: tokenizers and UTF-8 encoders raise on it), naming the field. Iterative, so
+    depth cannot overflow the stack here."""
+    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", param=path or None,
+                           code="invalid_json")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, path)
+                stack.append((v, f"{path}.{k}" if path else k, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"`{path or 'body'}` holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}), which is "
+                       "not valid Unicode", param=path or None, code="invalid_unicode") from e
 
 
 def _describe(e: ValidationError) -> tuple[str, str]:
@@ -67,6 +103,19 @@ def _describe(e: ValidationError) -> tuple[str, str]:
     return path or None, f"Invalid value for `{path or 'body'}`: {detail}"
 
 
+def cache_salt(request: Request, explicit: str | None = None) -> str | None:
+    """The prefix-cache tenant of a request: its API key (hashed, never kept) when the server has keys, plus
+    the request's own `cache_salt`. Requests share cached prompt blocks only within one tenant, so neither a
+    cache hit nor its timing tells one user what another sent; a salt cannot reach another key's cache."""
+    parts = []
+    if service(request).config.keys():
+        key = request.headers.get("x-api-key") or request.headers.get("authorization", "").partition(" ")[2].strip()
+        parts.append(hashlib.sha256(key.encode()).hexdigest())
+    if explicit:
+        parts.append(explicit)
+    return ":".join(parts) or None
+
+
 def usage(prompt_tokens: int, cached: int, completion_tokens: int, reasoning_tokens: int) -> dict:
     """DeepSeek's usage object, with OpenAI's fields too (prompt_tokens_details is always present)."""
     return {
@@ -81,39 +130,24 @@ def usage(prompt_tokens: int, cached: int, completion_tokens: int, reasoning_tok
 
 
 class ClientGone(Exception):
-    pass
-
-
-async def consume(request: Request, deltas: AsyncIterator[RequestDelta], on_delta: Callable[[RequestDelta], None],
-                  poll: float = 1.0) -> None:
-    """Feed every delta to on_delta; if the client disconnects first, cancel (which aborts the request
-    and frees its KV blocks) and raise ClientGone."""
-
-    async def run() -> None:
-        async for d in deltas:
-            on_delta(d)
-
-    task = asyncio.ensure_future(run())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    """The client of a non-streaming request disconnected before its answer: the app answers 499."""
 
 
 def engine_error(d: RequestDelta) -> APIError | None:
     """The error a failed delta carries (None for a request cut short for lack of KV cache, which ends
-    with finish_reason insufficient_system_resource instead, as DeepSeek's API does)."""
+    with finish_reason insufficient_system_resource instead, as DeepSeek's API does). The engine's own
+    text for a failure goes to the log, the client gets a generic 500 (or the typed status)."""
     if d.error is None or is_resource_abort(d):
         return None
-    return APIError(500, d.error, code="engine_error")
+    if isinstance(d.error, BaseException):
+        return api_error(d.error, d.request_id)
+    log.error("request %s failed in the engine: %s", d.request_id, d.error)
+    return internal_error(d.request_id)
 
 
 def is_resource_abort(d: RequestDelta) -> bool:
-    return d.finish_reason == "abort" and d.error is not None and "KV cache" in d.error
+    if d.finish_reason != "abort" or d.error is None:
+        return False
+    if isinstance(d.error, BaseException):
+        return isinstance(d.error, errors.Overloaded)
+    return "KV cache" in d.error  # an engine that still reports this abort as text

@@ -77,6 +77,9 @@ class _EngineCollector:
         yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.get("waiting", 0))
         yield gauge("kv_cache_blocks_used", "KV cache blocks in use.", s.get("kv_blocks_used", 0))
         yield gauge("kv_cache_blocks_total", "KV cache blocks in the pool.", s.get("kv_blocks_total", 0))
+        # at rest, used 0 and free == total (cached prefix blocks count as free: they are evicted on demand)
+        yield gauge("kv_cache_blocks_free", "KV cache blocks the engine can allocate now.",
+                    s.get("kv_blocks_free", s.get("kv_blocks_total", 0) - s.get("kv_blocks_used", 0)))
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use.", s.get("kv_blocks_used", 0) / total)
         yield gauge("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / tokens looked up.",
                     s.get("prefix_cache_hit_tokens", 0) / queries if queries else 0.0)

@@ -19,21 +19,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from selfseek import __version__
-from selfseek.engine.async_engine import RequestDelta
 from selfseek.sampling_params import SamplingParams
-from selfseek.server.common import ClientGone, consume, engine_error, parse_body, service
+from selfseek.server.common import cache_salt, parse_body, service
 from selfseek.server.openai import ChatChoice
 from selfseek.server.protocol import (
     APIError,
     OllamaChatRequest,
     OllamaGenerateRequest,
+    OllamaOptions,
     OllamaRequest,
     OllamaShowRequest,
 )
 from selfseek.server.reasoning import ReasoningParser
 from selfseek.server.service import ModelService
 from selfseek.server.sse import Stream, ndjson_line
-from selfseek.server.tools import Function, make_parser
+from selfseek.server.stream import Generation
+from selfseek.server.structured import CompiledGrammar
+from selfseek.server.tools import Function
 
 router = APIRouter()
 
@@ -54,18 +56,20 @@ def _thinking(svc: ModelService, req: OllamaRequest) -> bool | None:
     return thinking
 
 
-def _params(svc: ModelService, req: OllamaRequest, prompt_len: int) -> SamplingParams:
-    opts = dict(req.options or {})
-    kwargs = {field: opts[name] for name, field in _OPTIONS.items() if opts.get(name) is not None}
-    predict = opts.get("num_predict")
-    requested = predict if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0 else None
-    try:
-        return SamplingParams(max_tokens=svc.max_tokens(requested, prompt_len, "options.num_predict"), **kwargs)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, f"invalid options: {e}", param="options") from e
+def _params(svc: ModelService, req: OllamaRequest, prompt_len: int, salt: str | None) -> SamplingParams:
+    opts = req.options or OllamaOptions()
+    kwargs = {field: getattr(opts, name) for name, field in _OPTIONS.items()}
+    if opts.seed is not None and opts.seed < 0:  # Ollama's -1: a random seed
+        kwargs["seed"] = None
+    if isinstance(opts.stop, str):
+        kwargs["stop"] = [opts.stop]
+    requested = opts.num_predict if opts.num_predict is not None and opts.num_predict > 0 else None
+    names = {field: f"options.{name}" for name, field in _OPTIONS.items()}
+    return svc.sampling_params(names, max_tokens=svc.max_tokens(requested, prompt_len, "options.num_predict"),
+                               cache_salt=salt, **kwargs)
 
 
-def _grammar(svc: ModelService, fmt: str | dict | None, reasoning_open: bool) -> str | None:
+def _grammar(svc: ModelService, fmt: str | dict | None, reasoning_open: bool) -> CompiledGrammar | None:
     if not fmt:
         return None
     if fmt == "json":
@@ -95,67 +99,54 @@ def _ollama_calls(calls: list[dict]) -> list[dict]:
 
 
 async def _run(request: Request, svc: ModelService, model: str, ids: list[int], params: SamplingParams,
-               grammar: str | None, choice: ChatChoice, stream: bool, shape, with_context: bool) -> Response:
+               grammar: CompiledGrammar | None, choice: ChatChoice, stream: bool, shape,
+               with_context: bool) -> Response:
     """Generate and answer as NDJSON (stream) or one JSON object. shape(content, thinking, calls) builds
     each object's payload (chat: a message; generate: response and thinking)."""
     rid = str(uuid.uuid4())
-    start = time.perf_counter()
-    deltas = svc.generate(rid, ids, params, grammar, "messages")
-    first: list[float] = []
-    out_ids: list[int] = []
+    gen = Generation(svc, svc.generate(rid, ids, params, grammar, "messages"), [choice], len(ids),
+                     lambda: svc.abort(rid, 1))
 
-    def track(d: RequestDelta) -> None:
-        if d.token_ids and not first:
-            first.append(time.perf_counter())
-        out_ids.extend(d.token_ids)
-
-    def final_fields(d: RequestDelta) -> dict:
-        fields = {"done": True, "done_reason": "length" if d.finish_reason == "length" else "stop",
-                  **_stats(start, first[0] if first else None, time.perf_counter(), len(ids), choice.tokens)}
+    def final_fields() -> dict:
+        d = gen.last
+        fields = {"done": True, "done_reason": "length" if d and d.finish_reason == "length" else "stop",
+                  **_stats(gen.start, gen.first_token, time.perf_counter(), len(ids), choice.tokens)}
         if with_context:
-            fields["context"] = ids + out_ids
+            fields["context"] = ids + choice.token_ids
         return fields
 
     def line(payload: dict) -> bytes:
         return ndjson_line({"model": model, "created_at": _now(), **payload})
 
-    if stream:
-        async def body() -> AsyncIterator[bytes]:
-            async for d in deltas:
-                if (err := engine_error(d)) is not None:
-                    yield ndjson_line({"error": err.message})
-                    return
-                track(d)
-                delta, _ = choice.feed(d)
-                r, c = delta.get("reasoning_content", ""), delta.get("content", "")
+    def calls() -> list[dict]:
+        return choice.tools.calls if choice.tools else []
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for e in gen.events(keep_alive=False):  # NDJSON has no comment line to keep alive with
+                r, c = e.out[0].get("reasoning_content", ""), e.out[0].get("content", "")
                 if r or c:
                     yield line({**shape(c, r, []), "done": False})
-                if d.finish_reason is not None:
-                    calls = choice.tools.calls if choice.tools else []
-                    if calls:  # Ollama sends complete calls, in a message of their own
-                        yield line({**shape("", "", calls), "done": False})
-                    yield line({**shape("", "", []), **final_fields(d)})
-        return Stream(body(), "application/x-ndjson", on_close=lambda: svc.abort(rid, 1))
+                if e.finished:
+                    if calls():  # Ollama sends complete calls, in a message of their own
+                        yield line({**shape("", "", calls()), "done": False})
+                    yield line({**shape("", "", []), **final_fields()})
+        except APIError as err:
+            yield ndjson_line({"error": err.message})
 
-    last: list[RequestDelta] = []
-    errors: list[APIError] = []
-
-    def on_delta(d: RequestDelta) -> None:
-        track(d)
-        if (err := engine_error(d)) is not None:
-            errors.append(err)
-        choice.feed(d)
-        last[:] = [d]
-
-    try:
-        await consume(request, deltas, on_delta)
-    except ClientGone:
-        return Response(status_code=499)
-    if errors:
-        raise errors[0]
-    calls = choice.tools.calls if choice.tools else []
+    if stream:
+        return Stream(body(), "application/x-ndjson", on_close=gen.abort)
+    await gen.collect(request)
     return JSONResponse({"model": model, "created_at": _now(),
-                         **shape(choice.content_text, choice.reasoning_text, calls), **final_fields(last[0])})
+                         **shape(choice.content_text, choice.reasoning_text, calls()), **final_fields()})
+
+
+def _prepare_chat(svc: ModelService, req: OllamaChatRequest, messages: list[dict], functions: list[Function],
+                  thinking: bool | None, salt: str | None) -> tuple:
+    """Render, tokenize, compile the constraint (blocking: run off the event loop)."""
+    prompt = svc.chat_prompt(messages, functions or None, thinking, None, None)
+    ids = svc.encode_prompt(prompt, "messages")
+    return prompt, ids, _params(svc, req, len(ids), salt), _grammar(svc, req.format, prompt.reasoning_open)
 
 
 @router.post("/api/chat")
@@ -172,10 +163,11 @@ async def chat(request: Request) -> Response:
             raise APIError(400, "images are not supported", param=f"messages[{i}].images")
         msg: dict = {"role": m.role, "content": m.content}
         if m.role == "assistant" and m.tool_calls:
-            msg["tool_calls"] = [{"id": c.get("id") or f"call_{k}", "type": "function",
-                                  "function": {"name": c["function"]["name"],
-                                               "arguments": json.dumps(c["function"].get("arguments") or {},
-                                                                       ensure_ascii=False)}}
+            msg["tool_calls"] = [{"id": c.id or f"call_{k}", "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": c.function.arguments
+                                               if isinstance(c.function.arguments, str)
+                                               else json.dumps(c.function.arguments or {}, ensure_ascii=False)}}
                                  for k, c in enumerate(m.tool_calls)]
             msg["content"] = m.content or None
         if m.role == "tool":
@@ -183,12 +175,9 @@ async def chat(request: Request) -> Response:
         messages.append(msg)
     functions = [Function(t.function.name, t.function.description,
                           t.function.parameters or {"type": "object", "properties": {}}) for t in req.tools or []]
-    prompt = svc.chat_prompt(messages, functions or None, thinking, None, None)
-    ids = svc.encode(prompt.text, "messages")
-    params = _params(svc, req, len(ids))
-    grammar = _grammar(svc, req.format, prompt.reasoning_open)
-    choice = ChatChoice(0, svc, ReasoningParser(prompt.reasoning_open) if svc.supports_thinking else None,
-                        make_parser(svc.tool_format) if functions else None, None)
+    prompt, ids, params, grammar = await svc.run_blocking(_prepare_chat, svc, req, messages, functions, thinking,
+                                                          cache_salt(request))
+    choice = ChatChoice.for_prompt(0, svc, prompt.reasoning_open, bool(functions))
     show_thinking = thinking is not False
 
     def shape(content: str, reasoning: str, calls: list[dict]) -> dict:
@@ -202,6 +191,23 @@ async def chat(request: Request) -> Response:
     return await _run(request, svc, req.model, ids, params, grammar, choice, req.stream, shape, False)
 
 
+def _prepare_generate(svc: ModelService, req: OllamaGenerateRequest, thinking: bool | None,
+                      salt: str | None) -> tuple:
+    """Prompt ids, sampling parameters and constraint (blocking: run off the event loop)."""
+    reasoning_open = False
+    if req.suffix is not None:
+        ids = svc.encode_prompt(svc.fim_prompt(req.prompt, req.suffix), "prompt")
+    elif req.raw or svc.tokenizer is None or not svc.tokenizer.chat_template:
+        ids = svc.encode(req.prompt, "prompt")  # raw: the caller writes the whole prompt, markers included
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}]
+        prompt = svc.chat_prompt(messages, None, thinking, None, None)
+        reasoning_open = prompt.reasoning_open
+        ids = svc.encode_prompt(prompt, "prompt")
+    return reasoning_open, ids, _params(svc, req, len(ids), salt), _grammar(svc, req.format, reasoning_open)
+
+
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     svc = service(request)
@@ -212,19 +218,8 @@ async def generate(request: Request) -> Response:
     if not req.prompt and req.suffix is None:
         return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
-    reasoning_open = False
-    if req.suffix is not None:
-        text = svc.fim_prompt(req.prompt, req.suffix)
-    elif req.raw or svc.tokenizer is None or not svc.tokenizer.chat_template:
-        text = req.prompt
-    else:
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.prompt}]
-        prompt = svc.chat_prompt(messages, None, thinking, None, None)
-        text, reasoning_open = prompt.text, prompt.reasoning_open
-    ids = svc.encode(text, "prompt")
-    params = _params(svc, req, len(ids))
-    grammar = _grammar(svc, req.format, reasoning_open)
+    reasoning_open, ids, params, grammar = await svc.run_blocking(_prepare_generate, svc, req, thinking,
+                                                                  cache_salt(request))
     parse = svc.supports_thinking and not req.raw and req.suffix is None
     choice = ChatChoice(0, svc, ReasoningParser(reasoning_open) if parse else None, None, None)
     show_thinking = thinking is not False

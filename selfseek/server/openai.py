@@ -21,43 +21,28 @@ from starlette.responses import JSONResponse, Response
 
 from selfseek.engine.async_engine import RequestDelta
 from selfseek.sampling_params import SamplingParams
-from selfseek.server.common import (
-    ClientGone,
-    consume,
-    engine_error,
-    is_resource_abort,
-    parse_body,
-    service,
-    usage,
-)
+from selfseek.server.common import cache_salt, is_resource_abort, parse_body, service
 from selfseek.server.protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from selfseek.server.reasoning import ReasoningParser
 from selfseek.server.service import ModelService, merge
-from selfseek.server.sse import DONE, KEEP_ALIVE, Stream, sse_event, with_keep_alive
+from selfseek.server.sse import DONE, KEEP_ALIVE, Stream, sse_event
+from selfseek.server.stream import Generation
 from selfseek.server.tools import Function, ToolCallParser, make_parser
 
 router = APIRouter()
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, skip_special: bool) -> SamplingParams:
-    try:
-        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
-    except ValueError as e:
-        raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from e
-    try:
-        return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-            max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-            seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
-            logit_bias=bias, skip_special_tokens=skip_special,
-        )
-    except ValueError as e:  # SamplingParams names the field: "SamplingParams.top_k must be ..."
-        field = re.search(r"SamplingParams\.(\w+)", str(e))
-        raise APIError(400, str(e), param=field.group(1) if field else None) from e
+def sampling_params(svc: ModelService, req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    skip_special: bool, salt: str | None) -> SamplingParams:
+    """What the request names; the fields it leaves out (None) take the model's defaults (svc.sampling_params)."""
+    return svc.sampling_params(
+        cache_salt=salt, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else req.stop,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, skip_special_tokens=skip_special,
+    )
 
 
 def finish_reason(d: RequestDelta, has_calls: bool) -> str:
@@ -165,7 +150,16 @@ class ChatChoice:
         self.reasoning_text = self.content_text = ""
         self.logprobs: dict[str, list] = {"content": [], "reasoning_content": []}
         self.tokens = self.reasoning_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+
+    @classmethod
+    def for_prompt(cls, index: int, svc: ModelService, reasoning_open: bool, tools: bool, parallel: bool = True,
+                   top_logprobs: int | None = None) -> ChatChoice:
+        """A choice parsing what this model writes: reasoning when it thinks (or the prompt opened a thought),
+        tool calls in the model's format when tools were offered."""
+        reasoning = ReasoningParser(reasoning_open) if svc.supports_thinking or reasoning_open else None
+        return cls(index, svc, reasoning, make_parser(svc.tool_format, parallel) if tools else None, top_logprobs)
 
     def feed(self, d: RequestDelta) -> tuple[dict, dict | None]:
         """The delta dict for this engine delta (empty if nothing is new yet) and its logprobs."""
@@ -184,6 +178,7 @@ class ChatChoice:
         # tokens that produced only reasoning, or ended it ("</think>"), or are still inside it, are reasoning
         thinking = not c and not calls and bool(r or was_reasoning or (self.reasoning and self.reasoning.in_reasoning))
         self.tokens += len(d.token_ids)
+        self.token_ids += d.token_ids
         self.reasoning_tokens += len(d.token_ids) if thinking else 0
         self.reasoning_text += r
         self.content_text += c
@@ -231,12 +226,11 @@ class ChatChoice:
         return out
 
 
-@router.post("/chat/completions")
-@router.post("/v1/chat/completions")
-@router.post("/beta/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    svc = service(request)
-    req = await parse_body(request, ChatCompletionRequest)
+def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None) -> tuple:
+    """The chat normalizer every chat-shaped API uses (OpenAI's here; Anthropic's converts its body to a
+    ChatCompletionRequest first): resolve thinking, validate messages and tools, render, tokenize (the caller's
+    control strings as text), clip max_tokens, compile the constraint, build SamplingParams. Blocking: run it
+    with svc.run_blocking. Returns (thinking, prompt, ids, tool mode, grammar, params)."""
     thinking = svc.resolve_model(req.model)
     if req.thinking is not None and req.thinking.type != "auto":
         thinking = req.thinking.type == "enabled"
@@ -249,7 +243,7 @@ async def chat_completions(request: Request) -> Response:
     messages, prefix = chat_messages(req)
     functions, mode = chat_tools(req)
     prompt = svc.chat_prompt(messages, functions, thinking, kwargs, prefix)
-    ids = svc.encode(prompt.text, "messages")
+    ids = svc.encode_prompt(prompt, "messages")
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = svc.max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), limit_param)
 
@@ -266,48 +260,42 @@ async def chat_completions(request: Request) -> Response:
 
     # V3.2 spells its tool markup with a special token; the others' markers survive skipping specials
     skip = req.skip_special_tokens and not (mode and svc.tool_format == "deepseek_v32")
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, skip)
+    params = sampling_params(svc, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, skip, salt)
+    return thinking, prompt, ids, mode, grammar, params
+
+
+_prepare_chat = prepare_chat  # the name anthropic.py imports
+
+
+@router.post("/chat/completions")
+@router.post("/v1/chat/completions")
+@router.post("/beta/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    svc = service(request)
+    req = await parse_body(request, ChatCompletionRequest)
+    salt = cache_salt(request, req.cache_salt)
+    thinking, prompt, ids, mode, grammar, params = await svc.run_blocking(prepare_chat, svc, req, salt)
     rid = str(uuid.uuid4())
-    deltas = svc.generate(rid, ids, params, grammar, "messages")
-    parse_reasoning = svc.supports_thinking or prompt.reasoning_open
-    choices = [ChatChoice(i, svc, ReasoningParser(prompt.reasoning_open) if parse_reasoning else None,
-                          make_parser(svc.tool_format, req.parallel_tool_calls) if mode else None,
-                          params.logprobs) for i in range(req.n)]
+    choices = [ChatChoice.for_prompt(i, svc, prompt.reasoning_open, bool(mode), req.parallel_tool_calls,
+                                     params.logprobs) for i in range(req.n)]
+    gen = Generation(svc, svc.generate(rid, ids, params, grammar, "messages"), choices, len(ids),
+                     lambda: svc.abort(rid, req.n))
     model_name = "deepseek-reasoner" if req.model == "deepseek-chat" and thinking else req.model
     thinking_mode = bool(thinking) or prompt.reasoning_open
     head = {"id": rid, "created": int(time.time()), "model": model_name, "system_fingerprint": svc.fingerprint}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
     if req.stream:
-        body = _chat_stream(svc, head, deltas, choices, len(ids), thinking_mode, include_usage)
-        return Stream(body, "text/event-stream", on_close=lambda: svc.abort(rid, req.n))
-
-    cached = [0]
-    errors: list[APIError] = []
-
-    def on_delta(d: RequestDelta) -> None:
-        if d.index == 0 and d.num_cached_tokens:
-            cached[0] = d.num_cached_tokens
-        if (err := engine_error(d)) is not None:
-            errors.append(err)
-        choices[d.index].feed(d)
-
-    try:
-        await consume(request, deltas, on_delta)
-    except ClientGone:
-        return Response(status_code=499)
-    if errors:
-        raise errors[0]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Stream(_chat_stream(gen, head, thinking_mode, include_usage), "text/event-stream", on_close=gen.abort)
+    await gen.collect(request)
     return JSONResponse({
         **head, "object": "chat.completion",
         "choices": [{"index": c.index, "message": c.message(thinking_mode), "logprobs": c.logprobs_object(),
                      "finish_reason": c.finish_reason} for c in choices],
-        "usage": usage(len(ids), cached[0], sum(c.tokens for c in choices), sum(c.reasoning_tokens for c in choices)),
+        "usage": gen.usage(),
     })
 
 
-async def _chat_stream(svc: ModelService, head: dict, deltas: AsyncIterator[RequestDelta], choices: list[ChatChoice],
-                       prompt_tokens: int, thinking_mode: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(gen: Generation, head: dict, thinking_mode: bool, include_usage: bool) -> AsyncIterator[bytes]:
     chunk_head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -318,32 +306,26 @@ async def _chat_stream(svc: ModelService, head: dict, deltas: AsyncIterator[Requ
     first = {"role": "assistant", "content": ""}
     if thinking_mode:
         first["reasoning_content"] = ""
-    for c in choices:
+    for c in gen.choices:
         yield sse_event(chunk(c.index, first))
-    cached, open_ = 0, len(choices)
-    async for d in with_keep_alive(deltas, svc.config.keep_alive_interval):
-        if d is None:
-            yield KEEP_ALIVE
-            continue
-        if (err := engine_error(d)) is not None:
-            yield sse_event(err.body())
-            return
-        if d.index == 0 and d.num_cached_tokens:
-            cached = d.num_cached_tokens
-        c = choices[d.index]
-        delta, logprobs = c.feed(d)
-        if d.finish_reason is None:
-            if delta or logprobs:
-                yield sse_event(chunk(c.index, delta, logprobs))
-            continue
-        out = chunk(c.index, delta or {"content": ""}, logprobs, c.finish_reason)
-        open_ -= 1
-        if open_ == 0:  # DeepSeek: the totals ride on the last chunk
-            out["usage"] = usage(prompt_tokens, cached, sum(x.tokens for x in choices),
-                                 sum(x.reasoning_tokens for x in choices))
-        yield sse_event(out)
-        if open_ == 0 and include_usage:  # OpenAI: and in a chunk of their own
-            yield sse_event({**chunk_head, "choices": [], "usage": out["usage"]})
+    try:
+        async for e in gen.events():
+            if e is None:
+                yield KEEP_ALIVE
+            elif not e.finished:
+                delta, logprobs = e.out
+                if delta or logprobs:
+                    yield sse_event(chunk(e.choice.index, delta, logprobs))
+            else:
+                out = chunk(e.choice.index, e.out[0] or {"content": ""}, e.out[1], e.choice.finish_reason)
+                if e.last:  # DeepSeek: the totals ride on the last chunk
+                    out["usage"] = gen.usage()
+                yield sse_event(out)
+                if e.last and include_usage:  # OpenAI: the totals in a chunk of their own too
+                    yield sse_event({**chunk_head, "choices": [], "usage": gen.usage()})
+    except APIError as err:
+        yield sse_event(err.body())
+        return
     yield DONE
 
 
@@ -365,7 +347,7 @@ class TextChoice:
     def __init__(self, index: int, svc: ModelService, echo: str, top: int | None):
         self.index, self.svc, self.top = index, svc, top
         self.text = echo
-        self.tokens = 0
+        self.tokens = self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
@@ -414,6 +396,28 @@ class TextChoice:
         return part
 
 
+def _encode_prompts(svc: ModelService, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt (blocking: a large body tokenizes for seconds, so it runs off the loop)."""
+    raw = _prompts(req)
+    cap = svc.config.max_sequences_per_request
+    if len(raw) * req.n > cap:
+        raise APIError(400, f"{len(raw)} prompts x n={req.n} is {len(raw) * req.n} sequences; at most {cap} per "
+                       "request", param="prompt")
+    prompts = []
+    for p in raw:
+        if isinstance(p, str):
+            if req.suffix is not None:
+                prompts.append((p, svc.encode_prompt(svc.fim_prompt(p, req.suffix), "prompt")))
+            else:
+                prompts.append((p, svc.encode(p, "prompt")))
+        else:
+            if req.suffix is not None:
+                raise APIError(400, "`suffix` needs a text prompt", param="suffix")
+            svc.check_length(p, "prompt")
+            prompts.append((svc.tokenizer.decode(p) if svc.tokenizer else "", p))
+    return prompts
+
+
 @router.post("/completions")
 @router.post("/v1/completions")
 @router.post("/beta/completions")
@@ -425,60 +429,39 @@ async def completions(request: Request) -> Response:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     if req.suffix is not None and req.echo:
         raise APIError(400, "echo cannot be combined with suffix", param="echo")
-    prompts = []
-    for p in _prompts(req):
-        if isinstance(p, str):
-            text = svc.fim_prompt(p, req.suffix) if req.suffix is not None else p
-            prompts.append((p, svc.encode(text, "prompt")))
-        else:
-            if req.suffix is not None:
-                raise APIError(400, "`suffix` needs a text prompt", param="suffix")
-            svc.check_length(p, "prompt")
-            prompts.append((svc.tokenizer.decode(p) if svc.tokenizer else "", p))
+    prompts = await svc.run_blocking(_encode_prompts, svc, req)
+    salt = cache_salt(request, req.cache_salt)
     rid = str(uuid.uuid4())
     n = req.n
     streams, choices = [], []
-    for k, (text, ids) in enumerate(prompts):
-        params = sampling_params(req, svc.max_tokens(req.max_tokens, len(ids)), req.logprobs, req.skip_special_tokens)
-        streams.append(_offset(svc.generate(f"{rid}-p{k}", ids, params, None, "prompt"), k * n))
-        choices += [TextChoice(k * n + i, svc, text if req.echo else "", req.logprobs) for i in range(n)]
-    deltas = streams[0] if len(streams) == 1 else merge(streams, reindex=False)
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
-            "system_fingerprint": svc.fingerprint}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def on_close() -> None:
+    def abort() -> None:  # every prompt's request (one not submitted yet is no request: a no-op)
         for k in range(len(prompts)):
             svc.abort(f"{rid}-p{k}", n)
 
-    if req.stream:
-        body = _completion_stream(svc, head, deltas, choices, prompts, req.echo, prompt_tokens, include_usage)
-        return Stream(body, "text/event-stream", on_close=on_close)
-
-    cached: dict[int, int] = {}
-    errors: list[APIError] = []
-    if req.echo:
-        for c in choices:
-            c.echo_logprobs(prompts[c.index // n][1])
-
-    def on_delta(d: RequestDelta) -> None:
-        cached.setdefault(d.index // n, d.num_cached_tokens)
-        if (err := engine_error(d)) is not None:
-            errors.append(err)
-        choices[d.index].feed(d)
-
     try:
-        await consume(request, deltas, on_delta)
-    except ClientGone:
-        return Response(status_code=499)
-    if errors:
-        raise errors[0]
+        for k, (text, ids) in enumerate(prompts):
+            limit = svc.max_tokens(req.max_tokens, len(ids))
+            params = sampling_params(svc, req, limit, req.logprobs, req.skip_special_tokens, salt)
+            streams.append(_offset(svc.generate(f"{rid}-p{k}", ids, params, None, "prompt"), k * n))
+            choices += [TextChoice(k * n + i, svc, text if req.echo else "", req.logprobs) for i in range(n)]
+    except BaseException:  # the prompts already submitted must not run on for nobody
+        abort()
+        raise
+    deltas = streams[0] if len(streams) == 1 else merge(streams, reindex=False)
+    gen = Generation(svc, deltas, choices, sum(len(ids) for _, ids in prompts), abort, per_prompt=n)
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
+            "system_fingerprint": svc.fingerprint}
+    echoed = [c.echo_logprobs(prompts[c.index // n][1]) for c in choices] if req.echo else []
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Stream(_completion_stream(gen, head, echoed, include_usage), "text/event-stream", on_close=abort)
+    await gen.collect(request)
     return JSONResponse({
         **head,
         "choices": [{"index": c.index, "text": c.text, "logprobs": c.lp if c.top is not None else None,
                      "finish_reason": c.finish_reason} for c in choices],
-        "usage": usage(prompt_tokens, sum(cached.values()), sum(c.tokens for c in choices), 0),
+        "usage": gen.usage(),
     })
 
 
@@ -491,40 +474,31 @@ async def _offset(deltas: AsyncIterator[RequestDelta], base: int) -> AsyncIterat
         await deltas.aclose()
 
 
-async def _completion_stream(svc: ModelService, head: dict, deltas: AsyncIterator[RequestDelta],
-                             choices: list[TextChoice], prompts: list, echo: bool, prompt_tokens: int,
+async def _completion_stream(gen: Generation, head: dict, echoed: list[dict | None],
                              include_usage: bool) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
-    n = len(choices) // len(prompts)
 
     def chunk(index: int, text: str, logprobs: dict | None, finish: str | None = None) -> dict:
         return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                 **extra}
 
-    if echo:
-        for c in choices:
-            yield sse_event(chunk(c.index, c.text, c.echo_logprobs(prompts[c.index // n][1])))
-    cached: dict[int, int] = {}
-    open_ = len(choices)
-    async for d in with_keep_alive(deltas, svc.config.keep_alive_interval):
-        if d is None:
-            yield KEEP_ALIVE
-            continue
-        if (err := engine_error(d)) is not None:
-            yield sse_event(err.body())
-            return
-        cached.setdefault(d.index // n, d.num_cached_tokens)
-        c = choices[d.index]
-        part = c.feed(d)
-        if d.finish_reason is None:
-            if d.text or part:
-                yield sse_event(chunk(c.index, d.text, part))
-            continue
-        out = chunk(c.index, d.text, part, c.finish_reason)
-        open_ -= 1
-        if open_ == 0:
-            out["usage"] = usage(prompt_tokens, sum(cached.values()), sum(x.tokens for x in choices), 0)
-        yield sse_event(out)
-        if open_ == 0 and include_usage:
-            yield sse_event({**head, "choices": [], "usage": out["usage"]})
+    for c, logprobs in zip(gen.choices, echoed, strict=False):
+        yield sse_event(chunk(c.index, c.text, logprobs))
+    try:
+        async for e in gen.events():
+            if e is None:
+                yield KEEP_ALIVE
+            elif not e.finished:
+                if e.delta.text or e.out:
+                    yield sse_event(chunk(e.choice.index, e.delta.text, e.out))
+            else:
+                out = chunk(e.choice.index, e.delta.text, e.out, e.choice.finish_reason)
+                if e.last:
+                    out["usage"] = gen.usage()
+                yield sse_event(out)
+                if e.last and include_usage:
+                    yield sse_event({**head, "choices": [], "usage": gen.usage()})
+    except APIError as err:
+        yield sse_event(err.body())
+        return
     yield DONE

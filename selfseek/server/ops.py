@@ -37,9 +37,10 @@ async def model(request: Request, name: str) -> JSONResponse:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    thread = getattr(service(request).engine, "_thread", None)  # the engine loop; dead means no more answers
-    alive = thread is None or thread.is_alive()
-    return Response(status_code=200 if alive else 503)
+    """200 once the model is warm and while the engine serves; 503 when it cannot (its loop died, or an
+    unrecoverable error): load balancers take the server out of rotation instead of sending it requests."""
+    svc = service(request)
+    return Response(status_code=200 if svc.ready and svc.healthy() else 503)
 
 
 @router.get("/version")
@@ -54,6 +55,16 @@ async def balance() -> JSONResponse:
         {"currency": "USD", "total_balance": "0.00", "granted_balance": "0.00", "topped_up_balance": "0.00"}]})
 
 
+def _tokenize(svc: ModelService, req: TokenizeRequest) -> list[int]:
+    if req.prompt is not None:  # raw text, as /completions takes it: control strings are control tokens
+        return svc.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    chat = ChatCompletionRequest(model=svc.model_id, messages=req.messages, tools=req.tools)
+    messages, prefix = chat_messages(chat)
+    functions, _ = chat_tools(chat)
+    # the ids a chat request with these messages would get
+    return svc.chat_prompt(messages, functions, None, req.chat_template_kwargs or {}, prefix).encode(svc.tokenizer)
+
+
 @router.post("/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     svc = service(request)
@@ -63,14 +74,7 @@ async def tokenize(request: Request) -> JSONResponse:
         svc.resolve_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "send either `prompt` or `messages`", param="prompt")
-    if req.prompt is not None:
-        ids = svc.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    else:
-        chat = ChatCompletionRequest(model=svc.model_id, messages=req.messages, tools=req.tools)
-        messages, prefix = chat_messages(chat)
-        functions, _ = chat_tools(chat)
-        kwargs = req.chat_template_kwargs or {}
-        ids = svc.tokenizer.encode(svc.chat_prompt(messages, functions, None, kwargs, prefix).text)
+    ids = await svc.run_blocking(_tokenize, svc, req)
     out = {"count": len(ids), "max_model_len": svc.max_model_len, "tokens": ids}
     if req.return_token_strs:
         out["token_strs"] = [svc.tokenizer.id_to_token(t) for t in ids]
@@ -84,7 +88,7 @@ async def detokenize(request: Request) -> JSONResponse:
     svc.require_tokenizer()
     if any(not 0 <= t < svc.model_config.vocab_size for t in req.tokens):
         raise APIError(400, f"token ids must be in [0, {svc.model_config.vocab_size})", param="tokens")
-    return JSONResponse({"prompt": svc.tokenizer.decode(req.tokens)})
+    return JSONResponse({"prompt": await svc.run_blocking(svc.tokenizer.decode, req.tokens)})
 
 
 @router.get("/metrics")

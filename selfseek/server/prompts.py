@@ -16,15 +16,23 @@ from dataclasses import dataclass
 
 from selfseek.server.reasoning import THINK_END, THINK_START
 from selfseek.server.tools import DSML, Function, dsml_call_text, generic_call_text, tools_prompt
-from selfseek.tokenizer import Tokenizer
+from selfseek.tokenizer import Tokenizer, UntrustedText
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 
 @dataclass
 class ChatPrompt:
-    text: str
+    text: str  # as the model reads it
     reasoning_open: bool  # the text ends inside a <think> block: the output starts as reasoning
+    untrusted: UntrustedText | None = None  # the caller's control strings, kept as text by encode()
+    rendered: str = ""  # `text` with those strings as placeholders
+
+    def encode(self, tokenizer: Tokenizer) -> list[int]:
+        """Token ids: control tokens only where the template (not the caller's strings) wrote them."""
+        if self.untrusted is None:
+            return tokenizer.encode(self.text)
+        return self.untrusted.encode(self.rendered)
 
 
 def render_chat(
@@ -36,9 +44,20 @@ def render_chat(
     template_kwargs: dict | None = None,
     prefix: dict | None = None,
     supports_thinking: bool = False,
+    trust_control_tokens: bool = False,
 ) -> ChatPrompt:
     """messages: dicts with role, content (str or None), and for assistants reasoning_content and
-    tool_calls ([{id, type, function: {name, arguments (str)}}]); tools: {tool_call_id, content}."""
+    tool_calls ([{id, type, function: {name, arguments (str)}}]); tools: {tool_call_id, content}.
+    Control-token strings in any of the caller's values stay text unless `trust_control_tokens`."""
+    untrusted = None if trust_control_tokens else UntrustedText(tokenizer)
+    if untrusted is not None:
+        # an assistant turn's think markers stay markup: templates split a past answer's reasoning off at them
+        messages = [untrusted.hide(m, (THINK_START, THINK_END) if m.get("role") == "assistant" else ())
+                    for m in messages]
+        functions = [Function(untrusted.hide(f.name), untrusted.hide(f.description), untrusted.hide(f.parameters),
+                              f.strict) for f in functions] if functions else functions
+        template_kwargs = untrusted.hide(template_kwargs)
+        prefix = untrusted.hide(prefix)
     messages = [dict(m) for m in messages]
     if fmt == "generic" and any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         messages = _generic_history(messages)
@@ -61,7 +80,9 @@ def render_chat(
                 reasoning_open = False
         else:
             text += prefix.get("content") or ""
-    return ChatPrompt(text, reasoning_open)
+    if untrusted is None:
+        return ChatPrompt(text, reasoning_open)
+    return ChatPrompt(untrusted.reveal(text), reasoning_open, untrusted, text)
 
 
 def _openai_tools(functions: list[Function]) -> list[dict]:

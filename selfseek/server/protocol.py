@@ -19,18 +19,34 @@ Bool = Annotated[bool, Field(strict=True)]
 Str = Annotated[str, Field(strict=True)]
 
 
+# Sampling parameters, bounded so that no value can overflow the sampler's arithmetic (a temperature of 1e-300
+# or a repetition penalty of 1e-300 make logits infinite; a seed must fit torch's 64-bit generator; a top_k of
+# 10**30 does not fit a tensor index). a temperature below ModelService.TEMPERATURE_FLOOR
+# is greedy.
+Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=2)]
+TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)]
+TopK = Annotated[int, Field(strict=True, ge=-1, le=2**31 - 1)]  # clipped to the vocabulary by the route
+MinP = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
+Penalty = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.01, le=100)]
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+MAX_LOGIT_BIAS = 1024  # entries per request: each is applied to every row of every step
+
+
 class APIError(Exception):
     """Raised anywhere in a route: becomes {"error": {"message", "type", "param", "code"}} with `status`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.headers = headers or {}
         self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
                              429: "rate_limit_error", 503: "overloaded_error"}.get(
                                  status, "server_error" if status >= 500 else "invalid_request_error")
         self.code = code or {400: "invalid_request_error", 401: "invalid_api_key", 404: "not_found",
-                             413: "request_too_large", 422: "invalid_parameters"}.get(status, "server_error")
+                             413: "request_too_large", 422: "invalid_parameters",
+                                 429: "rate_limit_exceeded", 503: "service_unavailable"}.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -115,23 +131,25 @@ class SamplingFields(_Body):
 
     model: Str
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
-    temperature: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(strict=True, ge=-1)] | None = None
-    min_p: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)] | None = None
-    presence_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: Str | Annotated[list[Str], Field(max_length=16)] | None = None
-    stop_token_ids: list[Int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(max_length=64)] | None = None
     ignore_eos: Bool = False
     skip_special_tokens: Bool = True
     n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
-    seed: Int | None = None
-    logit_bias: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100, le=100)]] | None = None
+    seed: Seed | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Str | None = None
+    cache_salt: Annotated[str, Field(strict=True, min_length=1, max_length=256)] | None = None  # vLLM's field
     # DeepSeek's end-user id; accepted (and checked as DeepSeek checks it) but not used for cache isolation
     user_id: Annotated[str, Field(strict=True, pattern=r"^[a-zA-Z0-9_-]+$", max_length=512)] | None = None
 
@@ -188,21 +206,47 @@ class DetokenizeRequest(_Body):
 # ---- Ollama ----------------------------------------------------------------------------------------------
 
 
+class OllamaFunctionCall(_Body):
+    name: Str
+    arguments: dict[str, Any] | Str | None = None
+
+
+class OllamaToolCall(_Body):
+    id: Str | None = None
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: Str = ""
     thinking: Str | None = None
     images: list[Str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: Str | None = None
     tool_call_id: Str | None = None
+
+
+class OllamaOptions(_Body):
+    """The runtime options Ollama documents that change sampling; others (num_ctx, num_gpu, ...) are accepted
+    and ignored. Checked like the OpenAI fields, so a bad value is a 422 naming `options.<name>`."""
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: Seed | None = None
+    num_predict: Int | None = None  # -1 (or any value < 1): until the context is full
+    repeat_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: Str | list[Str] | None = None
 
 
 class OllamaRequest(_Body):
     model: Str
     stream: Bool = True
     format: Str | dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
+    options: OllamaOptions | None = None
     think: Bool | Str | None = None
     keep_alive: Str | Int | Float | None = None
 

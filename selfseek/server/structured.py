@@ -23,14 +23,51 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfseek.engine.errors import RequestFailed
 from selfseek.tokenizer import Tokenizer
 
 log = logging.getLogger("selfseek.server")
 
 # Constrained JSON is written the way json.dumps writes it ({"a": 1, "b": [2, 3]}): free whitespace lets a
 # weak model emit whitespace until max_tokens (DeepSeek's JSON-mode guide warns of that), and made masks
-# 3-6x slower to compute here. Unknown schema keywords are ignored ("lenient") rather than refused.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# 3-6x slower to compute here. Schema keywords the compiler cannot enforce (uniqueItems, an unknown format)
+# are refused (not "lenient"), so a request never gets an answer that silently ignores part of its schema.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+
+# Digit runs bounded as llama.cpp's schema converter bounds them: a weak model otherwise writes digits until
+# max_tokens and the answer never parses. 15 integer digits (exact in a double), 6 decimals, no exponent.
+MAX_INTEGER = 10**15 - 1
+NUMBER_STEP = 1e-6
+_DATA_KEYS = ("enum", "const", "default", "examples")  # values there are data, not schemas
+_MAP_KEYS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")  # name -> schema
+
+
+def bound_schema(schema: object, close_objects: bool = False) -> object:
+    """A copy of a JSON schema whose integers and numbers have bounded digit runs (a minimum/maximum and a
+    multipleOf where the schema sets none) and, with `close_objects`, whose objects take only the properties
+    they name (additionalProperties false where the schema does not say otherwise)."""
+    if isinstance(schema, list):
+        return [bound_schema(v, close_objects) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _MAP_KEYS and isinstance(value, dict):  # names there are the user's, never keywords
+            out[key] = {k: bound_schema(v, close_objects) for k, v in value.items()}
+        else:
+            out[key] = value if key in _DATA_KEYS else bound_schema(value, close_objects)
+    types = schema.get("type")
+    types = {t for t in (types if isinstance(types, list) else [types]) if isinstance(t, str)}
+    if types & {"integer", "number"}:
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            out["minimum"] = -MAX_INTEGER
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            out["maximum"] = MAX_INTEGER
+        if "number" in types and "multipleOf" not in schema:
+            out["multipleOf"] = NUMBER_STEP
+    if close_objects and "object" in types and not {"additionalProperties", "patternProperties"} & schema.keys():
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarError(ValueError):
@@ -53,9 +90,10 @@ def lark_literal(text: str, special: dict[str, int]) -> str:
     return " ".join(parts) or '""'
 
 
-def json_rule(schema: dict | None) -> str:
-    """`%json {...}`: any JSON object when `schema` is None (response_format json_object)."""
-    schema = {"type": "object"} if schema is None else schema
+def json_rule(schema: dict | None, close_objects: bool = False) -> str:
+    """`%json {...}`: any JSON object when `schema` is None (response_format json_object), numbers bounded
+    (bound_schema)."""
+    schema = bound_schema({"type": "object"} if schema is None else schema, close_objects)
     return "%json " + json.dumps({**schema, "x-guidance": _JSON_OPTIONS}, ensure_ascii=False)
 
 
@@ -108,13 +146,34 @@ class GrammarCompiler:
         if is_error:
             raise GrammarError(messages[0] if messages else "invalid grammar")
 
-    def processor(self, grammar: str) -> GrammarProcessor:
+    def compile(self, grammar: str) -> CompiledGrammar:
+        """Compile once per request (GrammarError when it does not compile); each completion copies it.
+        Slow for a large schema (seconds): the server calls this off its event loop."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self._lltokenizer(), llguidance.LLMatcher.grammar_from_lark(grammar))
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        return GrammarProcessor(matcher, self.vocab_size)
+        return CompiledGrammar(matcher, self.vocab_size)
+
+    def processor(self, grammar: str) -> GrammarProcessor:
+        return self.compile(grammar).processor()
+
+
+class CompiledGrammar:
+    """A compiled constraint; calling it (a logits-processor factory) gives one completion's processor."""
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        self._matcher, self.vocab_size = matcher, vocab_size
+
+    def processor(self) -> GrammarProcessor:
+        return GrammarProcessor(self._matcher.deep_copy(), self.vocab_size)
+
+    __call__ = processor
+
+
+class GrammarFailed(RequestFailed):
+    """The matcher rejected the model's token or failed: the completion cannot stay within its constraint."""
 
 
 class GrammarProcessor:
@@ -124,22 +183,21 @@ class GrammarProcessor:
         self.matcher = matcher
         self.consumed = 0
         self._bits = np.full((vocab_size + 31) // 32, -1, dtype=np.int32)
-        self._failed = False
 
     def __call__(self, token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if self._failed:
-            return logits
+        # A failure fails this completion (the engine isolates it), never continues it unconstrained: a 200
+        # answer that silently broke its schema is worse than an error.
         try:
             for token in token_ids[self.consumed:]:
                 self.matcher.consume_token(token)
             self.consumed = len(token_ids)
             if self.matcher.is_error():
-                raise RuntimeError(self.matcher.get_error())
+                raise GrammarFailed(f"grammar constraint failed: {self.matcher.get_error()}")
             self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        except Exception as e:  # never fail the engine step: the completion goes on unconstrained
-            log.warning("grammar constraint dropped: %s", e)
-            self._failed = True
-            return logits
+        except GrammarFailed:
+            raise
+        except Exception as e:
+            raise GrammarFailed(f"grammar constraint failed: {type(e).__name__}: {e}") from e
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: logits.shape[-1]]
         allowed = torch.from_numpy(allowed.astype(bool)).to(logits.device)
         if allowed.shape[0] < logits.shape[-1]:  # logits wider than the tokenizer: padding ids never fit

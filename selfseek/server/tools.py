@@ -383,21 +383,24 @@ def tool_grammar(
     rules: list[str] = []
     names = []
     for i, f in enumerate(functions):
-        schema = f.parameters if (f.strict or mode != "auto") else {"type": "object"}
+        # a forced or strict call follows the tool's schema, its objects closed (no copying the tool listing
+        # into extra keys); a free call in auto mode is any object
+        closed = f.strict or mode != "auto"
+        schema = f.parameters if closed else {"type": "object"}
         names.append(f"fn{i}")
         if fmt == "deepseek_v31":
-            rules.append(f"fn{i}: {lit(f.name + SEP)} {json_rule(schema)}")
+            rules.append(f"fn{i}: {lit(f.name + SEP)} {json_rule(schema, closed)}")
         elif fmt == "deepseek_v3":
-            rules.append(f"fn{i}: {lit(f.name + chr(10) + '```json' + chr(10))} {json_rule(schema)}")
+            rules.append(f"fn{i}: {lit(f.name + chr(10) + '```json' + chr(10))} {json_rule(schema, closed)}")
         elif fmt == "generic":
             call = {"type": "object", "properties": {"name": {"const": f.name}, "arguments": schema},
                     "required": ["name", "arguments"], "additionalProperties": False}
-            rules.append(f"fn{i}: {json_rule(call)}")
+            rules.append(f"fn{i}: {json_rule(call, closed)}")
         elif fmt == "deepseek_v32":
             if mode == "auto":
                 return None  # the DSML trigger starts with "<", which free text must keep: no lazy form
             head = lit(f'<{DSML}invoke name="{f.name}">\n')
-            rules.append(f"fn{i}: {head} {_dsml_params(i, schema, lit, rules)} {lit(f'</{DSML}invoke>')}")
+            rules.append(f"fn{i}: {head} {_dsml_params(i, schema, lit, rules, closed)} {lit(f'</{DSML}invoke>')}")
     if mode == "named":
         names = names[:1]
     rules.append(f"fn: {' | '.join(names)}")
@@ -433,7 +436,7 @@ def tool_grammar(
     return "\n".join(rules)
 
 
-def _dsml_params(i: int, schema: dict, lit: Callable[[str], str], rules: list[str]) -> str:
+def _dsml_params(i: int, schema: dict, lit: Callable[[str], str], rules: list[str], closed: bool) -> str:
     """One optional-or-required rule per property, in schema order; string values are raw text."""
     props = schema.get("properties") or {}
     required = set(schema.get("required") or [])
@@ -442,7 +445,7 @@ def _dsml_params(i: int, schema: dict, lit: Callable[[str], str], rules: list[st
     for j, (key, sub) in enumerate(props.items()):
         is_string = isinstance(sub, dict) and sub.get("type") == "string"
         head = lit(f'<{DSML}parameter name="{key}" string="{"true" if is_string else "false"}">')
-        value = "DSML_STR" if is_string else json_rule({**sub, **defs} if isinstance(sub, dict) else {})
+        value = "DSML_STR" if is_string else json_rule({**sub, **defs} if isinstance(sub, dict) else {}, closed)
         rules.append(f"p{i}_{j}: {head} {value} {lit(f'</{DSML}parameter>' + chr(10))}")
         parts.append(f"p{i}_{j}" + ("" if key in required else "?"))
     if "DSML_STR: " not in "\n".join(rules):

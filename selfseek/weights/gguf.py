@@ -1,14 +1,18 @@
 """GGUF files (llama.cpp's format) -> CausalLM.
 
-Architectures: `llama` (DeepSeek-LLM, DeepSeek-Coder v1, SmolLM2, other Llama-shaped files) and `deepseek2`
-(llama.cpp's name for V2 / V2-Lite / Coder-V2 / V3 / R1). The metadata becomes a ModelConfig; each tensor
+Architectures: `llama` (DeepSeek-LLM, DeepSeek-Coder v1, R1-Distill-Llama, SmolLM2, other Llama-shaped files),
+`qwen2` (R1-Distill-Qwen), `qwen3` (R1-0528-Qwen3) and `deepseek2` (llama.cpp's name for V2 / V2-Lite /
+Coder-V2 / V3 / R1). The metadata becomes a ModelConfig; each tensor
 is mapped onto our Hugging Face parameter names and dequantized into the compute dtype as it is copied
 into an empty model, a block of rows at a time, so peak memory stays near the size of the weights.
 
 What llama.cpp's converter changes, and we undo:
+- Llama 3 RoPE scaling is not in the metadata but in a tensor, `rope_freqs.weight`: d/2 divisors of the
+  inverse frequencies (RopeConfig.freq_factors).
 - `llama` attn_q / attn_k rows are permuted per head from rotate-half order into interleaved-pair order
   (llama.cpp rotates adjacent pairs); we permute them back for our rotate-half RoPE. DeepSeek's MLA weights
-  are already interleaved-pair, so deepseek2 files are left as they are (rope_interleave=True).
+  are already interleaved-pair, so deepseek2 files are left as they are (rope_interleave=True); qwen2/qwen3
+  files are not permuted (llama.cpp runs them with rotate-half "NEOX" RoPE).
 - deepseek2 kv_b_proj is split into attn_k_b [H, c, d_nope] (transposed) and attn_v_b [H, d_v, c] by
   current converters (older files keep attn_kv_b); we join them back.
 - Expert weights are stacked ([E, I, M] ffn_{gate,up}_exps, [E, M, I] ffn_down_exps), as our Experts are.
@@ -20,6 +24,8 @@ second. Tensor data stays memory-mapped.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import mmap
 import re
@@ -37,7 +43,8 @@ from tqdm import tqdm
 
 from selfseek.config import ConfigError, ModelConfig
 from selfseek.models.model import CausalLM
-from selfseek.weights.safetensors import CheckpointError, _check_complete, build_empty, destinations, resolve_dtype
+from selfseek.models.quant import GROUP, quantize_weight
+from selfseek.weights.safetensors import CheckpointError, _check_complete, build_empty, destinations
 
 try:  # the per-type dequantizers, called on our own chunks of rows (see _CHUNK_VALUES)
     from gguf.quants import _type_traits as _QUANTS
@@ -46,10 +53,15 @@ except ImportError:  # a gguf release without them: the public function does the
 
 __all__ = ["GGUFFile", "GGUFTensor", "SUPPORTED_TYPES", "gguf_config", "iter_gguf_tensors", "load_gguf"]
 
-ARCHITECTURES = ("llama", "deepseek2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek2")
 T = GGMLQuantizationType
-# Types we dequantize (and that a later quantized-linear step will keep packed).
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K})
+log = logging.getLogger(__name__)
+# Types we read: dequantized bit-exactly by the gguf package's reference code (gguf.quants), kept packed as
+# _BITS says. IQ2_S / IQ3_S come with the other IQ types of the popular 1.5-2.5-bit R1 quants.
+SUPPORTED_TYPES = frozenset({
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+    T.IQ4_NL, T.IQ4_XS, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S,
+})
 _FLOAT_DTYPES = {T.F32: np.float32, T.F16: np.float16}
 _GGUF_MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -69,6 +81,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # numpy / PyTorch order, outermost first (GGUF lists ne0 = innermost first)
     offset: int  # from the start of the file
     nbytes: int
+    part: int = 0  # which file of a split GGUF holds the data (index into GGUFFile._maps)
 
     @property
     def row_bytes(self) -> int:
@@ -76,18 +89,62 @@ class TensorInfo:
         return self.shape[-1] // block * size
 
 
+_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(path: Path) -> list[Path]:
+    """The files of a split GGUF (llama-gguf-split's `NAME-00001-of-00003.gguf`), given any one of them;
+    [path] for a file that is not named as a part."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group("count"))
+    return [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
 @dataclass
 class GGUFFile:
-    """A parsed GGUF: metadata (key -> Python value) and tensor infos; tensor data memory-mapped."""
+    """A parsed GGUF: metadata (key -> Python value) and tensor infos; tensor data memory-mapped.
+
+    A split GGUF (`split.count` > 1) opens as one: the first part's metadata, every part's tensors."""
 
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    _map: mmap.mmap = field(repr=False)
+    _maps: list[mmap.mmap] = field(repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
         path = Path(path)
+        first = cls._open_one(path)
+        count = int(first.metadata.get("split.count", 1))
+        if count <= 1:
+            return first
+        parts = split_parts(path)
+        if len(parts) != count:
+            raise CheckpointError(f"{path}: one of {count} parts of a split GGUF (split.count), but its name is not "
+                                  "NAME-0000i-of-0000n.gguf, so the other parts cannot be found")
+        files = [first if p == path else None for p in parts]
+        for i, p in enumerate(parts):
+            if files[i] is None:
+                if not p.is_file():
+                    raise CheckpointError(f"{p}: part {i + 1} of {count} of split GGUF {parts[0].name} is missing")
+                files[i] = cls._open_one(p)
+            if int(files[i].metadata.get("split.no", -1)) != i:
+                raise CheckpointError(f"{p}: split.no is {files[i].metadata.get('split.no')}, expected {i}")
+        tensors: dict[str, TensorInfo] = {}
+        for i, f in enumerate(files):
+            for name, info in f.tensors.items():
+                if name in tensors:
+                    raise CheckpointError(f"{parts[i]}: tensor {name!r} is in two parts of the split GGUF")
+                tensors[name] = dataclasses.replace(info, part=i)
+        expected = files[0].metadata.get("split.tensors.count")
+        if expected is not None and int(expected) != len(tensors):
+            raise CheckpointError(f"{parts[0]}: split.tensors.count is {expected}, the parts hold {len(tensors)}")
+        return cls(parts[0], files[0].metadata, tensors, [f._maps[0] for f in files])
+
+    @classmethod
+    def _open_one(cls, path: Path) -> GGUFFile:
         try:
             with open(path, "rb") as f:
                 # Copy-on-write: numpy views are writable (torch.from_numpy wants that) but the file never is.
@@ -102,11 +159,11 @@ class GGUFFile:
             raise CheckpointError(f"{path}: truncated or corrupt GGUF ({e})") from None
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as e:
             raise CheckpointError(f"{path}: corrupt GGUF ({e})") from None
-        return cls(path, metadata, tensors, mm)
+        return cls(path, metadata, tensors, [mm])
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as uint8 [*shape[:-1], row_bytes], a view into the mapped file."""
-        a = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        a = np.frombuffer(self._maps[info.part], dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return a.reshape(*info.shape[:-1], info.row_bytes)
 
     @property
@@ -218,6 +275,13 @@ _KNOWN_KEYS = {
         "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
         "rope.scaling.finetuned", "expert_count", "expert_used_count",
     },
+    "qwen2": {
+        "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
+        "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+        "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scaling.type",
+        "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned",
+        "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_attn_factor",
+    },
     "deepseek2": {
         "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
         "leading_dense_block_count", "attention.head_count", "attention.head_count_kv",
@@ -231,6 +295,7 @@ _KNOWN_KEYS = {
         "expert_group_count", "expert_group_used_count", "nextn_predict_layers",
     },
 }
+_KNOWN_KEYS["qwen3"] = _KNOWN_KEYS["qwen2"]
 _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE (3 = sqrtsoftplus: V4)
 
 
@@ -243,9 +308,6 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
             f"{', '.join(ARCHITECTURES)}"
         )
     meta = g.metadata
-    if int(meta.get("split.count", 1)) > 1:
-        raise CheckpointError(f"{g.path}: one part of a split GGUF; merge the parts first "
-                              "(llama-gguf-split --merge)")
     unknown = sorted(k for k in meta if k.startswith(f"{arch}.") and k[len(arch) + 1 :] not in _KNOWN_KEYS[arch])
     if unknown:
         raise CheckpointError(f"{g.path}: unknown GGUF metadata key(s) {', '.join(map(repr, unknown))} "
@@ -280,11 +342,8 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
         torch_dtype=_file_dtype(g),
     )
     rope_scaling = _rope_scaling(get, g.path)
-    if "rope_freqs.weight" in g.tensors:
-        raise CheckpointError(f"{g.path}: per-dimension RoPE factors (tensor 'rope_freqs.weight', Llama-3 style "
-                              "scaling) are not supported")
 
-    if arch == "llama":
+    if arch != "deepseek2":
         if get("expert_count"):
             raise CheckpointError(f"{g.path}: mixture-of-experts llama files are not supported ({arch}.expert_count)")
         head_dim = get("attention.key_length") or hidden // heads
@@ -293,16 +352,37 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
         if get("rope.dimension_count", head_dim) != head_dim:
             raise CheckpointError(f"{g.path}: partial rotary embedding ({arch}.rope.dimension_count "
                                   f"{get('rope.dimension_count')} < head dim {head_dim}) is not supported")
-        d.update(model_type="llama", num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
-                 attention_bias="blk.0.attn_q.bias" in g.tensors)
+        d.update(model_type=arch, num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim)
+        if arch != "qwen2":  # qwen2 always has q/k/v bias; llama and qwen3 (attention_bias) have o bias too
+            d["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     else:
         d.update(_deepseek2_fields(g, get, req))
     if rope_scaling:
         d["rope_scaling"] = rope_scaling
     try:
-        return ModelConfig.from_dict(d, source=str(g.path))
+        cfg = ModelConfig.from_dict(d, source=str(g.path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if _ROPE_FREQS in g.tensors:
+        cfg = cfg.replace(rope=dataclasses.replace(cfg.rope, freq_factors=_rope_freqs(g, cfg)))
+    return cfg
+
+
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _rope_freqs(g: GGUFFile, cfg: ModelConfig) -> tuple[float, ...]:
+    """The d/2 RoPE frequency divisors of `rope_freqs.weight` (llama.cpp's converter writes Llama 3.1's scaling
+    so, with no rope.scaling keys); llama.cpp divides every rotary frequency by its factor."""
+    info = g.tensors[_ROPE_FREQS]
+    rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
+    if info.type != T.F32 or info.shape != (rope_dim // 2,):
+        raise CheckpointError(f"{g.path}: tensor {_ROPE_FREQS!r} is {info.type.name} {list(info.shape)}; expected "
+                              f"F32 [{rope_dim // 2}] (half the rotary dimension)")
+    if cfg.rope.type not in ("default", "linear"):
+        raise CheckpointError(f"{g.path}: tensor {_ROPE_FREQS!r} with RoPE scaling type {cfg.rope.type!r} is not "
+                              "supported")
+    return tuple(float(x) for x in g.raw(info).view(np.float32))
 
 
 def _deepseek2_fields(g: GGUFFile, get, req) -> dict[str, Any]:
@@ -403,6 +483,8 @@ _LAYER = {
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_q_a.weight": "self_attn.q_a_proj.weight",
     "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
     "attn_q_b.weight": "self_attn.q_b_proj.weight",
@@ -483,6 +565,8 @@ def _target(name: str, cfg: ModelConfig) -> tuple[str, str | None] | None:
     """File tensor name -> (our parameter, part) or None for tensors we do not store."""
     if name in _GLOBAL:
         return _GLOBAL[name], None
+    if name == _ROPE_FREQS:  # read into the config (RopeConfig.freq_factors)
+        return None
     m = _BLOCK.match(name)
     if not m:
         return "", None  # unexpected
@@ -526,7 +610,10 @@ def _dequantize_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
     # gguf's numpy dequantizers measured as fast as plain torch versions here (SmolLM2: Q4_1, Q8_0).
     quant = _QUANTS.get(qtype)
     raw = np.ascontiguousarray(raw)
-    return quant.dequantize_rows(raw) if quant is not None else _np_dequantize(raw, qtype)
+    if quant is None:
+        return _np_dequantize(raw, qtype)
+    quant.init_grid()  # the IQ types' lookup grids, built once (the public dequantize does the same)
+    return quant.dequantize_rows(raw)
 
 
 # ---------------------------------------------------------------- loading
@@ -547,8 +634,9 @@ def load_gguf(
     """
     g = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
     cfg = gguf_config(g)
+    check_tensor_types(g, cfg)
     bits = file_bits(g, cfg) if quantize is None else (quantize or None)
-    model = build_empty(cfg, resolve_dtype(dtype, cfg), device, bits)
+    model = build_empty(cfg, dtype, device, bits)
     params = destinations(model)
     loaded: set[str] = set()
     kv_parts: dict[str, set[str]] = {}
@@ -556,10 +644,12 @@ def load_gguf(
     # a busy 2-core machine made them ~75x slower (SmolLM2: 9 s of copying instead of 0.2 s).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    stats: dict[str, _PackStats] = {}
     try:
-        _load_tensors(g, cfg, model, params, loaded, kv_parts, progress)
+        _load_tensors(g, cfg, model, params, loaded, kv_parts, progress, stats)
     finally:
         torch.set_num_threads(threads)
+    _log_packing(g.path, stats)
     if cfg.num_nextn_predict_layers and not any(n.startswith("mtp.") for n in loaded):
         model.mtp = torch.nn.ModuleList()  # converters drop the MTP layer (llama.cpp does not run it)
     if cfg.tie_word_embeddings:
@@ -568,7 +658,140 @@ def load_gguf(
     return model
 
 
-_BITS = {T.Q8_0: 8, T.Q5_K: 8, T.Q6_K: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4}
+def check_tensor_types(g: GGUFFile, cfg: ModelConfig) -> None:
+    """Refuse a file with a tensor type we cannot read before any weight is loaded, naming tensor and type."""
+    for info in g.tensors.values():
+        if info.type not in SUPPORTED_TYPES and _target(info.name, cfg) is not None:
+            raise CheckpointError(f"{g.path}: tensor {info.name!r} has type {info.type.name}, which selfseek does "
+                                  f"not read (supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+
+
+# The packed form a quantized GGUF type is kept in (models/quant.py: 32-wide int8 blocks, or int4 blocks with a
+# per-block min; fp16 scales). Exactly representable, so kept bit-exact (see _exact_scales): Q8_0, Q5_0,
+# IQ4_NL and Q3_K as int8 (D * q), Q5_1 as int8 with a min, Q4_0 / Q4_1 as int4. Not representable with one
+# fp16 scale per 32 values (K-quants' 16-wide sub-blocks or products of two scales, the IQ types' scaled
+# grids): dequantized at load (bit-exact, gguf's reference code) and re-quantized to these blocks, which is
+# lossy: each block's error is at most half its new step (max|w| / 254 for int8, range / 30 for int4). The load
+# logs that per type with the measured error.
+_BITS = {
+    T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.IQ4_NL: 8, T.Q3_K: 8, T.Q2_K: 8, T.Q5_K: 8, T.Q6_K: 8,
+    T.IQ4_XS: 8, T.IQ1_S: 8, T.IQ1_M: 8, T.IQ2_XXS: 8, T.IQ2_XS: 8, T.IQ2_S: 8, T.IQ3_XXS: 8, T.IQ3_S: 8,
+    T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4,
+}
+
+
+def _exact_scales(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Per 32-block fp16 scale D (and min M) under which every value of these rows is D * q (+ M) with an integer
+    q, read from the blocks' own fields; None for types with no such form. The caller verifies the result."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    b = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, size)
+
+    def f16(at: int) -> np.ndarray:
+        return np.ascontiguousarray(b[:, :, at : at + 2]).view(np.float16)[..., 0]
+
+    if qtype in (T.Q8_0, T.Q5_0, T.IQ4_NL):  # d * q, d * (q - 16), d * kvalues[q]
+        return f16(0), None
+    if qtype == T.Q4_0:  # d * (q - 8) = d * q + (-8 d); -8 d is exact in fp16 short of overflow (verified)
+        return f16(0), (-8 * f16(0).astype(np.float32)).astype(np.float16)
+    if qtype in (T.Q4_1, T.Q5_1):  # d * q + m
+        return f16(0), f16(2)
+    if qtype == T.Q3_K:  # d * (sc - 32) * (q - 4): int8 q = the product, in [-124, 128] (128 fails the check)
+        return np.repeat(f16(size - 2), block // GROUP, axis=1), None
+    return None
+
+
+@dataclass
+class _PackStats:
+    bits: int
+    tensors: int = 0
+    exact_rows: int = 0
+    rows: int = 0
+    max_err: float = 0.0  # max |packed - file value|, relative to its block's max |value|
+
+
+def _direct_pack(raw: np.ndarray, qtype: GGMLQuantizationType, bits: int):
+    """Q8_0 as int8 and Q4_0 / Q4_1 as int4 blocks straight from the file's bytes (the same layouts: int8 values,
+    or low nibbles = values 0..15 and high = 16..31, after an fp16 d (and m)); None where that is not exact."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    b = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, size)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0]
+    if qtype == T.Q8_0 and bits == 8:
+        q = b[:, :, 2:].view(np.int8)
+        if (q == -128).any():  # outside the packed int8 range [-127, 127] (llama.cpp never writes it)
+            return None
+        return torch.from_numpy(q.reshape(raw.shape[0], -1)), torch.from_numpy(d), None
+    if qtype in (T.Q4_0, T.Q4_1) and bits == 4:
+        if qtype == T.Q4_1:
+            m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0]
+        else:  # d * (q - 8) = d * q + (-8 d): exact in fp16 unless -8 d overflows
+            m = (-8 * d.astype(np.float32)).astype(np.float16)
+            if not np.array_equal(m.astype(np.float32), -8 * d.astype(np.float32)):
+                return None
+        qs = np.ascontiguousarray(b[:, :, size - 16 :]).reshape(raw.shape[0], -1)
+        return torch.from_numpy(qs), torch.from_numpy(d), torch.from_numpy(m)
+    return None
+
+
+def _pack_rows(raw: np.ndarray, qtype: GGMLQuantizationType, bits: int,
+               stats: _PackStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """File rows (uint8 [rows, row_bytes]) -> (qweight, scales, mins) in `bits` blocks: per row, the file's own
+    scales when every value is D * q (+ M) exactly, else re-quantized from the bit-exact dequantization (in stats)."""
+    direct = _direct_pack(raw, qtype, bits)
+    if direct is not None:
+        stats.rows += raw.shape[0]
+        stats.exact_rows += raw.shape[0]
+        return direct
+    w = torch.from_numpy(_dequantize_rows(raw, qtype))
+    rows, cols = w.shape
+    stats.rows += rows
+    blocks = w.reshape(rows, cols // GROUP, GROUP)
+    exact = torch.zeros(rows, dtype=torch.bool)
+    scales = _exact_scales(raw, qtype)
+    if scales is not None:
+        d = torch.from_numpy(scales[0])
+        m = None if scales[1] is None else torch.from_numpy(scales[1])
+        df, mf = d.float()[..., None], (0.0 if m is None else m.float()[..., None])
+        qf = torch.round((blocks - mf) / torch.where(df == 0, 1.0, df))
+        lo, hi = (-127, 127) if bits == 8 else (0, 15)
+        exact = (((qf >= lo) & (qf <= hi)) & (qf * df + mf == blocks)).flatten(1).all(1)
+        if bits == 8:
+            q = qf.clamp(lo, hi).to(torch.int8).reshape(rows, cols)
+        else:
+            qf = qf.clamp(lo, hi).to(torch.uint8)
+            q = (qf[..., :16] | (qf[..., 16:] << 4)).reshape(rows, cols // 2)
+    stats.exact_rows += int(exact.sum())
+    if exact.all():
+        return q, d, m
+    lossy = ~exact
+    ql, dl, ml = quantize_weight(w[lossy], bits)
+    if scales is None:
+        q, d, m = ql, dl, ml
+    else:
+        q[lossy], d[lossy] = ql, dl
+        if ml is not None or m is not None:
+            m = torch.zeros_like(d) if m is None else m
+            m[lossy] = 0 if ml is None else ml
+    # The error of the re-quantized rows, against the file's values, for the load's log line.
+    if bits == 8:
+        back = ql.float().reshape(-1, cols // GROUP, GROUP) * dl.float()[..., None]
+    else:
+        nib = ql.reshape(-1, cols // GROUP, 16)
+        back = torch.cat([nib & 15, nib >> 4], dim=-1).float() * dl.float()[..., None] + ml.float()[..., None]
+    ref = blocks[lossy]
+    amax = ref.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    stats.max_err = max(stats.max_err, ((back - ref).abs() / amax).max().item())
+    return q, d, m
+
+
+def _log_packing(path: Path, stats: dict[str, _PackStats]) -> None:
+    for name, s in sorted(stats.items()):
+        if s.exact_rows == s.rows:
+            log.info("%s: %d %s tensor(s) kept packed exactly as int%d blocks", path.name, s.tensors, name, s.bits)
+        else:
+            how = "dequantized at load and re-quantized" if name.startswith("IQ") else "re-quantized"
+            log.warning("%s: %d %s tensor(s) %s to int%d blocks (%d of %d rows exact); lossy: max error %.3g of "
+                        "each block's max |w|", path.name, s.tensors, name, how, s.bits, s.exact_rows, s.rows,
+                        s.max_err)
 
 
 def file_bits(g: GGUFFile, cfg: ModelConfig):
@@ -584,7 +807,7 @@ def file_bits(g: GGUFFile, cfg: ModelConfig):
 
 
 def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, loaded: set[str],
-                  kv_parts: dict[str, set[str]], progress: bool) -> None:
+                  kv_parts: dict[str, set[str]], progress: bool, stats: dict[str, _PackStats]) -> None:
     with tqdm(total=len(g.tensors), desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for t in iter_gguf_tensors(g, cfg):
             if t.param not in params:
@@ -593,7 +816,7 @@ def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, 
             if kind == "param":
                 _copy_into(dest, t, cfg, g.path)
             else:
-                _quantize_into(dest, t, g.path)
+                _quantize_into(dest, t, g.path, stats)
             bar.update(t.part != "up")
             if t.part in ("k_b", "v_b"):
                 kv_parts.setdefault(t.param, set()).add(t.part)
@@ -603,22 +826,30 @@ def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, 
 
 
 @torch.no_grad()
-def _quantize_into(dest, t: GGUFTensor, path: Path) -> None:
-    """A QuantLinear or QuantStack (models/quant.py), filled a block of rows at a time from the file's encoding."""
+def _quantize_into(dest, t: GGUFTensor, path: Path, stats: dict[str, _PackStats]) -> None:
+    """A QuantLinear or QuantStack (models/quant.py), filled a block of rows at a time from the file's encoding:
+    the file's own blocks where they are exactly representable, else re-quantized (see _BITS)."""
     stacked = t.raw.ndim == 3
     expect = tuple(dest.shape) if stacked else (dest.out_features, dest.in_features)
     if tuple(t.shape) != expect:
         raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, the config implies "
                               f"{list(expect)}")
     raw = t.raw if stacked else t.raw[None]
+    qweight, scales = (dest.qweight, dest.scales) if stacked else (dest.qweight[None], dest.scales[None])
+    s = stats.setdefault(t.type.name, _PackStats(dest.bits))
+    s.tensors += t.part != "up"
     step = max(1, _CHUNK_VALUES // t.shape[-1])
     for e in range(raw.shape[0]):
         for r in range(0, raw.shape[1], step):
-            rows = torch.from_numpy(_dequantize_rows(raw[e, r : r + step], t.type))
-            if stacked:
-                dest.set_from_float(e, rows, r)
-            else:
-                dest.set_from_float(rows, r)
+            chunk = raw[e, r : r + step]
+            q, d, m = _pack_rows(chunk, t.type, dest.bits, s)
+            qweight[e, r : r + len(q)] = q
+            scales[e, r : r + len(q)] = d
+            if m is not None and dest.mins is None:  # int8 with a per-block min (Q5_1): w = d * q + m
+                dest.mins = torch.zeros_like(dest.scales)
+            if dest.mins is not None:
+                mins = dest.mins if stacked else dest.mins[None]
+                mins[e, r : r + len(q)] = 0 if m is None else m
 
 
 @torch.no_grad()

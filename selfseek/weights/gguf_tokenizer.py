@@ -20,6 +20,14 @@ from typing import Any
 import tokenizers
 
 from selfseek.tokenizer import Tokenizer
+from selfseek.weights.gguf_pretokenizers import (
+    CUSTOM_PATTERNS,
+    IGNORE_MERGES,
+    IGNORE_MERGES_NAMES,
+    LLAMA_CPP_PRE_NAMES,
+    LLAMA_CPP_REGEXES,
+    NOT_BYTE_LEVEL,
+)
 
 __all__ = ["PRE_TOKENIZERS", "tokenizer_from_gguf"]
 
@@ -85,9 +93,31 @@ PRE_TOKENIZERS: dict[str, list[dict]] = {
     # llama.cpp's "default" is a legacy regex set of its own; GPT-2's split is what the HF side gives
     "default": [_GPT2],
 }
+# DeepSeek-V3's tokenizer under the name current llama.cpp converters give it (JoyAI-LLM reuses it).
+PRE_TOKENIZERS["joyai-llm"] = _DEEPSEEK_V3
 # Pre-tokenizers whose vocabularies take a pre-token found whole in the vocabulary as is (tokenizer.json
 # `ignore_merges`), and for which llama.cpp adds BOS when the file does not say.
 _LLAMA3_NAMES = {"llama-bpe", "llama3", "llama-v3"}
+
+
+def pre_tokenizer(pre: str, source: str = "GGUF") -> list[dict]:
+    """The tokenizers pre-tokenizer steps for llama.cpp's `tokenizer.ggml.pre` name: the released tokenizer.json's
+    own for the DeepSeek / Llama 3 / SmolLM names above, else llama.cpp's regexes for the name, each a Split."""
+    if pre in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[pre]
+    kind = LLAMA_CPP_PRE_NAMES.get(pre)
+    if kind is None:
+        raise ValueError(f"{source}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+                         f"{', '.join(sorted(set(PRE_TOKENIZERS) | set(LLAMA_CPP_PRE_NAMES)))}")
+    if kind in NOT_BYTE_LEVEL:
+        raise ValueError(f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is for a raw UTF-8 vocabulary, not "
+                         "byte-level BPE; not supported")
+    return [_split(CUSTOM_PATTERNS.get(r, r)) for r in LLAMA_CPP_REGEXES[kind]] + [_BYTES_ONLY]
+
+
+def _ignore_merges(pre: str) -> bool:
+    return (pre in _LLAMA3_NAMES or pre in IGNORE_MERGES_NAMES
+            or (pre not in PRE_TOKENIZERS and LLAMA_CPP_PRE_NAMES.get(pre) in IGNORE_MERGES))
 
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> Tokenizer | None:
@@ -98,9 +128,7 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> To
     if model != "gpt2":
         raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported (only 'gpt2': byte-level BPE)")
     pre = metadata.get("tokenizer.ggml.pre") or "default"
-    if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{source}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
-                         f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    pre_steps = pre_tokenizer(pre, source)
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges: list[str] = metadata.get("tokenizer.ggml.merges") or []
@@ -126,12 +154,12 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> To
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": PRE_TOKENIZERS[pre]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_steps},
         "post_processor": None,  # BOS comes from selfseek.Tokenizer's add_bos_token rule
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": pre in _LLAMA3_NAMES, "vocab": vocab, "merges": merges},
+                  "ignore_merges": _ignore_merges(pre), "vocab": vocab, "merges": merges},
     }
     try:
         hf = tokenizers.Tokenizer.from_str(json.dumps(spec))

@@ -1,14 +1,16 @@
 """CausalLM -> .gguf, with the tensor names and metadata llama.cpp's converter (convert_hf_to_gguf.py) writes.
 
 For tests and benchmarks: a tiny or random model written here loads in llama.cpp and in selfseek's GGUF
-loader alike. Architectures `llama` and `deepseek2` (V2 / V3 shapes; the MTP layer is dropped, as the
-converter does). Quantization follows the converter's rules: 1-D tensors, norms, the router and biases
-stay F32; a tensor whose rows are not whole blocks falls back to F16.
+loader alike. Architectures `llama` (Llama 3 RoPE scaling as a `rope_freqs.weight` tensor), `qwen2`, `qwen3`
+and `deepseek2` (V2 / V3 shapes; the MTP layer is dropped, as the converter does). Quantization follows the
+converter's rules: 1-D tensors, norms, the router and biases stay F32; a tensor whose rows are not whole
+blocks falls back to F16.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ __all__ = ["gguf_tokenizer_metadata", "write_gguf"]
 T = GGMLQuantizationType
 _FILE_TYPE = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
               T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-              T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0}
+              T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1}
 _LAYER = {  # our name under model.layers.{i}. -> llama.cpp's under blk.{i}.
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -46,6 +48,8 @@ _LAYER = {  # our name under model.layers.{i}. -> llama.cpp's under blk.{i}.
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.q_a_proj.weight": "attn_q_a.weight",
     "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
     "self_attn.q_b_proj.weight": "attn_q_b.weight",
@@ -77,6 +81,7 @@ def write_gguf(
     q_lora_rank_zero: bool = False,
     metadata: Mapping[str, Any] | None = None,
     name: str = "selfseek",
+    split_max_tensors: int = 0,
 ) -> None:
     """Write `model` (with float weights) as llama.cpp's converter would (outtype `qtype`).
 
@@ -85,10 +90,12 @@ def write_gguf(
     q_lora_rank_zero: also write `attention.q_lora_rank = 0` for a model without q compression (the
     converter writes nothing; llama.cpp then needs it unless the model has V2-Lite's 26/27 layers).
     metadata: more keys to write, e.g. the `tokenizer.*` ones from gguf_tokenizer_metadata().
+    split_max_tensors: write a split GGUF (`NAME-00001-of-0000n.gguf`, as llama-gguf-split) of at most this many
+    tensors per file.
     """
     cfg = model.config
-    arch = "deepseek2" if cfg.is_mla else "llama"
-    w = GGUFWriter(str(path), arch)
+    arch = "deepseek2" if cfg.is_mla else cfg.model_type
+    w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name)
     _write_config(w, cfg, qtype, split_kv_b, q_lora_rank_zero)
     w.add_quantization_version(GGML_QUANT_VERSION)
@@ -99,6 +106,8 @@ def write_gguf(
             continue
         for gguf_name, data in _file_tensors(our, t.detach().float().cpu().numpy(), cfg, split_kv_b):
             _add_tensor(w, gguf_name, data, qtype)
+    if cfg.rope.type == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -125,7 +134,7 @@ def _write_config(w: GGUFWriter, cfg: ModelConfig, qtype, split_kv_b: bool, q_lo
             w.add_rope_scaling_yarn_attn_factor(r.attention_factor)
         w.add_rope_scaling_yarn_beta_fast(r.beta_fast)
         w.add_rope_scaling_yarn_beta_slow(r.beta_slow)
-    elif r.type != "default":
+    elif r.type not in ("default", "llama3"):  # llama3: the rope_freqs.weight tensor, no keys
         raise ValueError(f"writing RoPE type {r.type!r} to GGUF is not supported")
     w.add_rope_freq_base(r.theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -166,13 +175,34 @@ def _write_config(w: GGUFWriter, cfg: ModelConfig, qtype, split_kv_b: bool, q_lo
         w.add_rope_scaling_yarn_log_mul(0.1 * r.mscale_all_dim)
 
 
+def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3.1's RoPE scaling as the converter's `rope_freqs.weight`: per rotary frequency, the divisor
+    (1 for short wavelengths, `factor` for long ones, a smooth blend between), float32 [head_dim / 2]."""
+    r, dim = cfg.rope, cfg.head_dim
+    freqs = 1.0 / (r.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    orig = r.original_max_position_embeddings
+    low_wavelen, high_wavelen = orig / r.low_freq_factor, orig / r.high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(r.factor)
+        else:
+            smooth = (orig / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+            out.append(1 / ((1 - smooth) / r.factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def _file_tensors(our: str, a: np.ndarray, cfg: ModelConfig, split_kv_b: bool):
     if our in _GLOBAL:
         yield _GLOBAL[our], a
         return
     _, _, layer, rest = our.split(".", 3)
     name = f"blk.{layer}.{_LAYER[rest]}"
-    if not cfg.is_mla and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+    # Only llama's q/k are permuted: llama.cpp runs qwen2/qwen3 with rotate-half ("NEOX") RoPE as HF does.
+    if cfg.model_type == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
         heads = cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads
         # LlamaModel.permute: rotate-half row order -> interleaved pairs, which llama.cpp's RoPE rotates
         yield name, a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)

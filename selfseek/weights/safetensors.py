@@ -19,7 +19,14 @@ from tqdm import tqdm
 
 from selfseek.config import ModelConfig
 from selfseek.models.model import CausalLM
-from selfseek.models.quant import QuantEmbedding, QuantLinear, QuantStack, quantize_model
+from selfseek.models.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantStack,
+    compute_dtype_for,
+    keep_16bit_storage,
+    quantize_model,
+)
 
 
 class CheckpointError(ValueError):
@@ -295,31 +302,37 @@ def _hf_name(name: str, cfg: ModelConfig) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
-    """"auto" keeps the checkpoint's 16-bit dtype (FP8 checkpoints compute in bf16), else float32."""
+def resolve_dtypes(dtype: str | torch.dtype, cfg: ModelConfig,
+                   device: str | torch.device = "cpu") -> tuple[torch.dtype, torch.dtype]:
+    """The (storage, compute) dtypes of the float weights. "auto": stored in the checkpoint's 16-bit dtype (FP8
+    checkpoints: bf16), else float32, computed as models/quant.py's `compute_dtype_for` rules for the device (fp32 on
+    CPUs); an explicit dtype is both."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, dtype
     if dtype == "auto":
-        if cfg.fp8 is not None:
-            return torch.bfloat16
-        return _DTYPES.get(str(cfg.torch_dtype), torch.float32)
+        storage = torch.bfloat16 if cfg.fp8 is not None else _DTYPES.get(str(cfg.torch_dtype), torch.float32)
+        return storage, compute_dtype_for(storage, device)
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return _DTYPES[dtype], _DTYPES[dtype]
 
 
 def build_empty(
-    cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu", bits: int | None = None
+    cfg: ModelConfig, dtype: str | torch.dtype, device: str | torch.device = "cpu", bits: int | None = None
 ) -> CausalLM:
-    """The model with uninitialised storage: parameters in `dtype`, the MoE router kept in fp32, and with
-    `bits` (8 or 4) the linear layers, experts and embedding quantized (models/quant.py)."""
+    """The model with uninitialised storage: parameters in the compute dtype (`resolve_dtypes`), the big float
+    weights in the storage dtype when it differs, the MoE router kept in fp32, and with `bits` (8 or 4) the linear
+    layers, experts and embedding quantized (models/quant.py)."""
+    storage, compute = resolve_dtypes(dtype, cfg, device)
     with torch.device("meta"):
         model = CausalLM(cfg)
         if bits:
             quantize_model(model, bits)
     for name, p in model.named_parameters():
         if ".mlp.gate." not in name:
-            p.data = p.data.to(dtype)
+            p.data = p.data.to(compute)
+    if storage != compute:
+        keep_16bit_storage(model, storage)
     model = model.to_empty(device=device).eval().requires_grad_(False)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new tensor (meta -> device): tie again
         if isinstance(model.lm_head, QuantEmbedding):
@@ -343,6 +356,6 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a checkpoint folder")
     cfg = ModelConfig.from_file(path)
     bits = cfg.weight_bits or quantize
-    model = build_empty(cfg, resolve_dtype(dtype, cfg), device, bits)
+    model = build_empty(cfg, dtype, device, bits)
     load_weights(model, path, progress)
     return model

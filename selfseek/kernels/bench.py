@@ -1,0 +1,111 @@
+"""Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096] [--threads 1,2] [--moe]`.
+
+Per weight kind and batch rows M: milliseconds per y = x W^T call (best of several), GB/s of weight bytes read
+(the figure that bounds decode), and the same product through a whole-weight float32 copy and torch.mm (the
+path quantized layers took before for M >= 16) for comparison. With --moe: one routed-experts layer of the
+medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel against the per-expert loop
+(Experts._forward_torch). Not a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from selfseek import kernels
+from selfseek.kernels import build
+
+
+def best_ms(fn: Callable[[], object], min_time: float = 0.3, max_calls: int = 200) -> float:
+    """Best time of one call. With one thread it is the process's CPU time, so other processes sharing the
+    cores do not inflate it; with more, wall time."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    fn()
+    best, spent, calls = float("inf"), 0.0, 0
+    while spent < min_time and calls < max_calls:
+        t0 = clock()
+        fn()
+        dt = clock() - t0
+        best, spent, calls = min(best, dt), spent + dt, calls + 1
+    return best * 1e3
+
+
+def weight(kind: str, n: int, k: int) -> kernels.Weight:
+    from selfseek.models.quant import quantize_weight
+
+    w = torch.randn(n, k) * 0.02
+    if kind in ("q8", "q4"):
+        return quantize_weight(w, 8 if kind == "q8" else 4)
+    return w.to({"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[kind])
+
+
+def nbytes(w: kernels.Weight) -> int:
+    return sum(t.nbytes for t in ((w,) if isinstance(w, torch.Tensor) else w) if t is not None)
+
+
+def run(size: int, threads: list[int], rows: list[int], kinds: list[str]) -> None:
+    print(f"kernels: {build.chosen_isa() if kernels.available() else 'torch fallback'}; W {size}x{size}")
+    print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'ms via fp32 copy+mm':>20}")
+    for kind in kinds:
+        w = weight(kind, size, size)
+        for t in threads:
+            torch.set_num_threads(t)
+            for m in rows:
+                x = torch.randn(m, size)
+                ms = best_ms(lambda: kernels.linear(x, w))  # noqa: B023
+                old = best_ms(lambda: x @ kernels.to_float(w).T) if m >= 4 else float("nan")  # noqa: B023
+                print(f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {nbytes(w) / ms / 1e6:7.1f} {old:20.3f}")
+
+
+def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: int = 64, hidden: int = 1024,
+            inter: int = 256, top_k: int = 6) -> None:
+    from types import SimpleNamespace
+
+    from selfseek.models.moe import Experts
+    from selfseek.models.quant import QuantStack
+
+    print(f"MoE layer: {n_experts} experts {hidden} -> {inter} -> {hidden}, top-{top_k}")
+    print(f"{'kind':>5} {'thr':>3} {'tokens':>6} {'fused ms':>9} {'loop ms':>9}")
+    for kind in kinds:
+        experts = Experts(SimpleNamespace(n_routed_experts=n_experts, moe_intermediate_size=inter, hidden_size=hidden))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(experts, proj).data.normal_(0, 0.02)
+            if kind in ("q8", "q4"):
+                stack = QuantStack(n_experts, w.shape[2], w.shape[1], 8 if kind == "q8" else 4)
+                for e in range(n_experts):
+                    stack.set_from_float(e, w[e])
+                delattr(experts, proj)
+                setattr(experts, proj, stack)
+            else:
+                getattr(experts, proj).data = w.to({"f32": torch.float32, "bf16": torch.bfloat16}[kind])
+        for t in threads:
+            torch.set_num_threads(t)
+            for n in tokens:
+                x = torch.randn(n, hidden)
+                ids = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n)])
+                w = torch.rand(n, top_k)
+                with torch.no_grad():
+                    fused = best_ms(lambda: experts(x, w, ids))  # noqa: B023
+                    loop = best_ms(lambda: experts._forward_torch(x, w, ids))  # noqa: B023
+                print(f"{kind:>5} {t:>3} {n:>6} {fused:9.3f} {loop:9.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rows", default="1,4,16,64,512")
+    p.add_argument("--kinds", default="q8,q4,bf16,f32")
+    p.add_argument("--moe", action="store_true", help="benchmark the fused MoE layer instead")
+    a = p.parse_args()
+    if a.moe:
+        run_moe([int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
+        return
+    run(a.size, [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
+
+
+if __name__ == "__main__":
+    main()

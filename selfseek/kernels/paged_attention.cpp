@@ -1,0 +1,362 @@
+// Paged attention for the CPU: query rows attend to their sequence's cached keys/values read in place
+// through block tables (no gathered copy of the context), with an online softmax over tiles of keys.
+//
+// One kernel serves every cache layout, described by strided K and V views of the pool:
+//   MLA (absorbed): one KV "head", K = [c_KV; k_rope] (kv_lora_rank + rope dims), V = c_KV (the first
+//                   kv_lora_rank values of the same row), queries [q_nope W^UK; q_rope]: every query head
+//                   is one of the `group` heads sharing that KV head.
+//   GQA:            n_kv heads, K and V head_dim each, `group` query heads per KV head.
+// Rows of sequence i are cu_q[i] .. cu_q[i+1]-1 (a chunk of new tokens, or one decode row); the last of its
+// n_i rows sees all context_lens[i] keys, row j sees context_lens[i] - n_i + j + 1 (causal).
+// Key t of sequence i is at slot block_tables[i][t / block_size] * block_size + t % block_size.
+// Queries and outputs are fp32; the cache is fp32, bf16 or fp16 (converted per tile).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+// GCC 12 warns about its own AVX-512 intrinsics (their `__Y = __Y` placeholders), not about this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+namespace {
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+constexpr int TILE = 32;  // keys per online-softmax step
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      exp = 113;
+      while (!(man & 0x400)) {
+        man <<= 1;
+        --exp;
+      }
+      u = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// n values of one cache row as fp32: the row itself when the cache is fp32, else converted into dst.
+inline const float* as_f32(const void* src, int32_t dtype, int n, float* dst) {
+  if (dtype == F32) return static_cast<const float*>(src);
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  int i = 0;
+  if (dtype == BF16) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+      __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+#elif defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) {
+      __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+  } else {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+#elif defined(__AVX2__)  // x86-64-v3 includes F16C
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+    for (; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+  }
+  return dst;
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  int i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Four query heads against one key: the key is loaded once per four dot products.
+inline void dot4(const float* q, int64_t q_stride, const float* k, int n, float* out) {
+  const float *q0 = q, *q1 = q + q_stride, *q2 = q + 2 * q_stride, *q3 = q + 3 * q_stride;
+  int i = 0;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 kv = _mm512_loadu_ps(k + i);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + i), kv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + i), kv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + i), kv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + i), kv, a3);
+  }
+  s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
+  s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+#elif defined(__AVX2__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kv = _mm256_loadu_ps(k + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), kv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), kv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), kv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), kv, a3);
+  }
+  // 4 horizontal sums at once: hadd pairs, then fold the two 128-bit halves
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  float tmp[4];
+  _mm_storeu_ps(tmp, r);
+  s0 = tmp[0], s1 = tmp[1], s2 = tmp[2], s3 = tmp[3];
+#endif
+  for (; i < n; ++i) {
+    s0 += q0[i] * k[i];
+    s1 += q1[i] * k[i];
+    s2 += q2[i] * k[i];
+    s3 += q3[i] * k[i];
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// x[t] = exp(x[t] - m) for t < n; -> their sum. Vector paths use the Cephes exp polynomial (about 1 ulp).
+inline float exp_shifted_sum(float* x, int n, float m) {
+  int t = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 vsum = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + t), _mm512_set1_ps(m));
+    v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    v = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), v);
+    v = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), v);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, v, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, v, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, v, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, v, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, v, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(v, v), v), _mm512_set1_ps(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    _mm512_storeu_ps(x + t, y);
+    vsum = _mm512_add_ps(vsum, y);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__)
+  __m256 vsum = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(m));
+    v = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    v = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), v);
+    v = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), v);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(v, v), v), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(x + t, y);
+    vsum = _mm256_add_ps(vsum, y);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  sum = _mm_cvtss_f32(h);
+#endif
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - m);
+    sum += x[t];
+  }
+  return sum;
+}
+
+// acc[d] += sum_t p[t] * v[t][d] for one query head: a chunk of acc stays in registers across the tile.
+inline void pv_accumulate(float* acc, const float* p, const float* const* v, int nt, int n) {
+  int d = 0;
+#if defined(__AVX512F__)
+  for (; d + 64 <= n; d += 64) {
+    __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
+    __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
+    for (int t = 0; t < nt; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[t]);
+      const float* vt = v[t] + d;
+      a0 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt), a0);
+      a1 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16), a1);
+      a2 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 32), a2);
+      a3 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 48), a3);
+    }
+    _mm512_storeu_ps(acc + d, a0);
+    _mm512_storeu_ps(acc + d + 16, a1);
+    _mm512_storeu_ps(acc + d + 32, a2);
+    _mm512_storeu_ps(acc + d + 48, a3);
+  }
+  for (; d + 16 <= n; d += 16) {
+    __m512 a0 = _mm512_loadu_ps(acc + d);
+    for (int t = 0; t < nt; ++t) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(v[t] + d), a0);
+    _mm512_storeu_ps(acc + d, a0);
+  }
+#elif defined(__AVX2__)
+  for (; d + 32 <= n; d += 32) {
+    __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
+    __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
+    for (int t = 0; t < nt; ++t) {
+      const __m256 pt = _mm256_set1_ps(p[t]);
+      const float* vt = v[t] + d;
+      a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
+      a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
+      a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
+      a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+    }
+    _mm256_storeu_ps(acc + d, a0);
+    _mm256_storeu_ps(acc + d + 8, a1);
+    _mm256_storeu_ps(acc + d + 16, a2);
+    _mm256_storeu_ps(acc + d + 24, a3);
+  }
+  for (; d + 8 <= n; d += 8) {
+    __m256 a0 = _mm256_loadu_ps(acc + d);
+    for (int t = 0; t < nt; ++t) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v[t] + d), a0);
+    _mm256_storeu_ps(acc + d, a0);
+  }
+#endif
+  for (; d < n; ++d) {
+    float s = acc[d];
+    for (int t = 0; t < nt; ++t) s += p[t] * v[t][d];
+    acc[d] = s;
+  }
+}
+
+inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : 2; }
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or a negative code for bad arguments (checked by the Python wrapper first):
+// -1 unknown dtype, -2 row counts disagree with cu_q, -3 a row's context is empty or exceeds its sequence's.
+int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, const void* k_cache,
+                                 int64_t k_slot_stride, int64_t k_head_stride, const void* v_cache,
+                                 int64_t v_slot_stride, int64_t v_head_stride, int32_t dtype,
+                                 const int32_t* block_tables, int64_t table_stride, int32_t block_size,
+                                 const int32_t* cu_q, const int32_t* context_lens, int32_t num_seqs, int32_t n_kv,
+                                 int32_t group, int32_t k_dim, int32_t v_dim, float scale, int32_t n_threads) {
+  if (dtype != F32 && dtype != BF16 && dtype != F16) return -1;
+  if (cu_q[0] != 0 || cu_q[num_seqs] != num_rows) return -2;
+  std::vector<int32_t> row_seq(num_rows);
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    const int32_t n = cu_q[s + 1] - cu_q[s];
+    if (n < 0 || n > context_lens[s]) return -3;
+    for (int32_t r = cu_q[s]; r < cu_q[s + 1]; ++r) row_seq[r] = s;
+  }
+  // Work items: (row, KV head, slice of the query heads). Heads are sliced only when rows x KV heads alone
+  // would leave threads idle (one MLA decode has a single KV head).
+  const int64_t base = num_rows * n_kv;
+  const int64_t threads = std::max<int32_t>(n_threads, 1);
+  const int32_t splits = static_cast<int32_t>(std::min<int64_t>(group, std::max<int64_t>(1, (threads + base - 1) / base)));
+  const int32_t per_split = (group + splits - 1) / splits;
+  const int64_t items = base * splits;
+  const int64_t esize = element_size(dtype);
+  const char* kc = static_cast<const char*>(k_cache);
+  const char* vc = static_cast<const char*>(v_cache);
+
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(items, 1))))
+  {
+    std::vector<float> acc(static_cast<size_t>(per_split) * v_dim), m(per_split), l(per_split);
+    std::vector<float> scores(static_cast<size_t>(per_split) * TILE);
+    std::vector<float> kbuf(dtype == F32 ? 0 : static_cast<size_t>(k_dim));
+    std::vector<float> vbuf(dtype == F32 ? 0 : static_cast<size_t>(TILE) * v_dim);
+    const float* vrows[TILE];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t r = item / (n_kv * splits);
+      const int32_t h = static_cast<int32_t>((item / splits) % n_kv);
+      const int32_t g0 = static_cast<int32_t>(item % splits) * per_split, g1 = std::min(group, g0 + per_split);
+      if (g0 >= g1) continue;
+      const int32_t ng = g1 - g0, s = row_seq[r];
+      const int64_t ctx = context_lens[s] - (cu_q[s + 1] - 1 - r);  // causal: keys up to this row's own
+      const int32_t* table = block_tables + s * table_stride;
+      const float* qh = q + ((r * n_kv + h) * group + g0) * static_cast<int64_t>(k_dim);
+      std::fill(acc.begin(), acc.begin() + static_cast<int64_t>(ng) * v_dim, 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
+        const int nt = static_cast<int>(std::min<int64_t>(TILE, ctx - t0));
+        for (int t = 0; t < nt; ++t) {
+          const int64_t pos = t0 + t;
+          const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+          const float* krow = as_f32(kc + (slot * k_slot_stride + h * k_head_stride) * esize, dtype, k_dim, kbuf.data());
+          int g = 0;
+          for (; g + 4 <= ng; g += 4) {
+            float s4[4];
+            dot4(qh + static_cast<int64_t>(g) * k_dim, k_dim, krow, k_dim, s4);
+            for (int u = 0; u < 4; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
+          }
+          for (; g < ng; ++g) scores[g * TILE + t] = dot(qh + static_cast<int64_t>(g) * k_dim, krow, k_dim) * scale;
+          vrows[t] = as_f32(vc + (slot * v_slot_stride + h * v_head_stride) * esize, dtype, v_dim,
+                            vbuf.data() + static_cast<int64_t>(t) * v_dim);
+        }
+        for (int g = 0; g < ng; ++g) {
+          float* sg = scores.data() + g * TILE;
+          float mt = m[g];
+          for (int t = 0; t < nt; ++t) mt = std::max(mt, sg[t]);
+          const float corr = std::exp(m[g] - mt);  // 0 on the first tile (m = -inf)
+          float* ag = acc.data() + static_cast<int64_t>(g) * v_dim;
+          if (corr != 1.f)
+            for (int d = 0; d < v_dim; ++d) ag[d] *= corr;
+          l[g] = l[g] * corr + exp_shifted_sum(sg, nt, mt);
+          m[g] = mt;
+          pv_accumulate(ag, sg, vrows, nt, v_dim);
+        }
+      }
+      float* oh = out + ((r * n_kv + h) * group + g0) * static_cast<int64_t>(v_dim);
+      for (int g = 0; g < ng; ++g) {
+        const float inv = 1.f / l[g];
+        for (int d = 0; d < v_dim; ++d) oh[static_cast<int64_t>(g) * v_dim + d] = acc[static_cast<int64_t>(g) * v_dim + d] * inv;
+      }
+    }
+  }
+  return 0;
+}
+}
