@@ -84,6 +84,11 @@ def wait_idle(svc, timeout: float = 60.0) -> dict:
     return pool(svc)
 
 
+# Idle pooled connections expire before uvicorn's 5 s keep-alive timeout closes them: otherwise a request sent
+# on a connection the server is closing at that moment fails with ReadError (a client race, not a server fault).
+LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
+
 async def stream(client: httpx.AsyncClient, body: dict, drop_after: int | None = None) -> dict:
     """One streaming chat request; drop_after: close the connection after that many events."""
     start = time.perf_counter()
@@ -128,7 +133,7 @@ async def phase_streams(svc, url: str, model: str, headers: dict, n: int, second
 
     async def client_loop(k: int) -> None:
         rng = random.Random(k)
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=LIMITS) as client:
             i = 0
             while time.perf_counter() < stop_at:
                 m = rng.randint(max(1, max_tokens // 4), max_tokens)
@@ -156,7 +161,7 @@ async def phase_disconnects(svc, url: str, model: str, headers: dict, k: int, ma
     sem = asyncio.Semaphore(16)
 
     async def one(i: int) -> dict:
-        async with sem, httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        async with sem, httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=LIMITS) as client:
             return await stream(client, chat_body(model, i, max_tokens), drop_after=rng.randint(0, 12))
 
     results = await asyncio.gather(*(one(i) for i in range(k)))
@@ -200,7 +205,7 @@ def install_faults(svc, kind: str):
 
 async def phase_faults(svc, url: str, model: str, headers: dict, bystanders: int, max_tokens: int) -> dict:
     out = {"phase": "faults", "cases": {}}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=LIMITS) as client:
         for kind in ("step", "grammar", "prep"):
             undo = install_faults(svc, kind)
             try:

@@ -130,6 +130,12 @@ def _add_server_commands(sub) -> None:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one batch")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    s.add_argument("--prefix-cache-dir", default=None, help="keep cached prompt blocks in this directory too: "
+                   "repeated prefixes hit after a restart (DeepSeek's context cache on disk; default: RAM only)")
+    s.add_argument("--prefix-cache-disk-bytes", type=int, default=None,
+                   help="size cap of --prefix-cache-dir, least recently used blocks deleted first (default 16 GiB)")
+    s.add_argument("--speculative-tokens", type=int, default=None,
+                   help="tokens the model's MTP module drafts per step, verified in the same forward (0: off)")
     s.add_argument("--default-max-tokens", type=int, default=4096, help="max_tokens when a request names none")
     s.add_argument("--tool-call-format", default="auto",
                    choices=["auto", "deepseek_v3", "deepseek_v31", "deepseek_v32", "generic"])

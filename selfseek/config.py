@@ -2,8 +2,9 @@
 
 Families: `llama` (DeepSeek-LLM, DeepSeek-Coder v1, R1-Distill-Llama and other Llama-shaped models), `qwen2`
 (R1-Distill-Qwen: bias on q/k/v), `qwen3` (R1-0528-Qwen3: per-head RMSNorm on q and k before rotary),
-`deepseek_v2` (V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing) and `deepseek_v3` (V3, R1,
-V3.1: MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights).
+`deepseek_v2` (V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing), `deepseek_v3` (V3, R1,
+V3.1: MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights) and `deepseek_v32` (V3.2-Exp, V3.2:
+V3 plus DeepSeek Sparse Attention, a lightning indexer per layer choosing `index_topk` keys per query).
 
 A field we do not know could change the math, so it is an error, not a silent default: every key of
 config.json is either read here or listed in IGNORED_FIELDS (bookkeeping that cannot change the logits).
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 # The Llama-shaped families: GQA attention (models/attention.py) and a dense SwiGLU in every layer.
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -53,8 +54,10 @@ _MLA_MOE = {
     "first_k_dense_replace", "n_group", "topk_group", "topk_method", "scoring_func",
     "norm_topk_prob", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers",
 }
+# V3.2's sparse attention; transformers also writes mlp_layer_types (checked against first_k_dense_replace).
+_DSA = {"index_n_heads", "index_head_dim", "index_topk", "mlp_layer_types"}
 KNOWN_FIELDS = {"llama": _COMMON, "qwen2": _COMMON | {"use_mrope"}, "qwen3": _COMMON, "deepseek_v2": _COMMON | _MLA_MOE,
-                "deepseek_v3": _COMMON | _MLA_MOE}
+                "deepseek_v3": _COMMON | _MLA_MOE, "deepseek_v32": _COMMON | _MLA_MOE | _DSA}
 
 
 class ConfigError(ValueError):
@@ -130,13 +133,22 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     # V3 extras
     num_nextn_predict_layers: int = 0
+    # V3.2 DeepSeek Sparse Attention (0 heads: none): the lightning indexer's heads and head dim, keys kept per query
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     fp8: FP8Config | None = None
     weight_bits: int | None = None  # a checkpoint written by `selfseek quantize` (8 or 4)
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, for dtype="auto"
 
     @property
     def is_mla(self) -> bool:
-        return self.model_type in ("deepseek_v2", "deepseek_v3")
+        return self.model_type in ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+
+    @property
+    def has_indexer(self) -> bool:
+        """V3.2: every MLA layer has a lightning indexer (models/indexer.py) with its own key cache."""
+        return self.index_n_heads > 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -145,8 +157,8 @@ class ModelConfig:
     @property
     def kv_values_per_token_per_layer(self) -> int:
         """What a KV cache stores per token per layer: the MLA latent, or K and V per KV head."""
-        if self.is_mla:
-            return self.kv_lora_rank + self.qk_rope_head_dim
+        if self.is_mla:  # V3.2: the indexer's key sits beside the latent, in the same pool row
+            return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.has_indexer else 0)
         return 2 * self.num_key_value_heads * self.head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -247,7 +259,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         raise fail("num_attention_heads must be a multiple of num_key_value_heads")
 
     if model_type not in GQA_MODEL_TYPES:
-        is_v3 = model_type == "deepseek_v3"
+        is_v3 = model_type in ("deepseek_v3", "deepseek_v32")
         topk_method = d.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
         if topk_method == "gready":  # DeepSeek's hub code spells it so in V2-Lite configs
             topk_method = "greedy"
@@ -281,6 +293,8 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             num_nextn_predict_layers=d.get("num_nextn_predict_layers") or 0,
         )
+    if model_type == "deepseek_v32":
+        kw.update(_parse_dsa(d, kw, fail))
     if d.get("quantization_config"):
         q = d["quantization_config"]
         if q.get("quant_method") == "selfseek":
@@ -290,6 +304,27 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         else:
             kw["fp8"] = _parse_quantization(q, fail)
     return ModelConfig(**kw)
+
+
+def _parse_dsa(d: dict[str, Any], kw: dict[str, Any], fail) -> dict[str, Any]:
+    """The V3.2 indexer fields (defaults: the released V3.2 config, 64 heads x 128, top-2048)."""
+    defaults = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    out = {key: d[key] if d.get(key) is not None else v for key, v in defaults.items()}
+    for key, v in out.items():
+        if not isinstance(v, int) or v <= 0:
+            raise fail(f"{key} must be a positive integer, got {v!r} (field {key!r})")
+    if kw["q_lora_rank"] is None:
+        raise fail("deepseek_v32's indexer reads the compressed query: q_lora_rank is required (field 'q_lora_rank')")
+    if not kw["qk_rope_head_dim"] < out["index_head_dim"]:
+        raise fail("index_head_dim must exceed qk_rope_head_dim (the indexer ropes its first qk_rope_head_dim "
+                   "values) (field 'index_head_dim')")
+    if d.get("mlp_layer_types") is not None:
+        k = min(kw["first_k_dense_replace"], kw["num_hidden_layers"])
+        expect = ["dense"] * k + ["sparse"] * (kw["num_hidden_layers"] - k)
+        if list(d["mlp_layer_types"]) != expect:
+            raise fail(f"mlp_layer_types {d['mlp_layer_types']} differs from first_k_dense_replace "
+                       f"{kw['first_k_dense_replace']} (field 'mlp_layer_types')")
+    return out
 
 
 def _parse_rope(d: dict[str, Any], fail) -> RopeConfig:

@@ -67,11 +67,20 @@ FAMILIES["v3_long"] = (FAMILIES["v3_noaux"][0], {
     "rope_scaling": {**FAMILIES["v3_noaux"][1]["rope_scaling"], "original_max_position_embeddings": 512},
 })
 
+# Built only by the tests that ask for them (tests/test_v32.py), not by every FAMILIES-parametrized test.
+# V3.2 (DeepSeek Sparse Attention): index_topk 6 so 24+ token contexts really attend sparsely; 16 indexer heads so
+# the ReLU-weighted index scores have no ties (a key every head scores <= 0 gets exactly 0).
+EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {
+    "v32_dsa": ("DeepseekV32Config", {
+        **FAMILIES["v3_noaux"][1], "index_n_heads": 16, "index_head_dim": 32, "index_topk": 6,
+    }),
+}
+
 
 def build_hf_model(family: str, seed: int = 0):
     import transformers
 
-    cls_name, kwargs = FAMILIES[family]
+    cls_name, kwargs = FAMILIES[family] if family in FAMILIES else EXTRA_FAMILIES[family]
     cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

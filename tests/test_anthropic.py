@@ -31,7 +31,7 @@ from selfseek.server.anthropic import _stream  # noqa: E402
 from selfseek.server.openai import ChatChoice  # noqa: E402
 from selfseek.server.reasoning import ReasoningParser  # noqa: E402
 from selfseek.server.stream import Generation  # noqa: E402
-from selfseek.server.tools import make_parser  # noqa: E402
+from selfseek.server.tools import FORMATS  # noqa: E402
 
 KEY = "sk-anthropic-test"
 ENGINE = {"kv_cache_memory": 48 << 20, "max_model_len": 512, "block_size": 16}
@@ -220,7 +220,7 @@ def test_stream_blocks_from_engine_deltas():
             yield RequestDelta("r", 0, [i], p, finish_reason="stop" if last else None, num_cached_tokens=3)
 
     svc = SimpleNamespace(config=SimpleNamespace(keep_alive_interval=10.0))
-    choice = ChatChoice(0, svc, ReasoningParser(in_reasoning=True), make_parser("deepseek_v31", True), None)
+    choice = ChatChoice(0, svc, ReasoningParser(in_reasoning=True), FORMATS["deepseek_v31"].parser(True), None)
 
     async def collect() -> bytes:
         head = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}

@@ -17,6 +17,7 @@ from selfseek.kernels import build
 from selfseek.models import attention_backend
 from selfseek.models.attention_backend import paged_attention
 from selfseek.models.batch import PagedRows, batch_from_tables
+from selfseek.models.layers import fused_rows
 from selfseek.models.mla import MLA
 from selfseek.models.model import CausalLM
 from selfseek.models.quant import QuantLinear, quantize_model
@@ -260,3 +261,50 @@ def test_projections_are_not_fused_while_training():
     assert attn._fused_down() is None
     attn._down_projections(torch.randn(3, model.config.hidden_size))[0].sum().backward()
     assert attn.q_a_proj.weight.grad is not None
+
+
+# ---- fused q/k/v and gate/up projections (Llama / Qwen-shaped layers) ------------------------------------
+
+@pytest.mark.parametrize("family,model_type,bits", [("llama_linear", "llama", None), ("llama_linear", "llama", 4),
+                                                    ("qwen2", "qwen2", None)])
+def test_fused_qkv_and_gate_up_equal_separate_layers(family, model_type, bits):
+    model = tiny_model(family, model_type)
+    if bits:
+        quantize_model(model, bits)
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    names = sorted(model.state_dict())
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.no_grad():
+        want_qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        want_mlp = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        got_mlp = mlp(x)  # fuses gate/up
+        fused = fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
+        got_qkv = fused(x)
+    assert isinstance(fused, QuantLinear) == bool(bits)
+    if not bits:
+        assert (fused.bias is not None) == (family == "qwen2")  # qwen2's q/k/v biases are fused too
+    torch.testing.assert_close(got_qkv, want_qkv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_mlp, want_mlp, rtol=1e-6, atol=1e-6)
+    assert sorted(model.state_dict()) == names  # loading and export still see the separate layers
+    weight = "qweight" if bits else "weight"
+    assert getattr(attn.q_proj, weight).data_ptr() == getattr(fused, weight).data_ptr()  # views, no copy
+    # Replacing a part's weight (here a new tensor) makes a new fused layer from the current weights.
+    with torch.no_grad():
+        if bits:
+            attn.k_proj.set_from_float(torch.randn(attn.k_proj.out_features, attn.k_proj.in_features))
+            attn.k_proj.qweight = attn.k_proj.qweight.clone()
+        else:
+            attn.k_proj.weight = torch.nn.Parameter(torch.randn_like(attn.k_proj.weight))
+        refused = fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
+        torch.testing.assert_close(refused(x)[:, attn.q_proj.out_features:][:, :attn.k_proj.out_features],
+                                   attn.k_proj(x), rtol=1e-6, atol=1e-6)
+    assert refused is not fused
+
+
+def test_qkv_is_not_fused_while_training():
+    model = tiny_model("llama_linear", "llama").train()
+    attn = model.model.layers[0].self_attn
+    assert fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj)) is None
+    model.model.layers[0].mlp(torch.randn(3, model.config.hidden_size)).sum().backward()
+    assert model.model.layers[0].mlp.gate_proj.weight.grad is not None

@@ -514,7 +514,7 @@ def test_ollama(tiny):
 
 def test_generic_tool_format(plain):
     server, svc = plain
-    assert svc.tool_format == "generic" and not svc.supports_thinking
+    assert svc.tool_format.name == "generic" and not svc.supports_thinking
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     r = c.chat.completions.create(model="plain", messages=user("Weather?"), tools=TOOLS, tool_choice="required",
                                   max_tokens=200, temperature=0.7, seed=3, parallel_tool_calls=False)

@@ -19,11 +19,10 @@ from selfseek.server.tools import (  # noqa: E402
     CALLS_BEGIN,
     CALLS_END,
     DSML,
+    FORMATS,
     SEP,
     Function,
     detect_format,
-    make_parser,
-    tool_grammar,
 )
 
 
@@ -63,7 +62,7 @@ def test_reasoning_holds_back_only_a_possible_tag():
 
 
 def run_tools(fmt: str, chunks: list[str]) -> tuple[str, list[dict], list[dict]]:
-    p = make_parser(fmt)
+    p = FORMATS[fmt].parser()
     content, deltas = "", []
     for ch in chunks:
         c, d = p.feed(ch)
@@ -111,7 +110,7 @@ def test_tool_parsers(fmt, text, content, args, size):
 
 
 def test_tool_parser_streams_arguments_before_the_call_ends():
-    p = make_parser("deepseek_v31")
+    p = FORMATS["deepseek_v31"].parser()
     assert p.feed(f"{CALLS_BEGIN}{CALL_BEGIN}f{SEP}") == ("", [
         {"index": 0, "id": p.calls[0]["id"], "type": "function", "function": {"name": "f", "arguments": ""}}])
     assert p.feed('{"a": ') == ("", [{"index": 0, "function": {"arguments": '{"a": '}}])
@@ -124,11 +123,11 @@ def test_tool_parser_without_calls_is_content():
 
 
 def test_detect_format():
-    assert detect_format(deepseek_tokenizer("deepseek-v3")) == "deepseek_v3"
-    assert detect_format(deepseek_tokenizer("deepseek-r1")) == "deepseek_v3"
-    assert detect_format(deepseek_tokenizer("deepseek-v3.1")) == "deepseek_v31"
-    assert detect_format(deepseek_tokenizer("deepseek-v3.2")) == "deepseek_v32"
-    assert detect_format(deepseek_tokenizer("deepseek-llm-7b-base")) == "generic"
+    assert detect_format(deepseek_tokenizer("deepseek-v3")).name == "deepseek_v3"
+    assert detect_format(deepseek_tokenizer("deepseek-r1")).name == "deepseek_v3"
+    assert detect_format(deepseek_tokenizer("deepseek-v3.1")).name == "deepseek_v31"
+    assert detect_format(deepseek_tokenizer("deepseek-v3.2")).name == "deepseek_v32"
+    assert detect_format(deepseek_tokenizer("deepseek-llm-7b-base")).name == "generic"
 
 
 # ---- grammars, run against the real V3.1 / V3.2 tokenizers -------------------------------------------------
@@ -180,7 +179,7 @@ def test_tool_grammars(compilers, fmt, text_ok, text_bad):
     tok, gc = compilers["deepseek-v3.1"]
     functions = [Function("get_weather", None, WEATHER, strict=True), Function("get_time", None, {"type": "object"})]
     for mode in ("required", "named", "auto"):
-        rules = tool_grammar(fmt, functions, mode, True, gc.literal, gc.added)
+        rules = FORMATS[fmt].grammar(functions, mode, True, gc.literal, gc.added)
         grammar = with_reasoning(rules, False, None)
         gc.check(grammar)
         assert accepts(tok, gc, grammar, text_ok), mode
@@ -190,7 +189,7 @@ def test_tool_grammars(compilers, fmt, text_ok, text_bad):
 
 def test_dsml_grammar(compilers):
     tok, gc = compilers["deepseek-v3.2"]
-    rules = tool_grammar("deepseek_v32", [Function("get_weather", None, WEATHER)], "required", True, gc.literal,
+    rules = FORMATS["deepseek_v32"].grammar([Function("get_weather", None, WEATHER)], "required", True, gc.literal,
                          gc.added)
     grammar = with_reasoning(rules, False, None)
     text = (f"<{DSML}function_calls>\n<{DSML}invoke name=\"get_weather\">\n"
@@ -199,7 +198,7 @@ def test_dsml_grammar(compilers):
             f"</{DSML}function_calls>")
     assert accepts(tok, gc, grammar, text)
     assert not accepts(tok, gc, grammar, text.replace(">3<", ">three<"))
-    assert tool_grammar("deepseek_v32", [Function("f", None, WEATHER)], "auto", True, gc.literal, gc.added) is None
+    assert FORMATS["deepseek_v32"].grammar([Function("f", None, WEATHER)], "auto", True, gc.literal, gc.added) is None
 
 
 def test_keep_alive_while_waiting():
@@ -241,23 +240,23 @@ def test_render_chat_reasoning_and_prefix():
     from selfseek.server.prompts import render_chat
 
     r1 = deepseek_tokenizer("deepseek-r1")
-    p = render_chat(r1, "deepseek_v3", [{"role": "user", "content": "Hi"}], supports_thinking=True)
+    p = render_chat(r1, FORMATS["deepseek_v3"], [{"role": "user", "content": "Hi"}], supports_thinking=True)
     assert p.text.endswith("<｜Assistant｜><think>\n") and p.reasoning_open  # R1 opens reasoning itself
     v31 = deepseek_tokenizer("deepseek-v3.1")
     msgs = [{"role": "user", "content": "Hi"}]
-    assert render_chat(v31, "deepseek_v31", msgs, thinking=True, supports_thinking=True).reasoning_open
-    off = render_chat(v31, "deepseek_v31", msgs, thinking=False, supports_thinking=True)
+    assert render_chat(v31, FORMATS["deepseek_v31"], msgs, thinking=True, supports_thinking=True).reasoning_open
+    off = render_chat(v31, FORMATS["deepseek_v31"], msgs, thinking=False, supports_thinking=True)
     assert off.text.endswith("<｜Assistant｜></think>") and not off.reasoning_open
     # prefix: reasoning continues the open thought; content comes after </think>
-    p = render_chat(v31, "deepseek_v31", msgs, thinking=True, supports_thinking=True,
+    p = render_chat(v31, FORMATS["deepseek_v31"], msgs, thinking=True, supports_thinking=True,
                     prefix={"reasoning_content": "Let me see", "content": ""})
     assert p.text.endswith("<think>Let me see") and p.reasoning_open
-    p = render_chat(v31, "deepseek_v31", msgs, thinking=True, supports_thinking=True,
+    p = render_chat(v31, FORMATS["deepseek_v31"], msgs, thinking=True, supports_thinking=True,
                     prefix={"reasoning_content": "Done.", "content": "```python\n"})
     assert p.text.endswith("<think>Done.</think>```python\n") and not p.reasoning_open
     # tools join the system prompt, in the format the model was trained on
     tools = [Function("get_weather", "Weather.", WEATHER)]
-    p = render_chat(v31, "deepseek_v31", [{"role": "system", "content": "Be brief."}, *msgs], tools)
+    p = render_chat(v31, FORMATS["deepseek_v31"], [{"role": "system", "content": "Be brief."}, *msgs], tools)
     assert p.text.startswith("<｜begin▁of▁sentence｜>Be brief.\n\n## Tools\n") and "### get_weather" in p.text
 
 
@@ -270,7 +269,7 @@ def test_encode_v32():
                 {"id": "c1", "type": "function",
                  "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
-    p = render_chat(v32, "deepseek_v32", msgs, [Function("get_weather", "Weather.", WEATHER)], thinking=True,
+    p = render_chat(v32, FORMATS["deepseek_v32"], msgs, [Function("get_weather", "Weather.", WEATHER)], thinking=True,
                     supports_thinking=True)
     text = p.text
     assert text.startswith("<｜begin▁of▁sentence｜>\n\n## Tools\n")
@@ -279,3 +278,50 @@ def test_encode_v32():
     assert f'<{DSML}parameter name="days" string="false">2</{DSML}parameter>' in text
     assert text.endswith("<function_results>\n<result>sunny</result>\n</function_results>\n\n<think>")
     assert p.reasoning_open
+
+
+def test_generation_events_totals_and_errors():
+    """The one streaming loop (server/stream.py): events per completion, cached tokens counted once per prompt,
+    usage totals, and a failed delta raised as its APIError by collect() with the request aborted."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from selfseek.engine.async_engine import RequestDelta
+    from selfseek.engine.errors import RequestError
+    from selfseek.server.openai import TextChoice
+    from selfseek.server.protocol import APIError
+    from selfseek.server.stream import Generation
+
+    svc = SimpleNamespace(config=SimpleNamespace(keep_alive_interval=10.0))
+
+    async def deltas(fail: bool):  # 2 prompts x n=2; the prompts' first completions report cache hits
+        yield RequestDelta("r", 0, [1], "a", num_cached_tokens=4)
+        yield RequestDelta("r", 2, [2], "b", num_cached_tokens=8)
+        yield RequestDelta("r", 1, [3], "c", num_cached_tokens=4)
+        yield RequestDelta("r", 0, [4, 5], "de", finish_reason="stop", num_cached_tokens=4)
+        if fail:
+            yield RequestDelta("r", 1, [], "", finish_reason="abort", error=RequestError("bad stop string"))
+            return
+        for i in (1, 2, 3):
+            yield RequestDelta("r", i, [6], "f", finish_reason="length")
+
+    def generation(fail: bool, aborted: list) -> Generation:
+        choices = [TextChoice(i, svc, "", None) for i in range(4)]
+        return Generation(svc, deltas(fail), choices, 30, lambda: aborted.append(True), per_prompt=2)
+
+    async def events(gen: Generation) -> list:
+        return [(e.choice.index, e.finished, e.last) async for e in gen.events()]
+
+    gen = generation(False, [])
+    got = asyncio.run(events(gen))
+    assert got[-1] == (3, True, True) and [e for e in got if e[2]] == [got[-1]]
+    assert [c.text for c in gen.choices] == ["ade", "cf", "bf", "f"]
+    u = gen.usage()
+    assert (u["prompt_tokens"], u["completion_tokens"], u["prompt_cache_hit_tokens"]) == (30, 8, 12)
+
+    aborted: list = []
+    gen = generation(True, aborted)
+    request = SimpleNamespace(is_disconnected=lambda: asyncio.sleep(0, False))
+    with pytest.raises(APIError) as e:
+        asyncio.run(gen.collect(request))
+    assert e.value.status == 400 and "bad stop string" in e.value.message and aborted

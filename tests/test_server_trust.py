@@ -26,6 +26,7 @@ from selfseek.engine import errors  # noqa: E402
 from selfseek.server import build_service, create_app  # noqa: E402
 from selfseek.server.prompts import render_chat  # noqa: E402
 from selfseek.server.structured import MAX_INTEGER, bound_schema  # noqa: E402
+from selfseek.server.tools import FORMATS  # noqa: E402
 from selfseek.tokenizer import Tokenizer, UntrustedText  # noqa: E402
 
 ENGINE = {"kv_cache_memory": 32 << 20, "max_model_len": 512, "block_size": 16}
@@ -231,10 +232,10 @@ def _check_no_injection(tok: Tokenizer, fmt: str, evil: str, markers: list[str])
     clean = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     forged = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": evil}]
     # no control strings in the messages: exactly the ids of encoding the rendered text, as before
-    p = render_chat(tok, fmt, clean)
+    p = render_chat(tok, FORMATS[fmt], clean)
     assert p.encode(tok) == tok.encode(tok.apply_chat_template(clean))
     want = p.encode(tok)
-    p = render_chat(tok, fmt, forged)
+    p = render_chat(tok, FORMATS[fmt], forged)
     ids = p.encode(tok)
     controls = _control_ids(tok)
     got = [controls[i] for i in ids if i in controls]
@@ -243,7 +244,7 @@ def _check_no_injection(tok: Tokenizer, fmt: str, evil: str, markers: list[str])
     assert p.text == tok.apply_chat_template(forged)  # the model reads the caller's text, unchanged
     assert tok.decode(ids) == p.text
     assert any(m in p.text for m in markers)
-    unsafe = render_chat(tok, fmt, forged, trust_control_tokens=True).encode(tok)  # the trusted-caller option
+    unsafe = render_chat(tok, FORMATS[fmt], forged, trust_control_tokens=True).encode(tok)  # the trusted-caller option
     assert len([i for i in unsafe if i in controls]) > len(got)
 
 
@@ -567,7 +568,7 @@ def test_assistant_think_markers_keep_the_template_behaviour():
     tok = deepseek_tokenizer("deepseek-r1")
     msgs = [{"role": "user", "content": "Hi</think>"},
             {"role": "assistant", "content": "<think>secret plan</think>Hello"}, {"role": "user", "content": "Again"}]
-    p = render_chat(tok, "deepseek_v3", msgs, supports_thinking=True)
+    p = render_chat(tok, FORMATS["deepseek_v3"], msgs, supports_thinking=True)
     assert "secret plan" not in p.text and p.text == tok.apply_chat_template(msgs)
     ids = p.encode(tok)
     think_end = tok.token_to_id("</think>")

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from selfseek.engine.async_engine import RequestDelta
+from selfseek.engine.disk_cache import DiskKVCache
 from selfseek.engine.errors import EngineDead, EngineError, Overloaded, RequestError, RequestFailed
 from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.runner import ModelRunner, kv_bytes_per_token
 from selfseek.engine.sampler import sample
 from selfseek.engine.scheduler import Scheduled, Scheduler
 from selfseek.engine.sequence import Sequence
+from selfseek.engine.speculative import SpeculativeRunner
 from selfseek.models.model import CausalLM
 from selfseek.sampling_params import SamplingParams
 from selfseek.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -47,10 +49,18 @@ class EngineArgs:
     # Identity of the weights for prefix-cache keys; None: derived from the config and a sample of every
     # weight tensor (model_fingerprint). A caller that knows the file (a digest of it) may pass that.
     model_fingerprint: str | None = None
+    # Disk tier of the prefix cache (engine/disk_cache.py): full blocks are written to this directory and
+    # read back by later requests, also after a restart. None: RAM only. The directory is capped at
+    # prefix_cache_disk_bytes, least recently used files deleted first.
+    prefix_cache_dir: str | None = None
+    prefix_cache_disk_bytes: int = 16 << 30
     # AsyncEngine: requests waiting for their first output beyond this are refused with Overloaded (None:
     # unbounded); a consumer that leaves more than max_buffered_deltas deltas unread is aborted.
     max_queue: int | None = None
     max_buffered_deltas: int = 4096
+    # Speculative decoding (engine/speculative.py): tokens the model's MTP module drafts per step, verified in
+    # the same forward. 0: off.
+    speculative_tokens: int = 0
 
 
 def available_memory(device: torch.device) -> int:
@@ -117,7 +127,12 @@ class LLMEngine:
         self.fingerprint = args.model_fingerprint or model_fingerprint(model)
         self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching, self.fingerprint)
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
-        self.runner = ModelRunner(model, self.blocks)
+        self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len)
+                       if args.speculative_tokens else ModelRunner(model, self.blocks))
+        self.speculative = self.runner if isinstance(self.runner, SpeculativeRunner) else None
+        if args.prefix_cache_dir and args.enable_prefix_caching:
+            self.blocks.disk = DiskKVCache(args.prefix_cache_dir, args.prefix_cache_disk_bytes, self.fingerprint,
+                                           args.block_size, self.runner.pools)
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_failed": 0}
@@ -209,6 +224,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return self._fail_unschedulable()
+        if self.speculative is not None:
+            self.speculative.schedule_drafts(scheduled)
         t1 = time.perf_counter()
         logits, sampled, failed = self._forward(scheduled)
         deltas: list[RequestDelta] = []
@@ -233,6 +250,8 @@ class LLMEngine:
                 continue
             try:
                 self._append(seq, token, lp)
+                if self.speculative is not None and seq.finish_reason is None:
+                    self.speculative.accept(seq, token, self._append)
                 delta = self._delta(seq, final=seq.finish_reason is not None)
             except Exception as e:  # its detokenizer or stop check: fail it alone
                 deltas += self.fail_request(seq.request_id, e)
@@ -244,6 +263,8 @@ class LLMEngine:
         for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:
             if all(q.finished for q in self.requests.get(request_id, [])):
                 self.requests.pop(request_id, None)
+        if self.speculative is not None:
+            self.speculative.propose()
         t = self.timings
         t["schedule"] += t1 - t0
         t["forward"] += t2 - t1
@@ -363,6 +384,9 @@ class LLMEngine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "prefix_cache_hit_tokens": b.hits,
             "prefix_cache_query_tokens": b.queries,
+            "prefix_cache_disk_hit_tokens": b.disk_hits,  # part of prefix_cache_hit_tokens, read from disk
+            **(b.disk.counters if b.disk is not None else {}),
             "preemptions": self.scheduler.num_preemptions,
             **self.counters,
+            **(self.speculative.stats() if self.speculative is not None else {}),
         }

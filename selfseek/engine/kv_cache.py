@@ -10,6 +10,10 @@ miss, never someone else's KV.
 
 Freed blocks keep their contents and key and sit in an LRU free list: a later request with the same prefix
 takes them back (a cache hit) until they are evicted for new allocations, oldest first.
+
+With a disk tier (`disk`, engine/disk_cache.py) every newly committed block is also written to disk, and a
+prefix lookup that runs out of RAM blocks continues its chain on disk: each verified block read back is put
+in a free block, as if it had stayed cached in RAM.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections import OrderedDict
 
 import torch
 
+from selfseek.engine.disk_cache import DiskKVCache
 from selfseek.engine.sequence import Sequence
 
 KEY_VERSION = b"selfseek-block-key-v1"
@@ -64,6 +69,8 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
         self.hits = 0  # prompt tokens served from cache
         self.queries = 0  # prompt tokens looked up
+        self.disk: DiskKVCache | None = None  # the disk tier, when the engine has a prefix_cache_dir
+        self.disk_hits = 0  # prompt tokens read back from the disk tier (also counted in `hits` once taken)
 
     @property
     def num_free(self) -> int:
@@ -89,10 +96,39 @@ class BlockManager:
             key = block_key(prev, block)
             b = self.by_key.get(key)
             if b is None or self.tokens_of[b] != block or self.parent_of[b] != prev:  # a collision is a miss
+                if b is None and self.disk is not None:
+                    blocks += self._match_on_disk(tokens, i, prev, blocks)
                 break
             blocks.append(b)
             prev = key
         return blocks
+
+    def _match_on_disk(self, tokens: list[int], start: int, prev: bytes, hits: list[int]) -> list[int]:
+        """Continue a prefix match on disk from full block `start` (parent key `prev`): each block found and
+        verified is read into a free block, cached under its key with ref count 0 (like a RAM hit in the free
+        list). Only free blocks that are not `hits` are reused, least recently used first."""
+        for b in hits:  # about to be taken: keep them from being the blocks the disk reads replace
+            if b in self.free:
+                self.free.move_to_end(b)
+        spare = self.num_free - sum(1 for b in hits if self.ref_count[b] == 0)
+        bs, loaded = self.block_size, []
+        for i in range(start, (len(tokens) - 1) // bs):
+            if len(loaded) >= spare:
+                break
+            block = tuple(tokens[i * bs : (i + 1) * bs])
+            key = block_key(prev, block)
+            payload = self.disk.read(key, prev, block)
+            if payload is None:
+                break
+            b = next(iter(self.free))  # least recently used: neither a hit nor loaded here (both moved to the end)
+            self._forget(b)
+            self.disk.load_into(payload, b)
+            self.key_of[b], self.by_key[key], self.parent_of[b], self.tokens_of[b] = key, b, prev, block
+            self.free.move_to_end(b)
+            loaded.append(b)
+            prev = key
+        self.disk_hits += len(loaded) * bs
+        return loaded
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Name the sequence's newly completed blocks so later requests can share them."""
@@ -112,6 +148,8 @@ class BlockManager:
                 self.key_of[b], self.by_key[key] = key, b
                 self.parent_of[b] = seq.block_hashes[i - 1] if i else root
                 self.tokens_of[b] = tuple(seq.token_slice(i * bs, (i + 1) * bs))
+                if self.disk is not None:  # write-through: found again after a restart, no write on eviction
+                    self.disk.store(key, self.parent_of[b], self.tokens_of[b], b)
         seq.num_committed_blocks = n_full
 
     # ---- allocation ----------------------------------------------------------------------------------
@@ -134,11 +172,15 @@ class BlockManager:
         """Grow the block table to hold seq.num_computed + num_new tokens."""
         for _ in range(self.blocks_needed(seq.num_computed + num_new) - len(seq.block_table)):
             b, _ = self.free.popitem(last=False)  # least recently freed
-            if self.key_of[b] is not None:  # evict its cached contents
-                del self.by_key[self.key_of[b]]
-                self.key_of[b] = self.parent_of[b] = self.tokens_of[b] = None
+            self._forget(b)
             self.ref_count[b] = 1
             seq.block_table.append(b)
+
+    def _forget(self, b: int) -> None:
+        """Evict block b's cached contents from the prefix cache (the disk tier keeps its copy)."""
+        if self.key_of[b] is not None:
+            del self.by_key[self.key_of[b]]
+            self.key_of[b] = self.parent_of[b] = self.tokens_of[b] = None
 
     def free_blocks(self, seq: Sequence) -> None:
         # Release from the tail so a sequence's last blocks are evicted before its shared prefix.

@@ -13,7 +13,7 @@ import torch
 from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.scheduler import Scheduled
 from selfseek.engine.sequence import Sequence
-from selfseek.models.batch import batch_from_tables
+from selfseek.models.batch import AttnBatch, batch_from_tables
 from selfseek.models.model import CausalLM
 
 
@@ -95,19 +95,29 @@ class ModelRunner:
         starts, num_new = [], []
         for s in order:
             start = s.seq.num_computed
-            tokens.extend(_token_slice(s.seq, start, s.num_new))
+            drafts = self.draft_tokens(s)  # speculative decoding: rows after the last token, to verify
+            tokens.extend(_token_slice(s.seq, start, s.num_new) + drafts)
             starts.append(start)
-            num_new.append(s.num_new)
+            num_new.append(s.num_new + len(drafts))
         rows = self.tables.sync([s.seq for s in order])
         batch = batch_from_tables(self.tables.table, rows, starts, num_new, self.blocks.block_size, self.device)
         hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), batch, self.pools)
+        self.after_forward([s.seq for s in order], starts, num_new, batch, hidden)
         ends, sampled, row = [], [], 0
-        for s in order:
-            row += s.num_new
+        for s, n in zip(order, num_new, strict=True):
+            row += n
             if s.samples:
-                ends.append(row - 1)
+                ends.append(row - n + s.num_new - 1)
                 sampled.append(s)
         if not ends:
             return hidden.new_empty(0, self.model.config.vocab_size), []
         logits = self.model.logits(hidden[torch.tensor(ends, device=self.device)])
         return logits.float(), sampled
+
+    def draft_tokens(self, s: Scheduled) -> list[int]:
+        """Draft tokens to verify after the scheduled tokens (none here; see engine/speculative.py)."""
+        return []
+
+    def after_forward(self, seqs: list[Sequence], starts: list[int], num_rows: list[int], batch: AttnBatch,
+                      hidden: torch.Tensor) -> None:
+        """Called with each forward's rows and hidden states (engine/speculative.py drafts from them)."""

@@ -151,13 +151,20 @@ def gather_rows(w: Weight, ids: torch.Tensor) -> torch.Tensor:
     return _torch_dequantize(q[ids], scales[ids], None if mins is None else mins[ids])
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """y = x W^T in float32, for W float (any storage dtype) or block-quantized, without a float copy of W."""
+def prepare(w: Weight) -> _Mat:
+    """The checked kernel view of a weight, for a caller that keeps it (`linear(x, w, prepared)`): decode calls
+    each layer once per token, and rebuilding and re-checking the view costs as much as a small layer's product."""
+    return _mat(w)
+
+
+def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Tensor:
+    """y = x W^T in float32, for W float (any storage dtype) or block-quantized, without a float copy of W.
+    `prepared`: `prepare(w)` of this very weight (its tensors unchanged since), else it is made here."""
     q, scales, mins = _split(w)
-    m = _mat(w)  # checks the weight on every path
+    m = _mat(w) if prepared is None else prepared  # checks the weight on every path
     if x.shape[-1] != m.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {m.cols}")
-    if (lib := _native(x, q)) is None:
+    if (lib := _load()) is None or x.device.type != "cpu" or q.device.type != "cpu":
         wf = q.float() if scales is None else _torch_dequantize(q, scales, mins)
         return torch.nn.functional.linear(x.float(), wf)
     flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()  # decode's usual case: no copies

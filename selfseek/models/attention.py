@@ -11,11 +11,13 @@ from torch import nn
 
 from selfseek.config import ModelConfig
 from selfseek.models.attention_backend import dense_attention, paged_attention
-from selfseek.models.batch import AttnBatch
-from selfseek.models.layers import RMSNorm, Rotary
+from selfseek.models.batch import AttnBatch, PagedRows
+from selfseek.models.layers import RMSNorm, Rotary, fused_rows
 
 
 class Attention(nn.Module):
+    GATHER_MIN_ROWS = 64  # a chunk this long after a cached prefix attends through SDPA (see _attend_gathered)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -44,22 +46,56 @@ class Attention(nn.Module):
         """x [T, m] (rows of many sequences, see models/batch.py) -> [T, m]."""
         T = x.shape[0]
         g = self.n_heads // self.n_kv
-        q = self.q_proj(x).view(T, self.n_kv, g, self.head_dim)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
-        kv = torch.stack([k, self.v_proj(x).view(T, self.n_kv, self.head_dim)], dim=1)  # [T, 2, k, d]
+        h, d = self.n_heads, self.head_dim
+        fused = fused_rows(self, (self.q_proj, self.k_proj, self.v_proj))
+        if fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            qkv = fused(x)
+            q, k, v = qkv.split([h * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        v = v.view(T, self.n_kv, d)
+        if self.q_norm is None and fused is not None:
+            # q and k are adjacent columns of the fused output: one rotary over both sets of heads
+            qk = self.rotary(qkv[:, : (h + self.n_kv) * d].view(T, h + self.n_kv, d), *cos_sin)
+            q, k = qk[:, :h].view(T, self.n_kv, g, d), qk[:, h:]
+        else:
+            q, k = q.reshape(T, self.n_kv, g, d), k.reshape(T, self.n_kv, d)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
+        kv = torch.stack([k, v], dim=1)  # [T, 2, k, d]
         if pool is not None and batch.slot_mapping is not None:
-            pool[batch.slot_mapping] = kv
+            pool.index_copy_(0, batch.slot_mapping, kv.to(pool.dtype))
 
+        paged = batch.paged
+        if paged is not None and pool is None:
+            raise ValueError("rows with cached context need the layer's KV pool")
+        n_long, rest = paged.split(self.GATHER_MIN_ROWS) if paged is not None else (0, None)
+        if rest is not None and rest.start == 0:  # every row reads the cache in place (decode): no copy into `out`
+            out = paged_attention(q, pool[:, 0], pool[:, 1], rest, self.scale)
+            return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
         out = x.new_empty(T, self.n_kv, g, self.head_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
             out[rows] = dense_attention(q[rows].flatten(1, 2), k[rows], kv[rows, 1], self.scale, seg.mask).view(
                 -1, self.n_kv, g, self.head_dim)
-        if (paged := batch.paged) is not None:
-            if pool is None:
-                raise ValueError("rows with cached context need the layer's KV pool")
-            out[paged.start :] = paged_attention(q[paged.start :], pool[:, 0], pool[:, 1], paged, self.scale)
+        e = rest.start if rest is not None else T
+        if n_long:
+            out[paged.start : e] = self._attend_gathered(q[paged.start : e], pool, paged, n_long)
+        if rest is not None:
+            out[e:] = paged_attention(q[e:], pool[:, 0], pool[:, 1], rest, self.scale)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+
+    def _attend_gathered(self, q: torch.Tensor, pool: torch.Tensor, rows: PagedRows, num_seqs: int) -> torch.Tensor:
+        """Long chunks after a cached prefix (the first `num_seqs` sequences of `rows`): their context gathered
+        once and attended with SDPA, a GEMM over all their query rows, where the paged kernel would read the
+        whole context again for every row. q [n, k, g, d] -> [n, k, g, d]."""
+        slots, cu, lens = rows.context_slots(), rows.cu_q.tolist(), rows.context_lens.tolist()
+        out = []
+        for i, n_ctx in enumerate(lens[:num_seqs]):
+            n = cu[i + 1] - cu[i]
+            ctx = pool[slots[i, :n_ctx].to(pool.device)].to(q.dtype)  # [t, 2, k, d]
+            visible = torch.arange(n_ctx, device=q.device)[None, :] <= torch.arange(
+                n_ctx - n, n_ctx, device=q.device)[:, None]
+            out.append(dense_attention(q[cu[i] : cu[i + 1]].flatten(1, 2), ctx[:, 0], ctx[:, 1], self.scale, visible))
+        return torch.cat(out).view(q.shape)

@@ -10,6 +10,11 @@ kv_lora_rank + qk_rope_head_dim values. Two ways to attend over them, equal in e
   block-table kernel (models/attention_backend.py) reading the latent cache in place, one KV head shared by all.
 
 The paged cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 for V3).
+
+V3.2 (DeepSeek Sparse Attention): a lightning indexer (models/indexer.py) picks, per query, the index_topk
+cached tokens it attends to; each pool row then also holds that token's indexer key (index_head_dim values
+after the 576), so the indexer's cache shares the latent's block tables. Rows that see more than index_topk
+keys attend only to their selection: masked in the expanded form, gathered in the absorbed one.
 Shape letters: T flat rows, b batch, s queries, t keys, h heads, d nope/v head dim, r rope dim, c latent dim.
 """
 
@@ -21,6 +26,7 @@ from torch import nn
 from selfseek.config import ModelConfig
 from selfseek.models.attention_backend import dense_attention, paged_attention
 from selfseek.models.batch import AttnBatch, PagedRows
+from selfseek.models.indexer import Indexer
 from selfseek.models.layers import RMSNorm, Rotary
 from selfseek.models.quant import QuantLinear
 
@@ -51,10 +57,13 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, hd, bias=False)
         self.rotary = Rotary(cfg.rope, self.rope_dim, interleaved=cfg.rope_interleave)
         self.scale = cfg.softmax_scale()
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None
 
     def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """The paged cache of one layer: [slots, c + r], the normalised latent then the roped key."""
-        return torch.zeros(num_slots, self.latent_dim + self.rope_dim, dtype=dtype, device=device)
+        """The paged cache of one layer: [slots, c + r (+ D)], the normalised latent, the roped key (and, V3.2,
+        the indexer key)."""
+        width = self.latent_dim + self.rope_dim + (self.indexer.head_dim if self.indexer is not None else 0)
+        return torch.zeros(num_slots, width, dtype=dtype, device=device)
 
     def forward(
         self,
@@ -66,19 +75,24 @@ class MLA(nn.Module):
         """x [T, m] (rows of many sequences, see models/batch.py) -> [T, m]."""
         T = x.shape[0]
         q_a, ckv = self._down_projections(x)
-        q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
+        q_c = q_a if self.q_lora_rank is None else self.q_a_layernorm(q_a)
+        q = q_a if self.q_lora_rank is None else self.q_b_proj(q_c)
         q_nope, q_rope = q.view(T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = self.rotary(q_rope, *cos_sin)
 
         latent, k_rope = ckv.split([self.latent_dim, self.rope_dim], dim=-1)
         kv = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_rope, *cos_sin)], dim=-1)  # [T, c + r]
+        dsa = None  # V3.2: (indexer queries [T, H, D], head weights [T, H], indexer keys [T, D])
+        if self.indexer is not None:
+            dsa = (*self.indexer.queries(q_c, x, cos_sin), self.indexer.keys(x, cos_sin).to(kv.dtype))
         if pool is not None and batch.slot_mapping is not None:
-            pool[batch.slot_mapping] = kv
+            pool[batch.slot_mapping] = kv if dsa is None else torch.cat([kv, dsa[2]], dim=-1)
 
         out = x.new_empty(T, self.n_heads, self.v_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
-            out[rows] = self._attend_dense(q_nope[rows], q_rope[rows], kv[rows], seg.mask)
+            mask = seg.mask if dsa is None else self._sparse_mask(seg.mask, *(t[rows] for t in dsa))
+            out[rows] = self._attend_dense(q_nope[rows], q_rope[rows], kv[rows], mask)
         if (paged := batch.paged) is not None:
             if pool is None:
                 raise ValueError("rows with cached context need the layer's KV pool")
@@ -86,8 +100,11 @@ class MLA(nn.Module):
                 self.EXPANDED_MIN_ROWS)
             p, e = paged.start, (rest.start if rest is not None else T)
             if n_long:
-                out[p:e] = self._attend_paged_expanded(q_nope[p:e], q_rope[p:e], pool, paged, n_long)
-            if rest is not None:
+                out[p:e] = self._attend_paged_expanded(
+                    q_nope[p:e], q_rope[p:e], pool, paged, n_long, None if dsa is None else (dsa[0][p:e], dsa[1][p:e]))
+            if rest is not None and dsa is not None and rest.max_context > self.indexer.topk:
+                out[e:] = self._attend_paged_sparse(q_nope[e:], q_rope[e:], pool, rest, dsa[0][e:], dsa[1][e:])
+            elif rest is not None:
                 out[e:] = self._attend_paged(q_nope[e:], q_rope[e:], pool, rest)
         return self.o_proj(out.flatten(1))
 
@@ -174,23 +191,60 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("rhd,hdc->rhc", q_nope, w_uk)  # W^UK absorbed into the query
         q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)[:, None]  # [R, 1, h, c + r]: one KV head
-        o_latent = paged_attention(q, pool[:, None], pool[:, None, : self.latent_dim], rows, self.scale)[:, 0]
+        kv_width = self.latent_dim + self.rope_dim  # V3.2 pools hold the indexer key after these
+        k_cache, v_cache = pool[:, None, :kv_width], pool[:, None, : self.latent_dim]
+        o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale)[:, 0]
         return torch.einsum("rhc,hvc->rhv", o_latent.to(w_uv.dtype), w_uv)  # W^UV absorbed after attention
 
-    def _attend_paged_expanded(self, q_nope, q_rope, pool, rows: PagedRows, num_seqs: int) -> torch.Tensor:
+    def _attend_paged_expanded(
+        self, q_nope, q_rope, pool, rows: PagedRows, num_seqs: int, dsa: tuple | None = None
+    ) -> torch.Tensor:
         """The expanded form over the gathered context of the first `num_seqs` sequences of `rows` (their query
-        rows only): for long chunks after a cached prefix, and the reference the absorbed path must equal."""
+        rows only): for long chunks after a cached prefix, and the reference the absorbed path must equal.
+        dsa: V3.2's indexer queries and head weights of these rows (keys outside their selection are masked)."""
         slots, cu, lens = rows.context_slots(), rows.cu_q.tolist(), rows.context_lens.tolist()
         out = []
         for i, n_ctx in enumerate(lens[:num_seqs]):
             q_rows = slice(cu[i], cu[i + 1])
             n = cu[i + 1] - cu[i]
             ctx = pool[slots[i, :n_ctx].to(pool.device)]
-            latent, k_rope = ctx.split([self.latent_dim, self.rope_dim], dim=-1)
+            latent, k_rope, index_keys = ctx.split([self.latent_dim, self.rope_dim, ctx.shape[1] - self.latent_dim
+                                                    - self.rope_dim], dim=-1)
             k_nope, v = self.kv_b_proj(latent).view(n_ctx, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
             q = torch.cat([q_nope[q_rows], q_rope[q_rows]], dim=-1)
             k = torch.cat([k_nope, k_rope[:, None].expand(n_ctx, self.n_heads, self.rope_dim)], dim=-1)
             visible = torch.arange(n_ctx, device=pool.device)[None, :] <= torch.arange(
                 n_ctx - n, n_ctx, device=pool.device)[:, None]
+            if dsa is not None:
+                selected = self.indexer.mask(dsa[0][q_rows], dsa[1][q_rows], index_keys)
+                visible = visible if selected is None else selected
             out.append(dense_attention(q, k, v, self.scale, visible))
         return torch.cat(out)
+
+    # ---- V3.2 sparse attention -----------------------------------------------------------------------------
+    def _sparse_mask(self, mask: torch.Tensor | None, iq, iw, index_keys) -> torch.Tensor | None:
+        """A prefill segment's mask (None: causal; else bool or additive [s, s]) narrowed to the indexer's picks."""
+        visible = None if mask is None else (mask if mask.dtype == torch.bool else mask > float("-inf"))
+        selected = self.indexer.mask(iq, iw, index_keys, visible)
+        if selected is None or mask is None or mask.dtype == torch.bool:
+            return mask if selected is None else selected
+        return mask.masked_fill(~selected, float("-inf"))
+
+    def _attend_paged_sparse(self, q_nope, q_rope, pool, rows: PagedRows, iq, iw) -> torch.Tensor:
+        """Absorbed ("MQA mode") over each row's selected keys only (DSA's decode: index_topk keys per row,
+        whatever the context). The picks become a block table of one-slot blocks per row, each row its own
+        sequence, so the paged kernel reads them in place. [R, h, d], [R, h, r] -> [R, h, v]."""
+        kv_width = self.latent_dim + self.rope_dim
+        slots, cu, lens = rows.context_slots(), rows.cu_q.tolist(), rows.context_lens.tolist()
+        k = min(self.indexer.topk, rows.max_context)
+        picked = torch.zeros(rows.num_rows, k, dtype=torch.int32)
+        n_picked = torch.zeros(rows.num_rows, dtype=torch.int32)
+        for i, n_ctx in enumerate(lens):
+            q_rows = slice(cu[i], cu[i + 1])
+            ctx_slots = slots[i, :n_ctx]
+            idx, ok = self.indexer.select(iq[q_rows], iw[q_rows], pool[ctx_slots.to(pool.device), kv_width:])
+            # picks come best first, so a row's valid ones (those it may see) lead
+            picked[q_rows, : idx.shape[1]] = ctx_slots[idx.cpu()].to(torch.int32)
+            n_picked[q_rows] = ok.sum(dim=1, dtype=torch.int32).cpu()
+        per_row = PagedRows(rows.start, torch.arange(rows.num_rows + 1, dtype=torch.int32), n_picked, picked, 1, k)
+        return self._attend_paged(q_nope, q_rope, pool, per_row)

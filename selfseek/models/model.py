@@ -15,25 +15,12 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
-from selfseek.models.attention import Attention
 from selfseek.models.batch import AttnBatch, build_batch
-from selfseek.models.layers import MLP, RMSNorm
-from selfseek.models.mla import MLA
-from selfseek.models.moe import MoE
+from selfseek.models.decoder import DecoderLayer
+from selfseek.models.layers import RMSNorm
 from selfseek.models.mtp import MTPLayer
 
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg) if cfg.is_mla else Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x: torch.Tensor, cos_sin, batch: AttnBatch, pool: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+__all__ = ["Backbone", "CausalLM", "DecoderLayer"]
 
 
 class Backbone(nn.Module):
@@ -52,7 +39,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        n_mtp = cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0
+        n_mtp = cfg.num_nextn_predict_layers if cfg.model_type in ("deepseek_v3", "deepseek_v32") else 0
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
 
     @property
@@ -69,7 +56,7 @@ class CausalLM(nn.Module):
         return self.model.layers[0].self_attn.rotary
 
     def new_kv_pools(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """One paged cache tensor per layer with `num_slots` token slots (MLA: the latent only)."""
+        """One paged cache tensor per layer with `num_slots` token slots (MLA: the latent; V3.2: + indexer key)."""
         return [layer.self_attn.new_pool(num_slots, dtype or self.dtype, self.device) for layer in self.model.layers]
 
     def hidden_states(
@@ -106,13 +93,24 @@ class CausalLM(nn.Module):
         """tokens [b, s], each row a whole sequence -> logits [b, s, vocab] (in the compute dtype)."""
         return self.logits(self.hidden_states(tokens))
 
-    def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """Draft logits for t_{i+2} from the main model's hidden h_i [b, s, m] and tokens t_{i+1} [b, s]."""
+    def mtp_hidden(
+        self, hidden: torch.Tensor, next_tokens: torch.Tensor, batch: AttnBatch, pool: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MTP module's normed output [T, m] on a flat batch, from the main model's hidden h_i [T, m] (as
+        hidden_states returns it) and tokens t_{i+1} [T]; lm_head of it gives draft logits for t_{i+2}.
+
+        h_i goes through the main model's final norm first: vLLM and SGLang feed DeepSeek's MTP weights the
+        main model's normed output. The MTP layer's cache (`pool`) is indexed like the main layers' (row i at
+        position i's slot)."""
         if not len(self.mtp):
             raise ValueError("this model has no multi-token-prediction layer")
+        cos_sin = self.rotary.cos_sin(batch.positions)
+        return self.mtp[0](self.model.norm(hidden), self.embed(next_tokens), cos_sin, batch, pool)
+
+    def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Draft logits [b, s, vocab] for t_{i+2} from hidden h_i [b, s, m] (as hidden_states returns it) and
+        tokens t_{i+1} [b, s], each row a whole sequence, no cache."""
         b, s = next_tokens.shape
         batch = build_batch([(None, 0, s)] * b, next_tokens.device)
-        embeds = self.embed(next_tokens).reshape(b * s, -1)
-        cos_sin = self.rotary.cos_sin(batch.positions)
-        x = self.mtp[0](hidden.reshape(b * s, -1), embeds, cos_sin, batch)
+        x = self.mtp_hidden(hidden.reshape(b * s, -1), next_tokens.reshape(-1), batch)
         return self.lm_head(x).view(b, s, -1)

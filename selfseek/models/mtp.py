@@ -1,7 +1,8 @@
 """Multi-token prediction module of DeepSeek-V3 (V3 paper §2.2), stored as `model.layers.{L}`.
 
-Kept for speculative decoding: given the main model's last hidden state h_i (before the final norm)
-and the embedding of token t_{i+1}, it predicts t_{i+2}:
+Drafts tokens for speculative decoding (engine/speculative.py), trained by the MTP loss: given the main
+model's output h_i (after its final norm, see CausalLM.mtp_hidden) and the embedding of t_{i+1}, it predicts
+t_{i+2}:
     x = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])      (embedding first, as the serving engines do)
     logits = head(norm(Block(x)))
 Emb and the output head are shared with the main model, so they are not stored twice here.
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
+from selfseek.models.decoder import DecoderLayer  # the MTP block is an ordinary decoder layer
 from selfseek.models.layers import RMSNorm
 
 
@@ -25,8 +27,6 @@ class SharedHead(nn.Module):
 class MTPLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        from selfseek.models.model import DecoderLayer  # the MTP block is an ordinary decoder layer
-
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)

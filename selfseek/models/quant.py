@@ -75,7 +75,17 @@ class QuantLinear(nn.Module):
         return kernels.to_float(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.packed).to(x.dtype)
+        b = self._buffers
+        packed = (b["qweight"], b["scales"], b["mins"])
+        # The kernel view is made once per set of buffers: loading copies into them in place, and anything that
+        # replaces one (`.to()`, fusing rows, setattr) makes new tensor objects, so identity says it still holds.
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0][0] is not packed[0] or cached[0][1] is not packed[1] or (
+                cached[0][2] is not packed[2]):
+            cached = (packed, kernels.prepare(packed))
+            self.__dict__["_prepared"] = cached
+        y = kernels.linear(x, packed, cached[1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -127,7 +137,7 @@ class QuantEmbedding(QuantLinear):
 
 
 def quantize_model(
-    model: nn.Module, bits: int | Callable[[str], int | None], skip: tuple[str, ...] = ("kv_b_proj",)
+    model: nn.Module, bits: int | Callable[[str], int | None], skip: tuple[str, ...] = ("kv_b_proj", "weights_proj")
 ) -> nn.Module:
     """Swap linear layers, expert stacks and the embedding for quantized ones, in place.
 
@@ -135,7 +145,8 @@ def quantize_model(
     "...experts.gate_proj") giving 8, 4 or None (stay float), e.g. from a GGUF file's tensor types.
     On a meta-device model this only changes the structure (the loader then fills it tensor by tensor);
     on a real model the float weights are quantized. kv_b_proj stays float: the absorbed MLA path folds it
-    into the query and output (and it is small).
+    into the query and output (and it is small); so does the V3.2 indexer's weights_proj, which DeepSeek's
+    reference keeps in fp32 (its head weights decide which tokens are attended).
     """
     from selfseek.models.moe import Experts
 

@@ -195,7 +195,11 @@ def serve(args) -> int:
     key_file = getattr(args, "api_key_file", None)
     engine_args = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                      "kv_cache_memory": args.kv_cache_memory,
-                                     "max_queue": getattr(args, "max_queue", None)}.items() if v is not None}
+                                     "max_queue": getattr(args, "max_queue", None),
+                                     "prefix_cache_dir": getattr(args, "prefix_cache_dir", None),
+                                     "prefix_cache_disk_bytes": getattr(args, "prefix_cache_disk_bytes", None),
+                                     "speculative_tokens": getattr(args, "speculative_tokens", None),
+                                     }.items() if v is not None}
     public = getattr(args, "public_endpoints", None)
     svc = build_service(args.model, args.dtype, args.device, args.served_model_name, engine_args,
                         getattr(args, "generation_config", "auto"), api_key=api_key,

@@ -86,9 +86,24 @@ class _EngineCollector:
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries)
         yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                       s.get("prefix_cache_hit_tokens", 0))
+        if "disk_writes" in s:  # the prefix cache's disk tier (engine/disk_cache.py)
+            yield counter("prefix_cache_disk_hits", "Prompt tokens read back from the prefix cache's disk tier "
+                          "(also counted in prefix_cache_hits).", s.get("prefix_cache_disk_hit_tokens", 0))
+            yield counter("prefix_cache_disk_writes", "Cache blocks written to the disk tier.", s["disk_writes"])
+            yield counter("prefix_cache_disk_rejected", "Disk-tier files that failed verification (deleted).",
+                          s.get("disk_rejected", 0))
         yield counter("prompt_tokens", "Prompt tokens submitted.", s.get("prompt_tokens", 0))
         yield counter("generation_tokens", "Tokens generated.", s.get("generation_tokens", 0))
         yield counter("num_preemptions", "Sequences preempted to free KV cache blocks.", s.get("preemptions", 0))
+        if "spec_draft_tokens" in s:  # speculative decoding (engine/speculative.py), vLLM's metric names
+            yield counter("spec_decode_num_drafts", "Sequence-steps that verified drafts.", s["spec_verify_steps"])
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens verified.", s["spec_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s["spec_accepted_tokens"])
+            c = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, per "
+                                    "draft position.", labels=["model_name", "position"])
+            for pos, n in enumerate(s["spec_accepted_per_position"]):
+                c.add_metric([self.model_name, str(pos)], n)
+            yield c
         if self.experts is not None and self.experts.counts:
             c = CounterMetricFamily(P + "moe_expert_routed_tokens", "Tokens routed to each expert, per MoE layer.",
                                     labels=["model_name", "layer", "expert"])

@@ -53,6 +53,8 @@ def _thinking(svc: ModelService, req: OllamaRequest) -> bool | None:
     thinking = svc.resolve_model(req.model)
     if req.think is not None:
         thinking = req.think is not False and req.think != "none"
+        if thinking and not svc.supports_thinking:  # Ollama's 400: clients retry without `think`
+            raise APIError(400, f'"{req.model}" does not support thinking', param="think")
     return thinking
 
 

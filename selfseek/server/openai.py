@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -26,8 +26,8 @@ from selfseek.server.protocol import APIError, ChatCompletionRequest, ChatMessag
 from selfseek.server.reasoning import ReasoningParser
 from selfseek.server.service import ModelService, merge
 from selfseek.server.sse import DONE, KEEP_ALIVE, Stream, sse_event
-from selfseek.server.stream import Generation
-from selfseek.server.tools import Function, ToolCallParser, make_parser
+from selfseek.server.stream import Event, Generation
+from selfseek.server.tools import Function, ToolCallParser
 
 router = APIRouter()
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -159,7 +159,7 @@ class ChatChoice:
         """A choice parsing what this model writes: reasoning when it thinks (or the prompt opened a thought),
         tool calls in the model's format when tools were offered."""
         reasoning = ReasoningParser(reasoning_open) if svc.supports_thinking or reasoning_open else None
-        return cls(index, svc, reasoning, make_parser(svc.tool_format, parallel) if tools else None, top_logprobs)
+        return cls(index, svc, reasoning, svc.tool_format.parser(parallel) if tools else None, top_logprobs)
 
     def feed(self, d: RequestDelta) -> tuple[dict, dict | None]:
         """The delta dict for this engine delta (empty if nothing is new yet) and its logprobs."""
@@ -259,7 +259,7 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None
         grammar = svc.json_grammar(schema, prompt.reasoning_open, "response_format")
 
     # V3.2 spells its tool markup with a special token; the others' markers survive skipping specials
-    skip = req.skip_special_tokens and not (mode and svc.tool_format == "deepseek_v32")
+    skip = req.skip_special_tokens and not (mode and svc.tool_format.keeps_special_tokens)
     params = sampling_params(svc, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, skip, salt)
     return thinking, prompt, ids, mode, grammar, params
 
@@ -285,7 +285,10 @@ async def chat_completions(request: Request) -> Response:
     head = {"id": rid, "created": int(time.time()), "model": model_name, "system_fingerprint": svc.fingerprint}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Stream(_chat_stream(gen, head, thinking_mode, include_usage), "text/event-stream", on_close=gen.abort)
+        delta = {"role": "assistant", "content": "", **({"reasoning_content": ""} if thinking_mode else {})}
+        first = [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None} for c in choices]
+        body = sse_stream(gen, {**head, "object": "chat.completion.chunk"}, first, _chat_piece, include_usage)
+        return Stream(body, "text/event-stream", on_close=gen.abort)
     await gen.collect(request)
     return JSONResponse({
         **head, "object": "chat.completion",
@@ -295,34 +298,34 @@ async def chat_completions(request: Request) -> Response:
     })
 
 
-async def _chat_stream(gen: Generation, head: dict, thinking_mode: bool, include_usage: bool) -> AsyncIterator[bytes]:
-    chunk_head = {**head, "object": "chat.completion.chunk"}
+def _chat_piece(e: Event) -> dict | None:
+    """A chat chunk's choice for an event (None: nothing new yet); a choice's last one always comes."""
+    delta, logprobs = e.out
+    if not (delta or logprobs or e.finished):
+        return None
+    return {"index": e.choice.index, "delta": delta or ({"content": ""} if e.finished else delta),
+            "logprobs": logprobs, "finish_reason": e.choice.finish_reason}
+
+
+async def sse_stream(gen: Generation, head: dict, first: list[dict], piece: Callable[[Event], dict | None],
+                     include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's (and DeepSeek's) SSE stream, chat or completions: `first` choices, then piece(event) per event;
+    DeepSeek: the totals ride on the last chunk; OpenAI (include_usage): every chunk has "usage": null and
+    a last chunk with no choices carries the totals. A failure is an error event."""
     extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
-        return {**chunk_head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish}], **extra}
-
-    first = {"role": "assistant", "content": ""}
-    if thinking_mode:
-        first["reasoning_content"] = ""
-    for c in gen.choices:
-        yield sse_event(chunk(c.index, first))
+    for choice in first:
+        yield sse_event({**head, "choices": [choice], **extra})
     try:
         async for e in gen.events():
             if e is None:
                 yield KEEP_ALIVE
-            elif not e.finished:
-                delta, logprobs = e.out
-                if delta or logprobs:
-                    yield sse_event(chunk(e.choice.index, delta, logprobs))
-            else:
-                out = chunk(e.choice.index, e.out[0] or {"content": ""}, e.out[1], e.choice.finish_reason)
-                if e.last:  # DeepSeek: the totals ride on the last chunk
+            elif (choice := piece(e)) is not None:
+                out = {**head, "choices": [choice], **extra}
+                if e.last:
                     out["usage"] = gen.usage()
                 yield sse_event(out)
-                if e.last and include_usage:  # OpenAI: the totals in a chunk of their own too
-                    yield sse_event({**chunk_head, "choices": [], "usage": gen.usage()})
+                if e.last and include_usage:
+                    yield sse_event({**head, "choices": [], "usage": out["usage"]})
     except APIError as err:
         yield sse_event(err.body())
         return
@@ -455,7 +458,9 @@ async def completions(request: Request) -> Response:
     echoed = [c.echo_logprobs(prompts[c.index // n][1]) for c in choices] if req.echo else []
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Stream(_completion_stream(gen, head, echoed, include_usage), "text/event-stream", on_close=abort)
+        first = [{"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": None}
+                 for c, lp in zip(choices, echoed, strict=False)]
+        return Stream(sse_stream(gen, head, first, _text_piece, include_usage), "text/event-stream", on_close=abort)
     await gen.collect(request)
     return JSONResponse({
         **head,
@@ -474,31 +479,7 @@ async def _offset(deltas: AsyncIterator[RequestDelta], base: int) -> AsyncIterat
         await deltas.aclose()
 
 
-async def _completion_stream(gen: Generation, head: dict, echoed: list[dict | None],
-                             include_usage: bool) -> AsyncIterator[bytes]:
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, text: str, logprobs: dict | None, finish: str | None = None) -> dict:
-        return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-                **extra}
-
-    for c, logprobs in zip(gen.choices, echoed, strict=False):
-        yield sse_event(chunk(c.index, c.text, logprobs))
-    try:
-        async for e in gen.events():
-            if e is None:
-                yield KEEP_ALIVE
-            elif not e.finished:
-                if e.delta.text or e.out:
-                    yield sse_event(chunk(e.choice.index, e.delta.text, e.out))
-            else:
-                out = chunk(e.choice.index, e.delta.text, e.out, e.choice.finish_reason)
-                if e.last:
-                    out["usage"] = gen.usage()
-                yield sse_event(out)
-                if e.last and include_usage:
-                    yield sse_event({**head, "choices": [], "usage": gen.usage()})
-    except APIError as err:
-        yield sse_event(err.body())
-        return
-    yield DONE
+def _text_piece(e: Event) -> dict | None:
+    if not (e.delta.text or e.out or e.finished):
+        return None
+    return {"index": e.choice.index, "text": e.delta.text, "logprobs": e.out, "finish_reason": e.choice.finish_reason}

@@ -1,9 +1,9 @@
 """Chat messages -> prompt text: the checkpoint's chat template, plus what the templates leave out.
 
 - Tools: DeepSeek's V3/R1/V3.1 templates render tool calls and results in the history but not the list of
-  tools, so that list (tools.tools_prompt) joins the system prompt. A template without a tool format at
-  all gets the generic format: past calls become assistant text and results become user turns.
-- V3.2 ships no Jinja template; its Python encoder is reproduced here (architecture.md §10.4).
+  tools, so that list (the family's ToolFormat.tools_prompt) joins the system prompt. A template without a
+  tool format at all gets the generic family, whose history() writes past calls and results as text.
+- V3.2 ships no Jinja template; its family renders the whole prompt (tools.DSMLFormat, architecture.md §10.4).
 - Chat prefix completion (DeepSeek's `prefix: true`): the conversation before the prefix message is
   rendered with the generation prompt, then the prefix is appended open-ended, so every template works.
   With reasoning open, the message's `reasoning_content` continues the thought and its `content`, if
@@ -15,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfseek.server.reasoning import THINK_END, THINK_START
-from selfseek.server.tools import DSML, Function, dsml_call_text, generic_call_text, tools_prompt
+from selfseek.server.tools import Function, ToolFormat
 from selfseek.tokenizer import Tokenizer, UntrustedText
-
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 
 @dataclass
@@ -37,7 +35,7 @@ class ChatPrompt:
 
 def render_chat(
     tokenizer: Tokenizer,
-    fmt: str,
+    fmt: ToolFormat,
     messages: list[dict],
     functions: list[Function] | None = None,
     thinking: bool | None = None,
@@ -58,14 +56,12 @@ def render_chat(
                               f.strict) for f in functions] if functions else functions
         template_kwargs = untrusted.hide(template_kwargs)
         prefix = untrusted.hide(prefix)
-    messages = [dict(m) for m in messages]
-    if fmt == "generic" and any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-        messages = _generic_history(messages)
-    if fmt == "deepseek_v32" and not tokenizer.chat_template:
-        text = encode_v32(messages, bool(thinking), functions)
+    messages = fmt.history([dict(m) for m in messages])
+    if fmt.own_prompt and not tokenizer.chat_template:
+        text = fmt.render(messages, bool(thinking), functions)
     else:
         if functions and "tools" not in (tokenizer.chat_template or ""):
-            messages = _with_system(messages, tools_prompt(fmt, functions))
+            messages = _with_system(messages, fmt.tools_prompt(functions))
         kwargs = {} if thinking is None else {"thinking": thinking, "enable_thinking": thinking}
         kwargs |= template_kwargs or {}
         text = tokenizer.apply_chat_template(
@@ -97,61 +93,3 @@ def _with_system(messages: list[dict], extra: str) -> list[dict]:
             m["content"] = f"{m['content']}\n\n{extra}" if m.get("content") else extra
             return messages
     return [{"role": "system", "content": extra}, *messages]
-
-
-def _generic_history(messages: list[dict]) -> list[dict]:
-    """Past tool calls as the assistant's own text and tool results as user turns, for templates that
-    know neither (runs of results merge into one turn, so user/assistant keep alternating)."""
-    out: list[dict] = []
-    for m in messages:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            calls = "\n".join(generic_call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
-                              for c in m["tool_calls"])
-            text = f"{m['content']}\n{calls}" if m.get("content") else calls
-            out.append({"role": "assistant", "content": text})
-        elif m["role"] == "tool":
-            block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
-            if out and out[-1].get("_tool_results"):
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block, "_tool_results": True})
-        else:
-            out.append(m)
-    for m in out:
-        m.pop("_tool_results", None)
-    return out
-
-
-def encode_v32(messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
-    """DeepSeek-V3.2's prompt encoding (it ships Python, not Jinja): user turns end with <think> (thinking,
-    last user turn) or </think>; earlier reasoning is dropped; tools are listed in the system prompt in
-    DSML; results follow the calls inside <function_results>."""
-    if functions and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": ""}, *messages]
-    last_user = max((i for i, m in enumerate(messages) if m["role"] in ("user", "developer")), default=-1)
-    out = BOS
-    tools_done = False
-    for i, m in enumerate(messages):
-        role, content = m["role"], m.get("content") or ""
-        if role == "system":
-            out += content
-            if functions and not tools_done:
-                out += "\n\n" + tools_prompt("deepseek_v32", functions)
-                tools_done = True
-        elif role in ("user", "developer"):
-            out += f"<｜User｜>{content}<｜Assistant｜>" + (THINK_START if thinking and i == last_user else THINK_END)
-        elif role == "tool":
-            if i == 0 or messages[i - 1]["role"] != "tool":
-                out += "\n\n<function_results>"
-            out += f"\n<result>{content}</result>"
-            if i + 1 == len(messages) or messages[i + 1]["role"] != "tool":
-                out += "\n</function_results>\n\n" + (THINK_START if thinking and i > last_user else THINK_END)
-        elif role == "assistant":
-            reasoning = (m.get("reasoning_content") or "") + THINK_END if thinking and i > last_user else ""
-            calls = ""
-            if m.get("tool_calls"):
-                body = "\n".join(dsml_call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
-                                 for c in m["tool_calls"])
-                calls = f"\n\n<{DSML}function_calls>\n{body}\n</{DSML}function_calls>"
-            out += reasoning + content + calls + EOS
-    return out

@@ -26,7 +26,7 @@ from selfseek.server.prompts import ChatPrompt, render_chat
 from selfseek.server.protocol import APIError
 from selfseek.server.reasoning import THINK_END, THINK_START
 from selfseek.server.structured import CompiledGrammar, GrammarCompiler, GrammarError, json_rule, with_reasoning
-from selfseek.server.tools import FORMATS, Function, detect_format, tool_grammar
+from selfseek.server.tools import FORMATS, Function, detect_format
 from selfseek.tokenizer import UntrustedText
 
 T = TypeVar("T")
@@ -77,8 +77,8 @@ class ModelService:
         self.fingerprint = f"fp_selfseek_{__version__}"
         tok = self.tokenizer
         if config.tool_format not in ("auto", *FORMATS):
-            raise ValueError(f"unknown tool format {config.tool_format!r}; choose auto or one of {FORMATS}")
-        self.tool_format = detect_format(tok) if config.tool_format == "auto" else config.tool_format
+            raise ValueError(f"unknown tool format {config.tool_format!r}; choose auto or one of {tuple(FORMATS)}")
+        self.tool_format = detect_format(tok) if config.tool_format == "auto" else FORMATS[config.tool_format]
 
         def vocab_has(text: str) -> bool:
             return tok is not None and tok.token_to_id(text) is not None
@@ -153,7 +153,7 @@ class ModelService:
     def chat_prompt(self, messages: list[dict], functions: list[Function] | None, thinking: bool | None,
                     template_kwargs: dict | None, prefix: dict | None) -> ChatPrompt:
         self.require_tokenizer()
-        if not self.tokenizer.chat_template and self.tool_format != "deepseek_v32":
+        if not self.tokenizer.chat_template and not self.tool_format.own_prompt:
             raise APIError(400, "this model has no chat template (a base model): use /completions",
                            param="messages", code="no_chat_template")
         try:
@@ -267,7 +267,7 @@ class ModelService:
     def tools_grammar(self, functions: list[Function], mode: str, parallel: bool,
                       reasoning_open: bool) -> CompiledGrammar | None:
         gc = self._require_grammars("tools")
-        rules = tool_grammar(self.tool_format, functions, mode, parallel, gc.literal, gc.added)
+        rules = self.tool_format.grammar(functions, mode, parallel, gc.literal, gc.added)
         if rules is None:
             return None
         return self._compile(gc, with_reasoning(rules, reasoning_open, self.think_end_id), "tools")

@@ -1,10 +1,11 @@
 """Tool calls: the token formats DeepSeek models were trained on, plus a generic one for other models.
 
-For each format this module has the tool description the server adds to the system prompt (the DeepSeek
-chat templates render tool calls and results in history but not the tool list), a streaming parser from
+One ToolFormat per family, picked from the checkpoint's chat template (detect_format), holds all of it: the tool
+list the server adds to the system prompt (DeepSeek's templates render tool calls and results in the history
+but not the tool list), past calls and results where the template cannot render them, a streaming parser from
 model text to OpenAI `tool_calls` deltas, and the grammar that constrains the calls when asked to.
 
-Formats (architecture.md §10.2, api.md §5):
+Families (architecture.md §10.2, api.md §5):
 - deepseek_v3 (V3, V3-0324, R1, R1-0528): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
   \\n```json\\nARGS\\n```<｜tool▁call▁end｜>` ... `<｜tool▁calls▁end｜>`, calls separated by "\\n";
 - deepseek_v31 (V3.1): `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`, no type, no fence;
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from selfseek.server.reasoning import partial_suffix
+from selfseek.server.reasoning import THINK_END, THINK_START, partial_suffix
 from selfseek.server.structured import json_rule
 from selfseek.tokenizer import Tokenizer
 
@@ -33,8 +34,7 @@ CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁en
 DSML = "｜DSML｜"
 DSML_BEGIN, DSML_END = f"<{DSML}function_calls>", f"</{DSML}function_calls>"
 GENERIC_BEGIN, GENERIC_END = "<tool_call>", "</tool_call>"
-
-FORMATS = ("deepseek_v3", "deepseek_v31", "deepseek_v32", "generic")
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 GENERIC_FORMAT = """\
 You can call functions. Each call is one JSON object with the function's name and its arguments,
@@ -54,89 +54,6 @@ class Function:
     description: str | None
     parameters: dict
     strict: bool = False
-
-
-def detect_format(tokenizer: Tokenizer | None) -> str:
-    """The tool format the checkpoint's template (or, for V3.2, its vocabulary) speaks."""
-    if tokenizer is None:
-        return "generic"
-    template = tokenizer.chat_template or ""
-    if CALL_BEGIN in template:
-        return "deepseek_v3" if "```json" in template else "deepseek_v31"
-    if not template and tokenizer.token_to_id(DSML) is not None:
-        return "deepseek_v32"
-    return "generic"
-
-
-# ---- the tool list in the system prompt ------------------------------------------------------------------
-
-
-def tools_prompt(fmt: str, functions: list[Function]) -> str:
-    if fmt == "deepseek_v32":
-        return _dsml_prompt(functions)
-    if fmt == "generic":
-        listing = "\n".join(json.dumps(_schema_entry(f), ensure_ascii=False) for f in functions)
-        return f"# Tools\n\nThese functions are available:\n<tools>\n{listing}\n</tools>\n\n{GENERIC_FORMAT}"
-    lines = ["## Tools", "You have access to the following tools:"]
-    for f in functions:
-        lines += [f"\n### {f.name}", f"Description: {f.description or ''}",
-                  f"\nParameters: {json.dumps(f.parameters, ensure_ascii=False)}"]
-    if fmt == "deepseek_v31":
-        # V3.1's model card wording, which the model was trained on
-        lines += ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
-                  f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{SEP}tool_call_arguments{CALL_END}"
-                  f"{{{{additional_tool_calls}}}}{CALLS_END}",
-                  "\nWhere:\n- `tool_call_name` must be an exact match to one of the available tools",
-                  "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
-                  "- For multiple tool calls, chain them directly without separators or spaces"]
-    else:
-        lines += ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
-                  f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}tool_call_name\n```json\ntool_call_arguments\n```"
-                  f"{CALL_END}{CALLS_END}",
-                  "\nWhere `tool_call_name` is one of the available tools and `tool_call_arguments` is valid JSON "
-                  "following its Parameters schema. Further calls follow the first, separated by a newline."]
-    return "\n".join(lines)
-
-
-def _schema_entry(f: Function) -> dict:
-    entry = {"name": f.name, "description": f.description or "", "parameters": f.parameters}
-    return {"type": "function", "function": entry}
-
-
-def _dsml_prompt(functions: list[Function]) -> str:
-    d = DSML
-    schemas = "\n".join(
-        json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters},
-                   ensure_ascii=False) for f in functions)
-    return (
-        "## Tools\n\nYou have access to a set of tools you can use to answer the user's question.\n"
-        f'You can invoke functions by writing a "<{d}function_calls>" block like the following as part of '
-        f"your reply to the user:\n<{d}function_calls>\n<{d}invoke name=\"$FUNCTION_NAME\">\n"
-        f'<{d}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{d}parameter>\n...\n'
-        f"</{d}invoke>\n<{d}invoke name=\"$FUNCTION_NAME2\">\n...\n</{d}invoke>\n</{d}function_calls>\n\n"
-        "String and scalar parameters should be specified as is without any escaping or quotes, while lists "
-        'and objects should use JSON format. The "string" attribute should be set to "true" for string type '
-        'parameters and "false" for other types (numbers, booleans, arrays, objects).\n\n'
-        f"Here are the functions available in JSONSchema format:\n<functions>\n{schemas}\n</functions>\n"
-    )
-
-
-def generic_call_text(name: str, arguments: str) -> str:
-    """A past call of the generic format, as the assistant wrote it (history re-rendering)."""
-    body = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
-    return f"{GENERIC_BEGIN}\n{body}\n{GENERIC_END}"
-
-
-def dsml_call_text(name: str, arguments: str) -> str:
-    try:
-        args = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError:
-        args = {}
-    params = "\n".join(
-        f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
-        f"{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}</{DSML}parameter>"
-        for k, v in (args.items() if isinstance(args, dict) else []))
-    return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------
@@ -363,77 +280,285 @@ def _dsml_value(raw: str, is_string: str) -> str:
         return json.dumps(raw, ensure_ascii=False)
 
 
-PARSERS = {"deepseek_v3": DeepSeekV3Parser, "deepseek_v31": DeepSeekV31Parser,
-           "deepseek_v32": DSMLParser, "generic": GenericParser}
+# ---- the families -----------------------------------------------------------------------------------------
 
 
-def make_parser(fmt: str, parallel: bool = True) -> ToolCallParser:
-    return PARSERS[fmt](parallel)
+class ToolFormat:
+    """One tool-call family: how its tool list and past calls are written into the prompt, how its calls are
+    parsed from the stream, and the grammar that forces them. A new family is one subclass, listed in FAMILIES."""
 
+    name: str
+    parser_class: type[ToolCallParser]
+    trigger: str  # the text that opens a calls block
+    keeps_special_tokens = False  # its markup is a special token, which detokenizing must not skip
+    own_prompt = False  # the model ships no Jinja template: render() writes the whole prompt
 
-# ---- grammars --------------------------------------------------------------------------------------------
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        """Whether the checkpoint's chat template (or vocabulary) uses this family."""
+        raise NotImplementedError
 
+    def tools_prompt(self, functions: list[Function]) -> str:
+        """The tool list, for the system prompt (templates that take no `tools` render none themselves)."""
+        raise NotImplementedError
 
-def tool_grammar(
-    fmt: str, functions: list[Function], mode: str, parallel: bool, lit: Callable[[str], str], added: dict[str, int]
-) -> str | None:
-    """Lark rules defining `body` for the model's tool-call output, or None when this format cannot be
-    constrained in this mode. mode: "required" (at least one call), "named" (one call of functions[0]),
-    "auto" (text, or text then calls, with the calls constrained). lit: text -> Lark literal."""
-    rules: list[str] = []
-    names = []
-    for i, f in enumerate(functions):
-        # a forced or strict call follows the tool's schema, its objects closed (no copying the tool listing
-        # into extra keys); a free call in auto mode is any object
-        closed = f.strict or mode != "auto"
-        schema = f.parameters if closed else {"type": "object"}
-        names.append(f"fn{i}")
-        if fmt == "deepseek_v31":
-            rules.append(f"fn{i}: {lit(f.name + SEP)} {json_rule(schema, closed)}")
-        elif fmt == "deepseek_v3":
-            rules.append(f"fn{i}: {lit(f.name + chr(10) + '```json' + chr(10))} {json_rule(schema, closed)}")
-        elif fmt == "generic":
-            call = {"type": "object", "properties": {"name": {"const": f.name}, "arguments": schema},
-                    "required": ["name", "arguments"], "additionalProperties": False}
-            rules.append(f"fn{i}: {json_rule(call, closed)}")
-        elif fmt == "deepseek_v32":
-            if mode == "auto":
-                return None  # the DSML trigger starts with "<", which free text must keep: no lazy form
-            head = lit(f'<{DSML}invoke name="{f.name}">\n')
-            rules.append(f"fn{i}: {head} {_dsml_params(i, schema, lit, rules, closed)} {lit(f'</{DSML}invoke>')}")
-    if mode == "named":
-        names = names[:1]
-    rules.append(f"fn: {' | '.join(names)}")
-    multi = parallel and mode != "named"
+    def history(self, messages: list[dict]) -> list[dict]:
+        """The conversation as the template takes it: DeepSeek's templates render past calls and results."""
+        return messages
 
-    def repeated(call: str, sep: str) -> str:  # one call, or several separated by `sep`
-        return f"{call} ({sep} {call})*" if multi else call
+    def render(self, messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
+        """The whole prompt (own_prompt families only)."""
+        raise NotImplementedError
 
-    nl = lit("\n")
-    if fmt == "deepseek_v31":  # calls chained without separators
-        begin = lit(CALLS_BEGIN)
-        rules += [f"call: {lit(CALL_BEGIN)} fn {lit(CALL_END)}", f"calls: call{'+' if multi else ''} {lit(CALLS_END)}"]
-    elif fmt == "deepseek_v3":
-        begin = lit(CALLS_BEGIN)
-        rules += [f"call: {lit(CALL_BEGIN + 'function' + SEP)} fn {lit(chr(10) + '```' + CALL_END)}",
-                  f"calls: {repeated('call', nl)} {lit(CALLS_END)}"]
-    elif fmt == "generic":
-        begin = lit(GENERIC_BEGIN)
-        rules += [f"call: {nl} fn {lit(chr(10) + GENERIC_END)}",
-                  f"calls: {repeated('call', lit(chr(10) + GENERIC_BEGIN))}"]
-    else:
-        begin = lit(DSML_BEGIN + "\n")
-        rules += [f"calls: {repeated('fn', nl)} {lit(chr(10) + DSML_END)}"]
-    # `calls` starts after the block's opening marker, which auto mode leaves to the model
-    if mode != "auto":
-        rules.append(f"body: {begin} calls")
-    else:
-        trigger = {"deepseek_v31": CALLS_BEGIN, "deepseek_v3": CALLS_BEGIN, "generic": GENERIC_BEGIN}[fmt]
-        if trigger in added:  # an added token ends free text by itself (a regex cannot match it)
+    def parser(self, parallel: bool = True) -> ToolCallParser:
+        return self.parser_class(parallel)
+
+    def grammar(self, functions: list[Function], mode: str, parallel: bool, lit: Callable[[str], str],
+                added: dict[str, int]) -> str | None:
+        """Lark rules defining `body` for the model's tool-call output, or None when this family cannot be
+        constrained in this mode. mode: "required" (at least one call), "named" (one call of functions[0]),
+        "auto" (text, or text then calls, with the calls constrained). lit: text -> Lark literal; added: the
+        tokenizer's added tokens."""
+        rules: list[str] = []
+        names = []
+        for i, f in enumerate(functions):
+            # a forced or strict call follows the tool's schema, its objects closed (no copying the tool listing
+            # into extra keys); a free call in auto mode is any object
+            closed = f.strict or mode != "auto"
+            schema = f.parameters if closed else {"type": "object"}
+            rules.append(f"fn{i}: {self._call(i, f, schema, closed, lit, rules)}")
+            names.append(f"fn{i}")
+        rules.append(f"fn: {' | '.join(names[:1] if mode == 'named' else names)}")
+        multi = parallel and mode != "named"
+        begin = self._calls(lambda call, sep: f"{call} ({sep} {call})*" if multi else call, multi, lit, rules)
+        # `calls` starts after the block's opening marker, which auto mode leaves to the model
+        if mode != "auto":
+            rules.append(f"body: {begin} calls")
+        elif self.trigger in added:  # an added token ends free text by itself (a regex cannot match it)
             rules += [f"body: TEXT ({begin} calls)?", "TEXT: /(?s:.*)/"]
         else:  # free text alone, or free text up to the trigger's text (lazily), then the calls
-            rules += ["body: TEXT | head calls", "TEXT: /(?s:.*)/", f"head[lazy]: /(?s:.*){re.escape(trigger)}/"]
-    return "\n".join(rules)
+            rules += ["body: TEXT | head calls", "TEXT: /(?s:.*)/", f"head[lazy]: /(?s:.*){re.escape(self.trigger)}/"]
+        return "\n".join(rules)
+
+    def _call(self, i: int, f: Function, schema: dict, closed: bool, lit: Callable[[str], str],
+              rules: list[str]) -> str:
+        """The right-hand side of rule fn{i}: one call of f (helper rules go to `rules`)."""
+        raise NotImplementedError
+
+    def _calls(self, repeated: Callable[[str, str], str], multi: bool, lit: Callable[[str], str],
+               rules: list[str]) -> str:
+        """Adds the `calls` rule (the block after its opening marker); returns the opening marker's literal."""
+        raise NotImplementedError
+
+
+class DeepSeekV3Format(ToolFormat):
+    """V3, V3-0324, R1, R1-0528: typed calls with fenced JSON arguments, separated by newlines."""
+
+    name, parser_class, trigger = "deepseek_v3", DeepSeekV3Parser, CALLS_BEGIN
+    usage = ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
+             f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}tool_call_name\n```json\ntool_call_arguments\n```"
+             f"{CALL_END}{CALLS_END}",
+             "\nWhere `tool_call_name` is one of the available tools and `tool_call_arguments` is valid JSON "
+             "following its Parameters schema. Further calls follow the first, separated by a newline."]
+
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        template = tokenizer.chat_template or ""
+        return CALL_BEGIN in template and "```json" in template
+
+    def tools_prompt(self, functions: list[Function]) -> str:
+        lines = ["## Tools", "You have access to the following tools:"]
+        for f in functions:
+            lines += [f"\n### {f.name}", f"Description: {f.description or ''}",
+                      f"\nParameters: {json.dumps(f.parameters, ensure_ascii=False)}"]
+        return "\n".join(lines + self.usage)
+
+    def _call(self, i, f, schema, closed, lit, rules) -> str:
+        return f"{lit(f.name + chr(10) + '```json' + chr(10))} {json_rule(schema, closed)}"
+
+    def _calls(self, repeated, multi, lit, rules) -> str:
+        rules += [f"call: {lit(CALL_BEGIN + 'function' + SEP)} fn {lit(chr(10) + '```' + CALL_END)}",
+                  f"calls: {repeated('call', lit(chr(10)))} {lit(CALLS_END)}"]
+        return lit(CALLS_BEGIN)
+
+
+class DeepSeekV31Format(DeepSeekV3Format):
+    """V3.1: NAME<｜tool▁sep｜>ARGS, no type, no fence, calls chained without separators."""
+
+    name, parser_class = "deepseek_v31", DeepSeekV31Parser
+    # V3.1's model card wording, which the model was trained on
+    usage = ["\nIMPORTANT: ALWAYS adhere to this exact format for tool use:",
+             f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{SEP}tool_call_arguments{CALL_END}"
+             f"{{{{additional_tool_calls}}}}{CALLS_END}",
+             "\nWhere:\n- `tool_call_name` must be an exact match to one of the available tools",
+             "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
+             "- For multiple tool calls, chain them directly without separators or spaces"]
+
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        template = tokenizer.chat_template or ""
+        return CALL_BEGIN in template and "```json" not in template
+
+    def _call(self, i, f, schema, closed, lit, rules) -> str:
+        return f"{lit(f.name + SEP)} {json_rule(schema, closed)}"
+
+    def _calls(self, repeated, multi, lit, rules) -> str:
+        rules += [f"call: {lit(CALL_BEGIN)} fn {lit(CALL_END)}", f"calls: call{'+' if multi else ''} {lit(CALLS_END)}"]
+        return lit(CALLS_BEGIN)
+
+
+class DSMLFormat(ToolFormat):
+    """V3.2 (no Jinja template; its Python encoder is reproduced in render()): DSML markup, one parameter element
+    per argument, spelled with the ｜DSML｜ special token."""
+
+    name, parser_class, trigger = "deepseek_v32", DSMLParser, DSML_BEGIN
+    keeps_special_tokens = own_prompt = True
+
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        return not tokenizer.chat_template and tokenizer.token_to_id(DSML) is not None
+
+    def tools_prompt(self, functions: list[Function]) -> str:
+        d = DSML
+        schemas = "\n".join(
+            json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters},
+                       ensure_ascii=False) for f in functions)
+        return (
+            "## Tools\n\nYou have access to a set of tools you can use to answer the user's question.\n"
+            f'You can invoke functions by writing a "<{d}function_calls>" block like the following as part of '
+            f"your reply to the user:\n<{d}function_calls>\n<{d}invoke name=\"$FUNCTION_NAME\">\n"
+            f'<{d}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{d}parameter>\n...\n'
+            f"</{d}invoke>\n<{d}invoke name=\"$FUNCTION_NAME2\">\n...\n</{d}invoke>\n</{d}function_calls>\n\n"
+            "String and scalar parameters should be specified as is without any escaping or quotes, while lists "
+            'and objects should use JSON format. The "string" attribute should be set to "true" for string type '
+            'parameters and "false" for other types (numbers, booleans, arrays, objects).\n\n'
+            f"Here are the functions available in JSONSchema format:\n<functions>\n{schemas}\n</functions>\n"
+        )
+
+    @staticmethod
+    def call_text(name: str, arguments: str) -> str:
+        """A past call, as the model writes it."""
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            args = {}
+        params = "\n".join(
+            f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
+            f"{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}</{DSML}parameter>"
+            for k, v in (args.items() if isinstance(args, dict) else []))
+        return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
+
+    def render(self, messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
+        """DeepSeek-V3.2's prompt encoding: user turns end with <think> (thinking, last user turn) or </think>;
+        earlier reasoning is dropped; tools are listed in the system prompt in DSML; results follow the calls
+        inside <function_results>."""
+        if functions and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": ""}, *messages]
+        last_user = max((i for i, m in enumerate(messages) if m["role"] in ("user", "developer")), default=-1)
+        out = BOS
+        tools_done = False
+        for i, m in enumerate(messages):
+            role, content = m["role"], m.get("content") or ""
+            if role == "system":
+                out += content
+                if functions and not tools_done:
+                    out += "\n\n" + self.tools_prompt(functions)
+                    tools_done = True
+            elif role in ("user", "developer"):
+                out += f"<｜User｜>{content}<｜Assistant｜>"
+                out += THINK_START if thinking and i == last_user else THINK_END
+            elif role == "tool":
+                if i == 0 or messages[i - 1]["role"] != "tool":
+                    out += "\n\n<function_results>"
+                out += f"\n<result>{content}</result>"
+                if i + 1 == len(messages) or messages[i + 1]["role"] != "tool":
+                    out += "\n</function_results>\n\n" + (THINK_START if thinking and i > last_user else THINK_END)
+            elif role == "assistant":
+                reasoning = (m.get("reasoning_content") or "") + THINK_END if thinking and i > last_user else ""
+                calls = ""
+                if m.get("tool_calls"):
+                    body = "\n".join(self.call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
+                                     for c in m["tool_calls"])
+                    calls = f"\n\n<{DSML}function_calls>\n{body}\n</{DSML}function_calls>"
+                out += reasoning + content + calls + EOS
+        return out
+
+    def grammar(self, functions, mode, parallel, lit, added) -> str | None:
+        if mode == "auto":
+            return None  # the DSML trigger starts with "<", which free text must keep: no lazy form
+        return super().grammar(functions, mode, parallel, lit, added)
+
+    def _call(self, i, f, schema, closed, lit, rules) -> str:
+        head = lit(f'<{DSML}invoke name="{f.name}">\n')
+        return f"{head} {_dsml_params(i, schema, lit, rules, closed)} {lit(f'</{DSML}invoke>')}"
+
+    def _calls(self, repeated, multi, lit, rules) -> str:
+        rules.append(f"calls: {repeated('fn', lit(chr(10)))} {lit(chr(10) + DSML_END)}")
+        return lit(DSML_BEGIN + "\n")
+
+
+class GenericFormat(ToolFormat):
+    """Any other model (e.g. SmolLM2): documented in GENERIC_FORMAT; its template knows no tool turns, so past
+    calls become the assistant's own text and results user turns."""
+
+    name, parser_class, trigger = "generic", GenericParser, GENERIC_BEGIN
+
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        return True
+
+    def tools_prompt(self, functions: list[Function]) -> str:
+        listing = "\n".join(json.dumps({"type": "function", "function": {
+            "name": f.name, "description": f.description or "", "parameters": f.parameters}}, ensure_ascii=False)
+            for f in functions)
+        return f"# Tools\n\nThese functions are available:\n<tools>\n{listing}\n</tools>\n\n{GENERIC_FORMAT}"
+
+    @staticmethod
+    def call_text(name: str, arguments: str) -> str:
+        """A past call, as the model writes it."""
+        body = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
+        return f"{GENERIC_BEGIN}\n{body}\n{GENERIC_END}"
+
+    def history(self, messages: list[dict]) -> list[dict]:
+        """Runs of tool results merge into one user turn, so user/assistant keep alternating."""
+        out: list[dict] = []
+        results = False  # the last turn holds tool results
+        for m in messages:
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                calls = "\n".join(self.call_text(c["function"]["name"], c["function"]["arguments"] or "{}")
+                                  for c in m["tool_calls"])
+                out.append({"role": "assistant", "content": f"{m['content']}\n{calls}" if m.get("content") else calls})
+            elif m["role"] == "tool":
+                block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+                if results:
+                    out[-1]["content"] += "\n" + block
+                else:
+                    out.append({"role": "user", "content": block})
+            else:
+                out.append(m)
+            results = m["role"] == "tool"
+        return out
+
+    def _call(self, i, f, schema, closed, lit, rules) -> str:
+        call = {"type": "object", "properties": {"name": {"const": f.name}, "arguments": schema},
+                "required": ["name", "arguments"], "additionalProperties": False}
+        return json_rule(call, closed)
+
+    def _calls(self, repeated, multi, lit, rules) -> str:
+        rules += [f"call: {lit(chr(10))} fn {lit(chr(10) + GENERIC_END)}",
+                  f"calls: {repeated('call', lit(chr(10) + GENERIC_BEGIN))}"]
+        return lit(GENERIC_BEGIN)
+
+
+FAMILIES = (DeepSeekV3Format(), DeepSeekV31Format(), DSMLFormat(), GenericFormat())  # generic last: it takes any
+FORMATS = {f.name: f for f in FAMILIES}
+
+
+def detect_format(tokenizer: Tokenizer | None) -> ToolFormat:
+    """The family the checkpoint's template (or, for V3.2, its vocabulary) speaks."""
+    if tokenizer is None:
+        return FORMATS["generic"]
+    return next(f for f in FAMILIES if f.speaks(tokenizer))
 
 
 def _dsml_params(i: int, schema: dict, lit: Callable[[str], str], rules: list[str], closed: bool) -> str:

@@ -23,6 +23,7 @@ from selfseek.train.tokenizer_train import TOKENIZER_FILES
 
 ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
@@ -72,7 +73,7 @@ def export_hf(
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype", "architectures")}
     cfg = {"architectures": [ARCHITECTURES[cfg["model_type"]]], **cfg, "torch_dtype": _DTYPE_NAMES[dtype]}
-    if cfg["model_type"] == "deepseek_v3":
+    if cfg["model_type"] in ("deepseek_v3", "deepseek_v32"):
         cfg["num_nextn_predict_layers"] = len(model.mtp)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}

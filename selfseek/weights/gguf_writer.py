@@ -94,6 +94,8 @@ def write_gguf(
     tensors per file.
     """
     cfg = model.config
+    if cfg.has_indexer:  # llama.cpp's deepseek2 architecture has no sparse-attention indexer to hold it
+        raise ValueError(f"GGUF export does not support {cfg.model_type} (its DSA indexer has no GGUF layout)")
     arch = "deepseek2" if cfg.is_mla else cfg.model_type
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name)
