@@ -233,3 +233,51 @@ def test_grouped_torch_path_equals_the_loop():
     with torch.no_grad():
         close(experts._forward_grouped(x, weights, ids), ref_moe(x, weights, ids, experts.gate_proj,
                                                                    experts.up_proj, experts.down_proj), scale=4)
+
+
+def ref_linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """The int8-activation product's definition: x quantized per 32-block (d_x = max|x| / 127, round half to even),
+    y = sum_b d_w d_x (q_w . q_x)_b + m_b sum_b x, the integer dot products exact."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    dx = xb.abs().amax(-1) / 127
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    qx = torch.round(xb * inv[..., None]).to(torch.int64)
+    if q.dtype == torch.uint8:
+        blocks = q.reshape(q.shape[0], -1, 16).to(torch.int64)
+        qw = torch.cat([blocks % 16, blocks // 16], dim=-1)
+    else:
+        qw = q.reshape(q.shape[0], -1, 32).to(torch.int64)
+    idot = torch.einsum("rbk,nbk->rnb", qx, qw).float()  # exact: |idot| < 2^24
+    y = (idot * (scales.float()[None] * dx[:, None])).sum(-1)
+    if mins is not None:
+        y = y + (mins.float()[None] * xb.sum(-1)[:, None]).sum(-1)
+    return y
+
+
+@needs_native
+def test_int8_activations_match_their_reference_on_every_level(monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+    g = torch.Generator().manual_seed(5)
+    for isa in build.supported_isas():
+        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        for kind in ("q8", "q8_mins", "q4"):
+            w, ref = make_weight(kind, 37, 256, seed=6)
+            for rows in (1, 2, 3, 4):
+                x = torch.randn(rows, 256, generator=g)
+                x[0, 32:64] = 0  # an all-zero block: scale 0
+                want = ref_linear_int8(x, *w)
+                close(kernels.linear(x, w), want, scale=16)
+                # and it is an approximation of the float product, not something else
+                assert (want - x @ ref.T).abs().max() < 0.02 * (x @ ref.T).abs().max()
+            x = torch.randn(kernels.INT8_MAX_ROWS + 1, 256, generator=g)  # more rows: the float path
+            close(kernels.linear(x, w), x @ ref.T, scale=16)
+
+
+def test_int8_activations_are_off_by_default():
+    env = {k: v for k, v in os.environ.items() if k != "SELFSEEK_INT8_ACTIVATIONS"}
+    code = "from selfseek import kernels; print(kernels.INT8_ACTIVATIONS)"
+    for value, want in ((None, "False"), ("1", "True")):
+        if value is not None:
+            env["SELFSEEK_INT8_ACTIVATIONS"] = value
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip() == want, proc.stderr[-2000:]

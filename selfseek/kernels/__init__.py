@@ -10,6 +10,7 @@ on the CPU, the same math runs in plain torch.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -19,6 +20,11 @@ Weight = torch.Tensor | QuantWeight
 # into a cache-sized buffer and multiply it with torch's sgemm (never a whole-weight float copy).
 GEMM_MIN_ROWS = 64
 TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
+# Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 weights with at most INT8_MAX_ROWS rows of x (decode)
+# quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_i8). Faster, but x is
+# rounded to 8 bits, so results are no longer the float product: off by default.
+INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
+INT8_MAX_ROWS = 4
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
 _c_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -39,10 +45,12 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures of a loaded quant library (any level)."""
     mat = ctypes.POINTER(_Mat)
     lib.selfseek_linear.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
+    lib.selfseek_linear_i8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr]
-    for f in (lib.selfseek_linear, lib.selfseek_dequantize, lib.selfseek_gather_rows, lib.selfseek_moe):
+    for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_dequantize, lib.selfseek_gather_rows,
+              lib.selfseek_moe):
         f.restype = ctypes.c_int
     return lib
 
@@ -174,8 +182,10 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
         y = torch.mm(x2, q.t()) if m.kind == _KINDS[torch.float32] else _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
+        int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind >= _KINDS[torch.int8]
+        fn = lib.selfseek_linear_i8 if int8 else lib.selfseek_linear
         if rows:
-            _check(lib.selfseek_linear(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
+            _check(fn(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
 
 

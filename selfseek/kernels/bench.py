@@ -1,10 +1,11 @@
-"""Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096] [--threads 1,2] [--moe]`.
+"""Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096] [--threads 1,2] [--int8]`.
 
 Per weight kind and batch rows M: milliseconds per y = x W^T call (best of several), GB/s of weight bytes read
 (the figure that bounds decode), and the same product through a whole-weight float32 copy and torch.mm (the
-path quantized layers took before for M >= 16) for comparison. With --moe: one routed-experts layer of the
-medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel against the per-expert loop
-(Experts._forward_torch). Not a test: timings depend on the machine.
+path quantized layers took before for M >= 16) for comparison; with --int8 also the opt-in int8-activation
+path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.INT8_MAX_ROWS. With --moe: one
+routed-experts layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel
+against the per-expert loop (Experts._forward_torch). Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -46,18 +47,36 @@ def nbytes(w: kernels.Weight) -> int:
     return sum(t.nbytes for t in ((w,) if isinstance(w, torch.Tensor) else w) if t is not None)
 
 
-def run(size: int, threads: list[int], rows: list[int], kinds: list[str]) -> None:
+def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
+    """Best ms of the int8-activation path, or nan where it does not apply."""
+    if isinstance(w, torch.Tensor) or x.shape[0] > kernels.INT8_MAX_ROWS:
+        return float("nan")
+    saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, True
+    try:
+        return best_ms(lambda: kernels.linear(x, w))
+    finally:
+        kernels.INT8_ACTIVATIONS = saved
+
+
+def run(size: int, threads: list[int], rows: list[int], kinds: list[str], int8: bool = False) -> None:
     print(f"kernels: {build.chosen_isa() if kernels.available() else 'torch fallback'}; W {size}x{size}")
-    print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'ms via fp32 copy+mm':>20}")
+    print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'ms via fp32 copy+mm':>20}"
+          + (f" {'int8 ms':>9} {'int8 GB/s':>9}" if int8 else ""))
     for kind in kinds:
         w = weight(kind, size, size)
         for t in threads:
             torch.set_num_threads(t)
             for m in rows:
                 x = torch.randn(m, size)
+                saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, False  # the float path
                 ms = best_ms(lambda: kernels.linear(x, w))  # noqa: B023
+                kernels.INT8_ACTIVATIONS = saved
                 old = best_ms(lambda: x @ kernels.to_float(w).T) if m >= 4 else float("nan")  # noqa: B023
-                print(f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {nbytes(w) / ms / 1e6:7.1f} {old:20.3f}")
+                line = f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {nbytes(w) / ms / 1e6:7.1f} {old:20.3f}"
+                if int8:
+                    i8 = int8_ms(x, w)
+                    line += f" {i8:9.3f} {nbytes(w) / i8 / 1e6:9.1f}"
+                print(line)
 
 
 def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: int = 64, hidden: int = 1024,
@@ -100,11 +119,13 @@ def main() -> None:
     p.add_argument("--rows", default="1,4,16,64,512")
     p.add_argument("--kinds", default="q8,q4,bf16,f32")
     p.add_argument("--moe", action="store_true", help="benchmark the fused MoE layer instead")
+    p.add_argument("--int8", action="store_true", help="also time the int8-activation path (quantized kinds)")
     a = p.parse_args()
     if a.moe:
         run_moe([int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
         return
-    run(a.size, [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
+    run(a.size, [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","),
+        a.int8)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 // generic (compiler-vectorized), chosen by the build level (kernels/build.py). Threads: OpenMP over output rows
 // (and (expert, row chunk) items for the fused MoE), sharing torch's libgomp pool. Large batches (prefill) are
 // better served by a BLAS on dequantized tiles: selfseek/kernels/__init__.py does that from GEMM_MIN_ROWS rows on.
+// Opt-in for q8/q4 and a few rows (selfseek_linear_i8, SELFSEEK_INT8_ACTIVATIONS): x quantized to int8 per 32-block
+// and integer dot products (AVX-512 BW/VNNI on block pairs, AVX2 maddubs, generic scalar); approximate, see there.
 #include <omp.h>
 
 #include <algorithm>
@@ -387,6 +389,215 @@ void dequantize_rows(const Mat& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// ---------------------------------------------------------------- int8 activations (opt-in, decode)
+// Each row of x is quantized per 32-block to int8 (d_x = max|x| / 127, round to nearest even) with the block's
+// float sum kept, so y = sum_b d_w d_x idot_b (+ m_b sum_b x): integer dot products instead of widening every
+// weight to float, which is what bounds the one-row product. Not exact: x is rounded to 8 bits.
+struct XQ {
+  const int8_t* q;  // [M, K]
+  const float* d;   // [M, K/32] scales
+  const float* s;   // [M, K/32] float block sums (for the offsets m)
+  int64_t K, nb;
+};
+
+void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, float* s) {
+  const int64_t nb = K / QK;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * ldx + b * QK;
+      float amax = 0.f, sum = 0.f;
+      for (int j = 0; j < QK; ++j) {
+        amax = std::max(amax, std::fabs(xb[j]));
+        sum += xb[j];
+      }
+      const float dx = amax / 127.f, inv = amax > 0.f ? 1.f / dx : 0.f;
+      for (int j = 0; j < QK; ++j) q[r * K + b * QK + j] = (int8_t)std::nearbyint(xb[j] * inv);
+      d[r * nb + b] = dx;
+      s[r * nb + b] = sum;
+    }
+}
+
+#if defined(__AVX2__)
+// One weight block as the unsigned operand of u8 x s8 dot products: q4 nibbles as they are (0..15); q8 |w|,
+// with w's sign moved onto x (`sgn`) since the instructions take only one signed operand.
+struct WBlock {
+  __m256i u, sgn;
+};
+using IAcc = __m256;
+inline IAcc iacc_zero() { return _mm256_setzero_ps(); }
+inline float iacc_sum(IAcc v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <int KIND>
+inline WBlock wblock(const Row& r, int64_t b) {
+  if constexpr (KIND == Q4) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(r.q + b * QK / 2));
+    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    return {_mm256_set_m128i(hi, lo), _mm256_setzero_si256()};
+  } else {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
+    return {_mm256_sign_epi8(w, w), w};
+  }
+}
+// acc += s * (the block's integer dot product, as 8 partial sums)
+template <int KIND>
+inline IAcc idot_fma(const WBlock& w, const int8_t* xq, float s, IAcc acc) {
+  __m256i x = _mm256_loadu_si256((const __m256i*)xq);
+  if constexpr (KIND == Q8) x = _mm256_sign_epi8(x, w.sgn);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.u, x);
+#else  // |products| <= 2 * 128 * 127: the 16-bit pair sums never saturate
+  const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w.u, x), _mm256_set1_epi16(1));
+#endif
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
+}
+#else
+struct WBlock {
+  int16_t v[QK];
+};
+using IAcc = float;
+inline IAcc iacc_zero() { return 0.f; }
+inline float iacc_sum(IAcc v) { return v; }
+template <int KIND>
+inline WBlock wblock(const Row& r, int64_t b) {
+  WBlock w;
+  for (int j = 0; j < QK; ++j) {
+    if constexpr (KIND == Q8) w.v[j] = (int8_t)r.q[b * QK + j];
+    else w.v[j] = j < 16 ? (r.q[b * QK / 2 + j] & 0x0F) : (r.q[b * QK / 2 + j - 16] >> 4);
+  }
+  return w;
+}
+template <int KIND>
+inline IAcc idot_fma(const WBlock& w, const int8_t* xq, float s, IAcc acc) {
+  int32_t dot = 0;
+  for (int j = 0; j < QK; ++j) dot += w.v[j] * xq[j];
+  return acc + s * (float)dot;
+}
+#endif
+
+#if defined(__AVX512BW__)
+// Two consecutive blocks in one 512-bit register (lanes 0..7 of the dot products: block b, 8..15: block b + 1).
+struct WPair {
+  __m512i u;
+  __mmask64 neg;  // q8: the negative weights, whose x is negated (no 512-bit vpsignb)
+};
+template <int KIND>
+inline WPair wpair(const Row& r, int64_t b) {
+  if constexpr (KIND == Q4) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(r.q + b * QK / 2));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+    // 128-bit lanes low b, low b+1, high b, high b+1 -> b's values 0..15, 16..31, then b+1's
+    return {_mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F)), 0};
+  } else {
+    const __m512i w = _mm512_loadu_si512(r.q + b * QK);
+    return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
+  }
+}
+// acc += the pair's integer dot products, each block's lanes times its scale (sc[0], sc[1])
+template <int KIND>
+inline __m512 ipair_fma(const WPair& w, const int8_t* xq, const float* sc, __m512 acc) {
+  __m512i x = _mm512_loadu_si512(xq);
+  if constexpr (KIND == Q8) x = _mm512_mask_sub_epi8(x, w.neg, _mm512_setzero_si512(), x);
+#if defined(__AVX512VNNI__)
+  const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u, x);
+#else
+  const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(w.u, x), _mm512_set1_epi16(1));
+#endif
+  const __m512 s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                         _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)sc))));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+}
+#endif
+
+inline float dot_floats(const float* a, const float* b, int64_t n) {
+  V s = vzero();
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) s = vfma(vload(a + i), vload(b + i), s);
+  float t = vsum(s);
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
+// y[r, j] for x rows r0 .. r0 + MR and weight rows n0 .. n0 + NR: each weight block unpacked once per MR rows.
+template <int KIND, int MR, int NR>
+void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  const bool with_mins = w.mins != nullptr;
+  Row rows[NR];
+  for (int j = 0; j < NR; ++j) rows[j] = row_of(w, n0 + j);
+  IAcc acc[MR][NR];
+  float off[MR][NR] = {};
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = iacc_zero();
+#if defined(__AVX512BW__)
+  __m512 acc2[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc2[r][j] = _mm512_setzero_ps();
+#endif
+  // Per chunk of blocks, vectorized: the combined scales d_w d_x, and the offsets' whole share sum_b m_b sum_b x.
+  float dq[NR][BC], mq[NR][BC], sc[MR][NR][BC];
+  for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
+    const int64_t bc = std::min(BC, x.nb - b0);
+    for (int j = 0; j < NR; ++j) {
+      halves_to_floats(rows[j].d + b0, bc, dq[j]);
+      if (with_mins) halves_to_floats(rows[j].m + b0, bc, mq[j]);
+      for (int r = 0; r < MR; ++r) {
+        const float* dx = x.d + (r0 + r) * x.nb + b0;
+        for (int64_t i = 0; i < bc; ++i) sc[r][j][i] = dq[j][i] * dx[i];
+        if (with_mins) off[r][j] += dot_floats(mq[j], x.s + (r0 + r) * x.nb + b0, bc);
+      }
+    }
+    int64_t b = b0;
+#if defined(__AVX512BW__)
+    for (; b + 2 <= b0 + bc; b += 2)
+      for (int j = 0; j < NR; ++j) {
+        const WPair wp = wpair<KIND>(rows[j], b);
+        for (int r = 0; r < MR; ++r)
+          acc2[r][j] = ipair_fma<KIND>(wp, x.q + (r0 + r) * x.K + b * QK, &sc[r][j][b - b0], acc2[r][j]);
+      }
+#endif
+    for (; b < b0 + bc; ++b)
+      for (int j = 0; j < NR; ++j) {
+        const WBlock wb = wblock<KIND>(rows[j], b);
+        for (int r = 0; r < MR; ++r)
+          acc[r][j] = idot_fma<KIND>(wb, x.q + (r0 + r) * x.K + b * QK, sc[r][j][b - b0], acc[r][j]);
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) {
+#if defined(__AVX512BW__)
+      off[r][j] += _mm512_reduce_add_ps(acc2[r][j]);
+#endif
+      y[(r0 + r) * ldy + n0 + j] = iacc_sum(acc[r][j]) + off[r][j];
+    }
+}
+
+template <int KIND, int NR>
+void rows_tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) tile_i8<KIND, 4, NR>(w, n0, x, r, y, ldy);
+  switch (M - r) {
+    case 3: tile_i8<KIND, 3, NR>(w, n0, x, r, y, ldy); break;
+    case 2: tile_i8<KIND, 2, NR>(w, n0, x, r, y, ldy); break;
+    case 1: tile_i8<KIND, 1, NR>(w, n0, x, r, y, ldy); break;
+    default: break;
+  }
+}
+
+template <int KIND>
+void gemm_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  int64_t n = n0;
+  if (M == 1) {
+    for (; n + NR_ONE <= n1; n += NR_ONE) tile_i8<KIND, 1, NR_ONE>(w, n, x, 0, y, ldy);
+  } else {
+    for (; n + 2 <= n1; n += 2) rows_tile_i8<KIND, 2>(w, n, x, M, y, ldy);
+  }
+  for (; n < n1; ++n) rows_tile_i8<KIND, 1>(w, n, x, M, y, ldy);
+}
+
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 }  // namespace
 
@@ -401,6 +612,24 @@ int selfseek_linear(const Mat* w, const float* x, int64_t M, int64_t ldx, float*
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t c = 0; c < chunks; ++c)
     gemm_range(*w, c * ROW_CHUNK, std::min(N, (c + 1) * ROW_CHUNK), x, M, ldx, y, ldy);
+  return 0;
+}
+
+// selfseek_linear with int8 activations (see quantize_rows_i8) for q8/q4 weights: meant for a few rows (decode).
+int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  if (!valid(*w) || (w->kind != Q8 && w->kind != Q4)) return -1;
+  const int64_t N = w->rows, K = w->cols, nb = K / QK, chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * nb), s(M * nb);
+  quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data());
+  const XQ xq{q.data(), d.data(), s.data(), K, nb};
+  const bool par = M * N * K >= (1 << 16) && chunks > 1;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
+    if (w->kind == Q8) gemm_range_i8<Q8>(*w, n0, n1, xq, M, y, ldy);
+    else gemm_range_i8<Q4>(*w, n0, n1, xq, M, y, ldy);
+  }
   return 0;
 }
 

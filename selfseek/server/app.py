@@ -55,7 +55,25 @@ class _Guard:
         if err is not None:
             self.service.metrics.http_errors.labels(self.service.model_id, str(err.status)).inc()
             return await _error_response(scope["path"], err)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        # Unexpected errors are answered here rather than by an Exception handler: Starlette re-raises after
+        # such a handler, and uvicorn then closes the connection, which a client reusing it sees as ReadError.
+        try:
+            return await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:  # mid-response: nothing more can be said; the server closes the stream
+                raise
+            rid = uuid.uuid4().hex
+            log.error("internal error on %s (request id %s)", scope["path"], rid, exc_info=exc)
+            err = api_error(exc, rid)  # an engine error by its kind; anything else a generic 500
+            self.service.metrics.http_errors.labels(self.service.model_id, str(err.status)).inc()
+            return await _error_response(scope["path"], err)(scope, receive, send)
 
     def _check(self, scope) -> APIError | None:
         cfg = self.service.config
@@ -116,14 +134,6 @@ def create_app(service: ModelService) -> FastAPI:
         count(exc.status_code)
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
         return _error_response(request.url.path, APIError(exc.status_code, message))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        rid = uuid.uuid4().hex
-        log.error("internal error on %s (request id %s)", request.url.path, rid, exc_info=exc)
-        err = api_error(exc, rid)  # an engine error by its kind; anything else a generic 500
-        count(err.status)
-        return _error_response(request.url.path, err)
 
     if service.config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
