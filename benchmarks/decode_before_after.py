@@ -77,7 +77,7 @@ def run(tree: Path, bench_args: list[str], json_out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-c", LOADER, str(ROOT / "selfseek" / "bench.py"), *bench_args, "--json", str(json_out)]
     print(f"\n######## {tree}\n$ PYTHONPATH={tree} {' '.join(cmd[:2])} <loader> {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True, cwd=tree)  # `python -c` puts the cwd first on sys.path
     return json.loads(json_out.read_text())
 
 
