@@ -140,3 +140,17 @@ def deepseek_tokenizer_dir(name: str, out: Path) -> Path:
         zf.extract("tokenizer.json", out)
     shutil.copy(data / "tokenizer_config.json", out)
     return out
+
+
+def run_to_end(engine, prompts: list[list[int]], params) -> dict[str, list[int]]:
+    """Add every prompt to an LLMEngine as request r0, r1, ... (params: one SamplingParams for all, or one each),
+    step until all finish -> {request id: generated token ids}."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    out = {}
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(f"r{i}", engine.prepare(p, sp), sp)
+        out[f"r{i}"] = []
+    while engine.has_work():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+    return out

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from checkpoints import VOCAB, add_tokenizer, build_hf_model
+from checkpoints import VOCAB, add_tokenizer, build_hf_model, run_to_end
 
 from selfseek import LLM, SamplingParams
 from selfseek.engine import sampler
@@ -41,18 +41,6 @@ def _engine(model, **kw) -> LLMEngine:
     return LLMEngine(model, None, EngineArgs(**kw))
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], params) -> dict[str, list[int]]:
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    out = {}
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        engine.add_request(f"r{i}", engine.prepare(p, sp), sp)
-        out[f"r{i}"] = []
-    while engine.has_work():
-        for d in engine.step():
-            out[d.request_id] += d.token_ids
-    return out
-
-
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 LENGTHS = [3, 17, 64, 65, 100, 130, 7, 33, 1, 90, 200, 12, 48, 75, 600, 5]  # 600 > the 128-token chunk
 
@@ -60,14 +48,14 @@ LENGTHS = [3, 17, 64, 65, 100, 130, 7, 33, 1, 90, 200, 12, 48, 75, 600, 5]  # 60
 @pytest.fixture(scope="module")
 def alone(model):
     """Each prompt run by itself, with no batching, no chunking, no cache sharing."""
-    return {f"r{i}": _run(_engine(model, enable_prefix_caching=False, max_num_batched_tokens=2048,
+    return {f"r{i}": run_to_end(_engine(model, enable_prefix_caching=False, max_num_batched_tokens=2048,
                                   kv_cache_memory=1 << 26), [_prompt(n, i)], GREEDY)["r0"]
             for i, n in enumerate(LENGTHS)}
 
 
 def test_sixteen_concurrent_requests_equal_each_run_alone(model, alone):
     engine = _engine(model, max_num_batched_tokens=128, kv_cache_memory=1 << 26)
-    got = _run(engine, [_prompt(n, i) for i, n in enumerate(LENGTHS)], GREEDY)
+    got = run_to_end(engine, [_prompt(n, i) for i, n in enumerate(LENGTHS)], GREEDY)
     assert got == alone
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block back
 
@@ -76,7 +64,7 @@ def test_preemption_under_a_tiny_pool_loses_nothing(model, alone):
     bytes_per_block = 64 * model.config.num_hidden_layers * model.config.kv_values_per_token_per_layer * 4
     engine = _engine(model, max_num_batched_tokens=128, kv_cache_memory=14 * bytes_per_block)
     assert engine.blocks.num_blocks == 14
-    got = _run(engine, [_prompt(n, i) for i, n in enumerate(LENGTHS)], GREEDY)
+    got = run_to_end(engine, [_prompt(n, i) for i, n in enumerate(LENGTHS)], GREEDY)
     assert engine.scheduler.num_preemptions > 0
     assert got == alone
     assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -85,7 +73,7 @@ def test_preemption_under_a_tiny_pool_loses_nothing(model, alone):
 def test_shared_prefix_is_served_from_the_cache(model):
     engine = _engine(model, kv_cache_memory=1 << 26)
     prefix = _prompt(1000, 100)
-    _run(engine, [prefix + _prompt(20, 101)], GREEDY)
+    run_to_end(engine, [prefix + _prompt(20, 101)], GREEDY)
     engine.add_request("b", prefix + _prompt(30, 102), GREEDY)
     deltas = engine.step()
     assert deltas[0].num_cached_tokens >= 960
@@ -99,8 +87,8 @@ def test_prefix_hits_give_the_same_tokens_as_a_cold_run(model):
     prefix = _prompt(300, 7)
     prompts = [prefix + _prompt(10, 8), prefix + _prompt(25, 9)]
     warm = _engine(model, kv_cache_memory=1 << 26)
-    got = _run(warm, prompts, GREEDY)
-    cold = {k: _run(_engine(model, enable_prefix_caching=False, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
+    got = run_to_end(warm, prompts, GREEDY)
+    cold = {k: run_to_end(_engine(model, enable_prefix_caching=False, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
             for k, p in zip(["r0", "r1"], prompts, strict=True)}
     assert got == cold
 
@@ -122,29 +110,30 @@ def test_seeded_sampling_reproduces_whatever_else_is_in_the_batch(model):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_NEW, seed=1234, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True)
     p = _prompt(20, 3)
-    solo = _run(_engine(model, kv_cache_memory=1 << 26), [p], seeded)["r0"]
-    mixed = _run(_engine(model, kv_cache_memory=1 << 26), [_prompt(40, 4), p, _prompt(9, 5)], [other, seeded, other])
+    solo = run_to_end(_engine(model, kv_cache_memory=1 << 26), [p], seeded)["r0"]
+    mixed = run_to_end(_engine(model, kv_cache_memory=1 << 26), [_prompt(40, 4), p, _prompt(9, 5)],
+                       [other, seeded, other])
     assert mixed["r1"] == solo
-    unseeded = _run(_engine(model, kv_cache_memory=1 << 26), [p], other)["r0"]
+    unseeded = run_to_end(_engine(model, kv_cache_memory=1 << 26), [p], other)["r0"]
     assert len(unseeded) == MAX_NEW
 
 
 def test_top_k_one_equals_greedy(model):
     p = [_prompt(30, 11)]
-    greedy = _run(_engine(model, kv_cache_memory=1 << 26), p, GREEDY)
-    top1 = _run(_engine(model, kv_cache_memory=1 << 26), p,
+    greedy = run_to_end(_engine(model, kv_cache_memory=1 << 26), p, GREEDY)
+    top1 = run_to_end(_engine(model, kv_cache_memory=1 << 26), p,
                 SamplingParams(temperature=0.8, top_k=1, max_tokens=MAX_NEW, ignore_eos=True))
     assert greedy == top1
 
 
 def test_penalties_and_logit_bias_change_the_choice(model):
     p = [_prompt(30, 12)]
-    base = _run(_engine(model, kv_cache_memory=1 << 26), p, GREEDY)["r0"]
+    base = run_to_end(_engine(model, kv_cache_memory=1 << 26), p, GREEDY)["r0"]
     banned = base[0]
-    biased = _run(_engine(model, kv_cache_memory=1 << 26), p, SamplingParams(
+    biased = run_to_end(_engine(model, kv_cache_memory=1 << 26), p, SamplingParams(
         temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logit_bias={banned: -100.0}))["r0"]
     assert banned not in biased
-    rep = _run(_engine(model, kv_cache_memory=1 << 26), p, SamplingParams(
+    rep = run_to_end(_engine(model, kv_cache_memory=1 << 26), p, SamplingParams(
         temperature=0, max_tokens=MAX_NEW, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0))["r0"]
     assert len(set(rep)) >= len(set(base))
 
@@ -410,7 +399,7 @@ def _collect(engine: LLMEngine) -> tuple[dict[str, list[int]], dict[str, object]
 
 def test_a_raising_processor_fails_only_its_request(model):
     p = _prompt(30, 40)
-    alone = _run(_engine(model, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
+    alone = run_to_end(_engine(model, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
 
     def explode_at_third(ids, row):
         if len(ids) == 2:
@@ -430,7 +419,7 @@ def test_a_raising_processor_fails_only_its_request(model):
 
 def test_a_forward_that_raises_for_one_request_fails_only_it(model, monkeypatch):
     p = _prompt(25, 42)
-    alone = _run(_engine(model, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
+    alone = run_to_end(_engine(model, kv_cache_memory=1 << 26), [p], GREEDY)["r0"]
     engine = _engine(model, kv_cache_memory=1 << 26)
     real_run = engine.runner.run
 
@@ -510,16 +499,16 @@ def test_prepare_checks_parameters_against_the_vocabulary(model):
 def test_hostile_sampling_values_cannot_break_a_shared_batch(model):
     p = _prompt(30, 46)
     engine = _engine(model, kv_cache_memory=1 << 26)
-    alone = _run(engine, [p], GREEDY)["r0"]
+    alone = run_to_end(engine, [p], GREEDY)["r0"]
     hostile = [SamplingParams(temperature=1e-300, max_tokens=MAX_NEW, ignore_eos=True),
                SamplingParams(top_k=10**30, temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True),
                SamplingParams(repetition_penalty=0.01, temperature=0.7, top_p=0.5, max_tokens=MAX_NEW,
                               ignore_eos=True, logit_bias={i: 100.0 for i in range(VOCAB)}),
                SamplingParams(seed=2**64 - 1, n=2, temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True)]
-    got = _run(engine, [p] + [_prompt(10 + i, 47 + i) for i in range(len(hostile))], [GREEDY] + hostile)
+    got = run_to_end(engine, [p] + [_prompt(10 + i, 47 + i) for i in range(len(hostile))], [GREEDY] + hostile)
     assert got["r0"] == alone and all(len(t) == MAX_NEW * (2 if i == 4 else 1) for i, t in enumerate(got.values())
                                       if i)
-    tiny = _run(engine, [p], SamplingParams(temperature=1e-300, max_tokens=MAX_NEW, ignore_eos=True))["r0"]
+    tiny = run_to_end(engine, [p], SamplingParams(temperature=1e-300, max_tokens=MAX_NEW, ignore_eos=True))["r0"]
     assert tiny == alone  # a temperature under the floor is greedy
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import VOCAB, add_tokenizer, build_hf_model
+from checkpoints import VOCAB, add_tokenizer, build_hf_model, run_to_end
 from safetensors.torch import load_file, save_file
 
 from selfseek import LLM, SamplingParams
@@ -59,17 +59,6 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> dict[str, list[int]]:
-    out = {}
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        engine.add_request(f"r{i}", engine.prepare(p, sp), sp)
-        out[f"r{i}"] = []
-    while engine.has_work():
-        for d in engine.step():
-            out[d.request_id] += d.token_ids
-    return out
-
-
 def _engine(model, **kw) -> LLMEngine:
     return LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 25, block_size=16, **kw))
 
@@ -103,9 +92,9 @@ def _oracle(engine: LLMEngine, reference: dict[str, list[int]], right: callable)
 @pytest.mark.parametrize("batch", [[0], [0, 1, 2], [0, 1, 2, 3, 4, 5]])
 def test_greedy_tokens_equal_without_speculation(model, batch):
     prompts, params = [PROMPTS[i] for i in batch], [GREEDY] * len(batch)
-    want = _run(_engine(model, max_num_batched_tokens=64), prompts, params)
+    want = run_to_end(_engine(model, max_num_batched_tokens=64), prompts, params)
     engine = _engine(model, max_num_batched_tokens=64, speculative_tokens=1)
-    assert _run(engine, prompts, params) == want
+    assert run_to_end(engine, prompts, params) == want
     stats = engine.stats()
     assert stats["spec_verify_steps"] > 0 and stats["spec_draft_tokens"] == stats["spec_verify_steps"]
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block back, draft slots included
@@ -119,10 +108,10 @@ def test_accepted_drafts_give_the_same_tokens_and_fewer_steps(model):
                              logprobs=2)] * 2
     prompts = PROMPTS
     plain = _engine(model, max_num_batched_tokens=64)
-    want = _run(plain, prompts, params)
+    want = run_to_end(plain, prompts, params)
     engine = _engine(model, max_num_batched_tokens=64, speculative_tokens=1)
     made = _oracle(engine, want, right=lambda seq: len(seq.output_ids) % 3 != 2)
-    assert _run(engine, prompts, params) == want
+    assert run_to_end(engine, prompts, params) == want
     stats = engine.stats()
     assert stats["spec_accepted_tokens"] > 0 and stats["spec_tokens_per_step"] > 1.5
     assert stats["spec_accepted_tokens"] <= sum(made)
@@ -143,7 +132,7 @@ def test_drafts_equal_the_mtp_module_run_without_a_cache(model):
         seen.extend((list(seq.tokens), d[0]) for seq, (_, d) in runner.drafts.items())
 
     runner.propose = recording
-    _run(engine, PROMPTS[:4], [GREEDY] * 4)
+    run_to_end(engine, PROMPTS[:4], [GREEDY] * 4)
     assert len(seen) >= 4 * (MAX_NEW - 1)
     checked = 0
     with torch.no_grad():
@@ -171,16 +160,16 @@ def test_llm_and_errors(model, folder):
     llm = LLM(str(folder), device="cpu", progress=False, speculative_tokens=1, kv_cache_memory=1 << 24)
     assert isinstance(llm.engine.runner, SpeculativeRunner)
     out = llm.generate([PROMPTS[0]], GREEDY)
-    assert out[0].outputs[0].token_ids == _run(_engine(model), [PROMPTS[0]], [GREEDY])["r0"]
+    assert out[0].outputs[0].token_ids == run_to_end(_engine(model), [PROMPTS[0]], [GREEDY])["r0"]
 
 
 def test_acceptance_counters_reach_metrics(model):
     from selfseek.server.metrics import _EngineCollector
 
     engine = _engine(model, max_num_batched_tokens=64, speculative_tokens=1)
-    want = _run(_engine(model, max_num_batched_tokens=64), PROMPTS[:2], [GREEDY] * 2)
+    want = run_to_end(_engine(model, max_num_batched_tokens=64), PROMPTS[:2], [GREEDY] * 2)
     made = _oracle(engine, want, right=lambda seq: True)
-    _run(engine, PROMPTS[:2], [GREEDY] * 2)
+    run_to_end(engine, PROMPTS[:2], [GREEDY] * 2)
     stats = engine.stats()
     assert stats["spec_accepted_per_position"] == [stats["spec_accepted_tokens"]] and sum(made) > 0
     metrics = {m.name: m for m in _EngineCollector(engine.stats, "tiny", None).collect()}
@@ -195,10 +184,10 @@ def test_preemption_with_drafts_loses_nothing(model):
     cfg = model.config
     per_block = 16 * cfg.num_hidden_layers * cfg.kv_values_per_token_per_layer * 4
     prompts, params = PROMPTS[:4], [GREEDY] * 4
-    want = _run(_engine(model, max_num_batched_tokens=64), prompts, params)
+    want = run_to_end(_engine(model, max_num_batched_tokens=64), prompts, params)
     engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=14 * per_block, block_size=16,
                                                max_num_batched_tokens=64, speculative_tokens=1))
     made = _oracle(engine, want, right=lambda seq: True)
-    assert _run(engine, prompts, params) == want
+    assert run_to_end(engine, prompts, params) == want
     assert engine.scheduler.num_preemptions > 0 and sum(made) > 0 and engine.stats()["spec_accepted_tokens"] > 0
     assert engine.blocks.num_free == engine.blocks.num_blocks

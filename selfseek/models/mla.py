@@ -27,7 +27,7 @@ from selfseek.config import ModelConfig
 from selfseek.models.attention_backend import dense_attention, paged_attention
 from selfseek.models.batch import AttnBatch, PagedRows
 from selfseek.models.indexer import Indexer
-from selfseek.models.layers import RMSNorm, Rotary
+from selfseek.models.layers import RMSNorm, Rotary, fused_rows
 from selfseek.models.quant import QuantLinear
 
 
@@ -118,51 +118,9 @@ class MLA(nn.Module):
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
         return fused(x).split([self.q_lora_rank, self.latent_dim + self.rope_dim], dim=-1)
 
-    def _fused_down(self):
-        """q_a_proj and kv_a_proj_with_mqa as one layer, or None where they cannot be fused.
-
-        The two modules keep their names and parameters (loading, export, quantization and LoRA see them as
-        before); their weights become row views of one concatenated tensor, made once (again only if a weight
-        is replaced), so the fused GEMM costs no extra memory. Not while training their weights (gradients
-        must reach the parameters) nor when a module is wrapped (LoRA).
-        """
-        a, b = self.q_a_proj, self.kv_a_proj_with_mqa
-        if type(a) is nn.Linear and type(b) is nn.Linear:
-            names = ("weight",)
-        elif type(a) is QuantLinear and type(b) is QuantLinear and a.bits == b.bits and a.in_features == b.in_features:
-            if (a.mins is None) != (b.mins is None):
-                return None
-            names = ("qweight", "scales") + (("mins",) if a.mins is not None else ())
-        else:
-            return None
-        wa, wb = getattr(a, names[0]), getattr(b, names[0])
-        if wa.device.type == "meta" or (torch.is_grad_enabled() and (wa.requires_grad or wb.requires_grad)):
-            return None
-        fused = getattr(self, "_fused", None)
-        if fused is None or not all(self._is_view_of(getattr(a, n), getattr(b, n), getattr(fused, n)) for n in names):
-            fused = self._fuse(a, b, names)
-        return fused
-
-    @staticmethod
-    def _is_view_of(ta: torch.Tensor, tb: torch.Tensor, whole: torch.Tensor) -> bool:
-        return ta.data_ptr() == whole.data_ptr() and tb.data_ptr() == whole[ta.shape[0]:].data_ptr()
-
-    def _fuse(self, a, b, names: tuple[str, ...]):
-        with torch.inference_mode(False), torch.no_grad():
-            if names == ("weight",):
-                fused = nn.Linear(a.in_features, a.out_features + b.out_features, bias=False, device="meta")
-                fused.weight = nn.Parameter(torch.cat([a.weight, b.weight]), requires_grad=False)
-                a.weight.data, b.weight.data = fused.weight[: a.out_features], fused.weight[a.out_features :]
-            else:
-                fused = QuantLinear(a.in_features, a.out_features + b.out_features, a.bits, a.mins is not None)
-                for n in names:
-                    whole = torch.cat([getattr(a, n), getattr(b, n)])
-                    setattr(fused, n, whole)
-                    setattr(a, n, whole[: a.out_features])
-                    setattr(b, n, whole[a.out_features :])
-                fused = fused.to(whole.device)
-        object.__setattr__(self, "_fused", fused)  # not a submodule: its tensors are the two layers' own
-        return fused
+    def _fused_down(self) -> nn.Module | None:
+        """q_a_proj and kv_a_proj_with_mqa as one layer (row views of one weight; see layers.fused_rows)."""
+        return fused_rows(self, (self.q_a_proj, self.kv_a_proj_with_mqa))
 
     # ---- attention -----------------------------------------------------------------------------------
     def _attend_dense(self, q_nope, q_rope, kv, mask) -> torch.Tensor:

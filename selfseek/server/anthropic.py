@@ -1,7 +1,7 @@
 """Anthropic's Messages API, as DeepSeek serves it (api.md: `POST /anthropic/v1/messages`, since V3.1).
 
 A request is translated into the chat-completions request it means and goes through the same preparation
-as /v1/chat/completions (openai._prepare_chat: model, thinking, messages, tools and tool_choice, prompt,
+as /v1/chat/completions (openai.prepare_chat: model, thinking, messages, tools and tool_choice, prompt,
 grammar, sampling) and the same output parsing (openai.ChatChoice: reasoning, content, tool calls); only
 the wire format differs. Following DeepSeek: the key comes as `x-api-key` or Bearer, `anthropic-version`
 and `anthropic-beta` are ignored, an unknown model name means the served model, `thinking.budget_tokens`
@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from selfseek.engine.async_engine import RequestDelta
 from selfseek.server.common import cache_salt, parse_body, service
-from selfseek.server.openai import ChatChoice, _prepare_chat
+from selfseek.server.openai import ChatChoice, prepare_chat
 from selfseek.server.protocol import APIError, ChatCompletionRequest, Temperature, TopK, TopP
 from selfseek.server.service import ModelService
 from selfseek.server.sse import KEEP_ALIVE, Stream
@@ -354,7 +354,7 @@ async def messages(request: Request) -> Response:
     svc = service(request)
     req = await parse_body(request, MessagesRequest)
     chat = chat_request(req, served_name(svc, req.model), req.max_tokens)
-    _, prompt, ids, mode, grammar, params = await svc.run_blocking(_prepare_chat, svc, chat, cache_salt(request))
+    _, prompt, ids, mode, grammar, params = await svc.run_blocking(prepare_chat, svc, chat, cache_salt(request))
     rid = str(uuid.uuid4())
     choice = ChatChoice.for_prompt(0, svc, prompt.reasoning_open, bool(mode), chat.parallel_tool_calls)
     gen = Generation(svc, svc.generate(rid, ids, params, grammar, "messages"), [choice], len(ids),
@@ -408,7 +408,7 @@ async def count_tokens(request: Request) -> JSONResponse:
     svc = service(request)
     req = await parse_body(request, CountTokensRequest)
     chat = chat_request(req, served_name(svc, req.model), 1)
-    _, _, ids, _, _, _ = await svc.run_blocking(_prepare_chat, svc, chat, None)
+    _, _, ids, _, _, _ = await svc.run_blocking(prepare_chat, svc, chat, None)
     return JSONResponse({"input_tokens": len(ids)})
 
 

@@ -264,7 +264,6 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None
     return thinking, prompt, ids, mode, grammar, params
 
 
-_prepare_chat = prepare_chat  # the name anthropic.py imports
 
 
 @router.post("/chat/completions")

@@ -267,21 +267,16 @@ class _Parser:
 # ---------------------------------------------------------------- metadata -> ModelConfig
 
 # Keys (after "{arch}.") that cannot change the logits, or that we read below.
+_LLAMA_SHAPED_KEYS = {
+    "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scaling.type",
+    "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned",
+}
 _KNOWN_KEYS = {
-    "llama": {
-        "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
-        "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
-        "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scale_linear",
-        "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
-        "rope.scaling.finetuned", "expert_count", "expert_used_count",
-    },
-    "qwen2": {
-        "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
-        "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
-        "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scaling.type",
-        "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned",
-        "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_attn_factor",
-    },
+    "llama": _LLAMA_SHAPED_KEYS | {"rope.scale_linear", "expert_count", "expert_used_count"},
+    "qwen2": _LLAMA_SHAPED_KEYS | {"rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+                                   "rope.scaling.yarn_attn_factor"},
     "deepseek2": {
         "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
         "leading_dense_block_count", "attention.head_count", "attention.head_count_kv",
