@@ -114,6 +114,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat_with_local_model(args)
 
 
+def _lora_option(value: str) -> tuple[str, str]:
+    from selfseek.models.lora_serving import parse_lora_option
+
+    try:
+        return parse_lora_option(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_server_commands(sub) -> None:
     s = sub.add_parser("serve", help="serve DeepSeek's, OpenAI's and Ollama's HTTP APIs")
     s.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or model name: an Ollama "
@@ -135,7 +144,13 @@ def _add_server_commands(sub) -> None:
     s.add_argument("--prefix-cache-disk-bytes", type=int, default=None,
                    help="size cap of --prefix-cache-dir, least recently used blocks deleted first (default 16 GiB)")
     s.add_argument("--speculative-tokens", type=int, default=None,
-                   help="tokens the model's MTP module drafts per step, verified in the same forward (0: off)")
+                   help="tokens the MTP module drafts per step (up to 3), verified in the same forward (0: off)")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=None,
+                   help="fp8: the KV cache (MLA's latent, GQA's K and V; not DeepSeek-V4) as float8_e4m3fn with "
+                        "scales (about half of bf16, a quarter of fp32); default auto, the compute dtype")
+    s.add_argument("--lora", action="append", type=_lora_option, metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter folder on the model as model name NAME (repeatable: several "
+                   "adapters at once, picked by each request's `model`)")
     s.add_argument("--default-max-tokens", type=int, default=4096, help="max_tokens when a request names none")
     s.add_argument("--tool-call-format", default="auto",
                    choices=["auto", "deepseek_v3", "deepseek_v31", "deepseek_v32", "generic"])
@@ -154,6 +169,9 @@ def _add_server_commands(sub) -> None:
                    help="let control-token strings in messages (<｜User｜>, <|im_start|>) act as control tokens "
                    "(only for trusted callers; otherwise they are plain text)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from selfseek.distributed.cli import add_parallel_args
+
+    add_parallel_args(s)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="chat in the terminal with a model, or with a server (--url)")

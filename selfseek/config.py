@@ -4,7 +4,9 @@ Families: `llama` (DeepSeek-LLM, DeepSeek-Coder v1, R1-Distill-Llama and other L
 (R1-Distill-Qwen: bias on q/k/v), `qwen3` (R1-0528-Qwen3: per-head RMSNorm on q and k before rotary),
 `deepseek_v2` (V2, V2-Lite, Coder-V2: MLA + DeepSeekMoE with softmax routing), `deepseek_v3` (V3, R1,
 V3.1: MLA + DeepSeekMoE with sigmoid `noaux_tc` routing, MTP, FP8 weights) and `deepseek_v32` (V3.2-Exp, V3.2:
-V3 plus DeepSeek Sparse Attention, a lightning indexer per layer choosing `index_topk` keys per query).
+V3 plus DeepSeek Sparse Attention, a lightning indexer per layer choosing `index_topk` keys per query) and
+`deepseek_v4` (V4-Flash, V4-Pro: per-layer sliding-window / compressed sparse / heavily compressed attention,
+hyper-connections, hash-routed and sqrtsoftplus MoE; the V4-only fields live in `V4Config`).
 
 A field we do not know could change the math, so it is an error, not a silent default: every key of
 config.json is either read here or listed in IGNORED_FIELDS (bookkeeping that cannot change the logits).
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 # The Llama-shaped families: GQA attention (models/attention.py) and a dense SwiGLU in every layer.
 GQA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -56,8 +58,18 @@ _MLA_MOE = {
 }
 # V3.2's sparse attention; transformers also writes mlp_layer_types (checked against first_k_dense_replace).
 _DSA = {"index_n_heads", "index_head_dim", "index_topk", "mlp_layer_types"}
+# V4: transformers' current names plus the released checkpoints' legacy ones (compress_ratios, num_hash_layers, ...)
+_V4 = {
+    "q_lora_rank", "qk_rope_head_dim", "partial_rotary_factor", "moe_intermediate_size", "n_routed_experts",
+    "n_shared_experts", "num_experts_per_tok", "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+    "num_nextn_predict_layers", "index_n_heads", "index_head_dim", "index_topk", "layer_types", "compress_rates",
+    "compress_ratios", "compress_rate_csa", "compress_rate_hca", "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters",
+    "hc_eps", "mlp_layer_types", "num_hash_layers", "swiglu_limit", "sliding_window", "o_groups", "o_lora_rank",
+    "router_jitter_noise", "expert_dtype",
+}
 KNOWN_FIELDS = {"llama": _COMMON, "qwen2": _COMMON | {"use_mrope"}, "qwen3": _COMMON, "deepseek_v2": _COMMON | _MLA_MOE,
-                "deepseek_v3": _COMMON | _MLA_MOE, "deepseek_v32": _COMMON | _MLA_MOE | _DSA}
+                "deepseek_v3": _COMMON | _MLA_MOE, "deepseek_v32": _COMMON | _MLA_MOE | _DSA,
+                "deepseek_v4": _COMMON | _V4}
 
 
 class ConfigError(ValueError):
@@ -91,6 +103,35 @@ class FP8Config:
 
     block_size: tuple[int, int] = (128, 128)
     scale_fmt: str | None = None  # None or "ue8m0" (V3.1/V3.2: power-of-two scales)
+
+
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+
+
+@dataclass(frozen=True)
+class V4Config:
+    """DeepSeek-V4's own fields (models/deepseek_v4.py). Attention per layer: sliding window only, CSA (keys
+    compressed every `compress_rate_csa` tokens, lightning indexer top-k) or HCA (every `compress_rate_hca`)."""
+
+    layer_types: tuple[str, ...]
+    mlp_layer_types: tuple[str, ...]  # "hash_moe" (token-id routed) or "moe"
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope: RopeConfig = field(default_factory=RopeConfig)  # the compressed branches' rotary (YaRN)
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: float = 10.0
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    mtp_layer_types: tuple[str, ...] = ()  # the MTP layers' attention (released `compress_ratios` past the layers)
+
+    def compress_rate(self, layer_type: str) -> int:
+        """m of a layer type: 0 for the sliding window only."""
+        return {"compressed_sparse_attention": self.compress_rate_csa,
+                "heavily_compressed_attention": self.compress_rate_hca}.get(layer_type, 0)
 
 
 @dataclass(frozen=True)
@@ -139,6 +180,7 @@ class ModelConfig:
     index_topk: int = 0
     fp8: FP8Config | None = None
     weight_bits: int | None = None  # a checkpoint written by `selfseek quantize` (8 or 4)
+    v4: V4Config | None = None  # deepseek_v4 only
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, for dtype="auto"
 
     @property
@@ -235,6 +277,8 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
 
     heads = req("num_attention_heads")
     hidden = req("hidden_size")
+    if model_type == "deepseek_v4":  # no dense FFN: the shared expert's width stands for intermediate_size
+        d = {**d, "intermediate_size": d.get("intermediate_size") or req("moe_intermediate_size")}
     kw: dict[str, Any] = dict(
         model_type=model_type,
         vocab_size=req("vocab_size"),
@@ -250,7 +294,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         attention_bias=bool(d.get("attention_bias", False)),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        rope=_parse_rope(d, fail),
+        rope=_parse_rope(d, fail) if model_type != "deepseek_v4" else RopeConfig(),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
         torch_dtype=d.get("torch_dtype") or d.get("dtype"),
@@ -258,7 +302,9 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
     if model_type in GQA_MODEL_TYPES and heads % kw["num_key_value_heads"]:
         raise fail("num_attention_heads must be a multiple of num_key_value_heads")
 
-    if model_type not in GQA_MODEL_TYPES:
+    if model_type == "deepseek_v4":
+        kw.update(_parse_v4(d, kw, fail))
+    elif model_type not in GQA_MODEL_TYPES:
         is_v3 = model_type in ("deepseek_v3", "deepseek_v32")
         topk_method = d.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
         if topk_method == "gready":  # DeepSeek's hub code spells it so in V2-Lite configs
@@ -327,6 +373,109 @@ def _parse_dsa(d: dict[str, Any], kw: dict[str, Any], fail) -> dict[str, Any]:
     return out
 
 
+def _parse_v4(d: dict[str, Any], kw: dict[str, Any], fail) -> dict[str, Any]:
+    """DeepSeek-V4 (transformers' DeepseekV4Config, defaults = V4-Flash): legacy names folded in as it does."""
+    n = kw["num_hidden_layers"]
+    head_dim = d.get("head_dim") or 512
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **(d.get("compress_rates") or {})}
+    for key, lt in zip(("compress_rate_csa", "compress_rate_hca"), V4_LAYER_TYPES[1:], strict=True):
+        if d.get(key) is not None:
+            rates[lt] = d[key]
+    if set(rates) != set(V4_LAYER_TYPES[1:]) or any(not isinstance(v, int) or v < 1 for v in rates.values()):
+        raise fail(f"compress_rates must give a positive rate for each compressed layer type, got {rates} "
+                   "(field 'compress_rates')")
+    mtp_types: tuple[str, ...] = ()
+    layer_types = d.get("layer_types")
+    if layer_types is None and d.get("compress_ratios") is not None:
+        ratios = list(d["compress_ratios"])
+        bad = [r for r in ratios if r not in V4_RATIO_TO_LAYER_TYPE]
+        if bad:
+            raise fail(f"compress_ratios entries must be 0, 4 or 128, got {bad} (field 'compress_ratios')")
+        layer_types = [V4_RATIO_TO_LAYER_TYPE[r] for r in ratios]
+        mtp_types = tuple(layer_types[n:])
+    if layer_types is None:  # transformers' default: 2x HCA then CSA / HCA interleaved (V4-Pro)
+        layer_types = ["heavily_compressed_attention"] * min(n, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))]
+    layer_types = list(layer_types)
+    if len(layer_types) < n or any(t not in V4_LAYER_TYPES for t in layer_types):
+        raise fail(f"layer_types needs {n} entries from {V4_LAYER_TYPES}, got {layer_types} (field 'layer_types')")
+    mlp_types = d.get("mlp_layer_types")
+    if mlp_types is None:
+        n_hash = d.get("num_hash_layers")
+        n_hash = 3 if n_hash is None else n_hash
+        mlp_types = ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash)
+    mlp_types = list(mlp_types)
+    if len(mlp_types) < n or any(t not in ("hash_moe", "moe") for t in mlp_types):
+        raise fail(f"mlp_layer_types needs {n} entries of 'hash_moe' / 'moe', got {mlp_types} "
+                   "(field 'mlp_layer_types')")
+    if d.get("partial_rotary_factor") is not None:
+        rope_dim = int(head_dim * d["partial_rotary_factor"])
+    else:
+        rope_dim = d.get("qk_rope_head_dim") or head_dim // 8
+    scoring = d.get("scoring_func") or "sqrtsoftplus"
+    if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
+        raise fail(f"unsupported scoring_func {scoring!r} (field 'scoring_func')")
+    topk_method = d.get("topk_method") or "noaux_tc"
+    if topk_method not in ("noaux_tc", "greedy"):
+        raise fail(f"unsupported topk_method {topk_method!r} for deepseek_v4 (field 'topk_method')")
+    if (d.get("num_key_value_heads") or 1) != 1:
+        raise fail("deepseek_v4 attention has one shared KV head (field 'num_key_value_heads')")
+    if d.get("router_jitter_noise"):
+        raise fail("router_jitter_noise is training-only and must be 0 (field 'router_jitter_noise')")
+    main, compress = _parse_v4_ropes(d, fail)
+    q_lora = d.get("q_lora_rank") or 1024
+    v4 = V4Config(
+        layer_types=tuple(layer_types[:n]), mlp_layer_types=tuple(mlp_types[:n]),
+        compress_rate_csa=rates["compressed_sparse_attention"], compress_rate_hca=rates["heavily_compressed_attention"],
+        compress_rope=compress, hc_mult=d.get("hc_mult") or 4, hc_sinkhorn_iters=d.get("hc_sinkhorn_iters") or 20,
+        hc_eps=float(d.get("hc_eps") or 1e-6), swiglu_limit=float(d.get("swiglu_limit") or 0.0),
+        sliding_window=d.get("sliding_window") or 128, o_groups=d.get("o_groups") or 8,
+        o_lora_rank=d.get("o_lora_rank") or 1024, mtp_layer_types=mtp_types,
+    )
+    heads = kw["num_attention_heads"]
+    if heads % v4.o_groups:
+        raise fail(f"num_attention_heads {heads} must be a multiple of o_groups {v4.o_groups} (field 'o_groups')")
+    return dict(
+        head_dim=head_dim, num_key_value_heads=1, q_lora_rank=q_lora, qk_rope_head_dim=rope_dim,
+        moe_intermediate_size=_req_int(d, "moe_intermediate_size", fail),
+        n_routed_experts=d.get("n_routed_experts") or 256, n_shared_experts=d.get("n_shared_experts") or 0,
+        num_experts_per_tok=d.get("num_experts_per_tok") or 6, topk_method=topk_method, scoring_func=scoring,
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.5)),
+        num_nextn_predict_layers=d.get("num_nextn_predict_layers") or 0,
+        index_n_heads=d.get("index_n_heads") or 64, index_head_dim=d.get("index_head_dim") or 128,
+        index_topk=d.get("index_topk") or 512, rope=main, v4=v4,
+    )
+
+
+def _req_int(d: dict[str, Any], key: str, fail) -> int:
+    if not isinstance(d.get(key), int) or d[key] <= 0:
+        raise fail(f"missing or non-positive {key!r} (field {key!r})")
+    return d[key]
+
+
+def _parse_v4_ropes(d: dict[str, Any], fail) -> tuple[RopeConfig, RopeConfig]:
+    """V4's two rotaries: "main" (sliding-window-only layers, plain theta) and "compress" (CSA/HCA layers, their
+    compressors and the indexer: compress_rope_theta, with the checkpoint's YaRN at attention factor 1.0).
+    transformers writes them nested under rope_parameters; released configs write rope_scaling + the thetas."""
+    rp = d.get("rope_parameters") or {}
+    if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
+        main_d, comp_d = dict(rp["main"]), dict(rp["compress"])
+    else:
+        yarn = {k: v for k, v in {**rp, **(d.get("rope_scaling") or {})}.items() if k not in ("rope_theta",)}
+        main_d = {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+        comp_d = {**yarn, "rope_theta": d.get("compress_rope_theta", 160000.0)}
+    ropes = []
+    for sub in (main_d, comp_d):
+        sub.pop("partial_rotary_factor", None)  # the rotary width is qk_rope_head_dim, read above
+        kind = sub.get("rope_type") or sub.get("type") or "default"
+        if kind == "yarn":
+            sub.setdefault("attention_factor", 1.0)  # the reference does not scale cos/sin by YaRN's mscale
+        sub_max = {"max_position_embeddings": d.get("max_position_embeddings", 1048576)}
+        ropes.append(_parse_rope({**sub_max, "rope_parameters": sub}, fail))
+    return ropes[0], ropes[1]
+
+
 def _parse_rope(d: dict[str, Any], fail) -> RopeConfig:
     # transformers v5 writes `rope_parameters` (theta inside); released checkpoints write `rope_scaling` + `rope_theta`.
     params = dict(d.get("rope_parameters") or {})
@@ -347,6 +496,10 @@ def _parse_rope(d: dict[str, Any], fail) -> RopeConfig:
         raise fail(f"unsupported rope type {rtype!r} (field 'rope_scaling.type')")
     if params.get("partial_rotary_factor") in (1, 1.0):
         del params["partial_rotary_factor"]
+    if rtype == "yarn":
+        # vLLM's and llama.cpp's name (rope.scaling.attn_factor). transformers does not read it (an unrecognized key:
+        # its YaRN attention factor comes from attention_factor, else mscale/mscale_all_dim), so neither do we.
+        params.pop("attn_factor", None)
     unknown = sorted(set(params) - known[rtype])
     if unknown:
         raise fail(f"unknown rope_scaling field(s) {', '.join(map(repr, unknown))} for rope type {rtype!r}")

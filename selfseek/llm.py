@@ -3,6 +3,7 @@ the engine (continuous batching over a paged KV cache): all prompts are submitte
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from selfseek.engine.engine import EngineArgs, LLMEngine
+from selfseek.engine.output_processor import OutputProcessor, step_with_text
 from selfseek.outputs import CompletionOutput, RequestOutput
 from selfseek.sampling_params import SamplingParams
 from selfseek.weights import load_model
@@ -36,25 +38,40 @@ class LLM:
         a Hugging Face id in the local cache (selfseek/stores.py).
         quantize: 8 or 4 to keep linear weights in int8 / int4 blocks.
         generation_config: "auto" (the model's sampling defaults), "none"/"vllm", or a folder with one.
-        engine_args: fields of EngineArgs (kv_cache_memory, block_size, max_num_seqs, ...)."""
+        engine_args: fields of EngineArgs (kv_cache_memory, block_size, max_num_seqs, ..., lora: {name: PEFT
+        adapter folder} to serve adapters a request picks with generate(lora_name=...))."""
         self.device = torch.device(device or default_device())
-        self.model, self.tokenizer = load_model(model, dtype, self.device, progress, quantize, generation_config)
+        parallel = {k: engine_args.pop(k) for k in ("tensor_parallel_size", "expert_parallel_size",
+                                                     "data_parallel_size") if k in engine_args}
+        if any(v > 1 for v in parallel.values()):  # ranks in other processes (selfseek/distributed)
+            from selfseek.distributed.launch import check_engine_args, load_parallel
+
+            check_engine_args(engine_args)
+            self.model, self.tokenizer = load_parallel(model, dtype, self.device, progress, quantize,
+                                                       generation_config, **parallel)
+        else:
+            self.model, self.tokenizer = load_model(model, dtype, self.device, progress, quantize, generation_config)
         self.config = self.model.config
         # SamplingParams fields a request gets when it leaves them out (vLLM's generation-config defaults).
         self.generation_defaults: dict = dict(self.model.generation_defaults)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args))
+        self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_name: str | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt (a string or a list of token ids), in order."""
+        """One RequestOutput per prompt (a string or a list of token ids), in order. lora_name: run them under
+        that served adapter (LLM(..., lora={name: PEFT folder})), else as each SamplingParams.lora_name says."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or self.get_default_sampling_params()
         params = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
+        if lora_name is not None:
+            params = [dataclasses.replace(p, lora_name=lora_name) for p in params]
         outputs: dict[str, RequestOutput] = {}
         for prompt, p in zip(prompts, params, strict=True):
             rid = f"gen-{next(self._ids)}"
@@ -65,8 +82,9 @@ class LLM:
                          for i in range(p.n)],
             )
             self.engine.add_request(rid, ids, p)
+            self.processor.add_request(rid, ids, p)
         while self.engine.has_work():
-            for d in self.engine.step():
+            for d in step_with_text(self.engine, self.processor):
                 out = outputs[d.request_id]
                 c = out.outputs[d.index]
                 c.text += d.text
@@ -92,12 +110,14 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        lora_name: str | None = None,
         **template_kwargs,
     ) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template, then generate."""
+        """Render each conversation with the checkpoint's chat template, then generate (under the served
+        adapter `lora_name`, if given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.render_chat(c, add_generation_prompt, tools, **template_kwargs) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_name=lora_name)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None, **kw) -> str:
         if self.tokenizer is None:
@@ -110,10 +130,12 @@ class LLM:
         """Yield the text of one completion as it is generated."""
         params = sampling_params or self.get_default_sampling_params()
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, self.engine.prepare(prompt, params), params)
+        ids = self.engine.prepare(prompt, params)
+        self.engine.add_request(rid, ids, params)
+        self.processor.add_request(rid, ids, params)
         try:
             while self.engine.has_work():
-                for d in self.engine.step():
+                for d in step_with_text(self.engine, self.processor):
                     if d.request_id == rid:
                         if d.text:
                             yield d.text
@@ -121,3 +143,4 @@ class LLM:
                             raise RuntimeError(d.error)
         finally:
             self.engine.abort(rid)
+            self.processor.remove(rid)

@@ -44,6 +44,8 @@ class SamplingParams:
     # Tenant salt of the prefix cache (vLLM's name): requests share cached prompt blocks only with requests
     # of the same salt. The server passes the API key or the request's `cache_salt`.
     cache_salt: str | None = None
+    # The served LoRA adapter to run under (LLM(lora={name: folder}), `serve --lora name=PATH`); None: the base.
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +76,7 @@ class SamplingParams:
             ("stop_token_ids", all(_int(t) and t >= 0 for t in self.stop_token_ids),
              "must be token ids (integers >= 0)"),
             ("cache_salt", self.cache_salt is None or isinstance(self.cache_salt, str), "must be a string"),
+            ("lora_name", self.lora_name is None or isinstance(self.lora_name, str), "must be a string"),
             ("logits_processor_factories", all(callable(f) for f in self.logits_processor_factories),
              "must be zero-argument callables"),
         ]

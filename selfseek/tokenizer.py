@@ -120,6 +120,15 @@ class Tokenizer:
         self._templates = self._read_templates(config.get("chat_template"))
         self.chat_template: str | None = self._templates.get("default")
         self._compiled: dict[str, jinja2.Template] = {}
+        self.go_template = None  # an Ollama template layer that renders chats instead (use_go_template)
+
+    def use_go_template(self, text: str) -> None:
+        """Render chats with an Ollama template layer (Go text/template, selfseek/ollama_template.py) instead of
+        a Jinja template; `chat_template` becomes its text."""
+        from selfseek.ollama_template import GoTemplate
+
+        self.go_template = GoTemplate(text)
+        self.chat_template = text
 
     def _special_id(self, name: str, token: str | None) -> int | None:
         if token is None:
@@ -227,6 +236,11 @@ class Tokenizer:
         bos_token/eos_token/pad_token/unk_token. The templates write BOS themselves, and encode() never
         adds a second one, so the result encodes the same with or without add_special_tokens.
         """
+        if self.go_template is not None:
+            from selfseek.ollama_template import render_ollama_template
+
+            think = template_kwargs.get("thinking", template_kwargs.get("enable_thinking"))
+            return render_ollama_template(self.go_template, messages, tools, think)
         name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
         if name not in self._templates:
             raise ValueError(

@@ -5,12 +5,14 @@ engine's persistent block tables; the fused MLA down-projections."""
 from __future__ import annotations
 
 import random
+import types
 
 import pytest
 import torch
 from checkpoints import FAMILIES, VOCAB
 
 from selfseek.config import ModelConfig
+from selfseek.engine.engine import _cache_dtype
 from selfseek.engine.runner import BlockTables
 from selfseek.engine.sequence import Sequence, Status
 from selfseek.kernels import build
@@ -308,3 +310,219 @@ def test_qkv_is_not_fused_while_training():
     assert fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj)) is None
     model.model.layers[0].mlp(torch.randn(3, model.config.hidden_size)).sum().backward()
     assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+
+# ---- the fp8 latent cache ------------------------------------------------------------------------------
+
+def decode_e4m3(bytes_: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn bytes -> float64 by the format's definition (sign, 4 exponent bits with bias 7, 3 mantissa
+    bits, subnormals at exponent 0; S.1111.111 is NaN), independent of torch's float8 dtype."""
+    b = bytes_.long()
+    sign = 1 - 2 * ((b >> 7) & 1).double()
+    exp, man = (b >> 3) & 0xF, (b & 7).double()
+    value = torch.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * torch.pow(2.0, exp.double() - 7))
+    return torch.where((exp == 15) & (man == 7), torch.nan, sign * value)
+
+
+def reference_fp8_dequantize(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 rows -> float64 [n, width]: the values after 4-aligned padding come as one fp32 scale per 64."""
+    tiles = -(-width // 64)
+    offset = -(-width // 4) * 4
+    scales = rows[:, offset : offset + 4 * tiles].contiguous().view(torch.float32).double()
+    return decode_e4m3(rows[:, :width]) * scales.repeat_interleave(64, dim=1)[:, :width]
+
+
+@pytest.mark.parametrize("width", [56, 576, 150])
+def test_fp8_rows_round_trip_within_the_format_precision(width):
+    """Each tile's largest value maps to 448; every value comes back within e4m3's half-ulp (2^-4 relative,
+    2^-10 x scale absolute in the subnormal range); an all-zero tile stays zero."""
+    x = torch.randn(37, width, generator=torch.Generator().manual_seed(width)) * torch.logspace(-3, 2, 37)[:, None]
+    x[3] = 0
+    rows = attention_backend.quantize_fp8(x)
+    assert rows.dtype == torch.uint8 and rows.shape == (37, attention_backend.fp8_row_bytes(width))
+    back = reference_fp8_dequantize(rows, width)
+    assert torch.equal(attention_backend.dequantize_fp8(rows, width), back.float())  # one fp32 rounding each
+    tile_max = torch.nn.functional.pad(x.abs(), (0, -width % 64)).view(37, -1, 64).amax(-1).double()
+    scale = (tile_max / 448).repeat_interleave(64, dim=1)[:, :width]
+    assert ((back - x.double()).abs() <= torch.maximum(x.abs().double() * 2.0**-4, scale * 2.0**-10) * 1.001).all()
+    assert (back[3] == 0).all()
+    fp8_max = torch.nn.functional.pad(decode_e4m3(rows[:, :width]).abs(), (0, -width % 64)).view(37, -1, 64)
+    assert (fp8_max.amax(-1)[torch.arange(37) != 3] == 448).all()  # each tile's largest value at the top
+
+
+def test_kernel_fp8_dequantize_equals_the_format_on_every_byte(backend):
+    """The kernel's fp8 -> fp32 conversion (vectorized by bit manipulation on AVX2/AVX-512, a table on the
+    generic path) gives every one of the 256 bytes exactly: normals, subnormals, both zeros, NaN; a scale per
+    64 values, a ragged tail off the vector width."""
+    if backend == "torch":
+        pytest.skip("the kernel's conversion (the torch path is dequantize_fp8, tested above)")
+    lib = attention_backend._kernel(torch.device("cpu"))
+    src = torch.cat([torch.arange(256), torch.arange(255, -1, -1), torch.arange(0, 256, 7)]).to(torch.uint8)
+    n = src.numel()
+    scales = torch.tensor([1.0, 2.0**-20, 3.7, 1e3, 2.0**30, -0.5, 1e-30, 7.0, 1.0])[: -(-n // 64)].contiguous()
+    dst = torch.empty(n)
+    lib.selfseek_fp8_dequantize(src.data_ptr(), scales.data_ptr(), 64, n, dst.data_ptr())
+    want = (decode_e4m3(src).float() * scales.repeat_interleave(64)[:n])  # exact value, one fp32 rounding
+    nan = decode_e4m3(src).isnan()
+    assert torch.equal(dst.isnan(), nan) and nan.sum() == 4  # 0x7f and 0xff, in each of the two full sweeps
+    assert torch.equal(dst[~nan], want[~nan])
+    assert torch.equal(dst[~nan].signbit(), want[~nan].signbit())  # -0 stays -0
+
+
+def fp8_batch(name: str, seed: int):
+    """A paged batch over a random fp8 pool of layout `name`: decodes, a chunk after a prefix, a shared prefix.
+    -> (q, K, V, fp8 scales, dequantized K [slots, kv, dk], V [slots, kv, dv], rows, tables, cu, ctx_lens)."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    n_kv, g, dk, dv, v_off = LAYOUTS[name]
+    ctx_lens, num_new = [90, 75, 40, 3], [26, 11, 1, 1]
+    tables, num_blocks = random_layout(rng, ctx_lens, 16, share=4)
+    slots = num_blocks * 16
+    if v_off is None:  # GQA [slots, 2, kv, row bytes]: each head's K and V a row of its own
+        pool = attention_backend.quantize_fp8(torch.randn(slots * 2 * n_kv, dk, generator=gen) * 3)
+        dense = reference_fp8_dequantize(pool, dk).float().view(slots, 2, n_kv, dk)
+        pool = pool.view(slots, 2, n_kv, -1)
+        sc = attention_backend.fp8_scales(pool, dk)
+        views = pool[:, 0, :, :dk], pool[:, 1, :, :dk], (sc[:, 0], sc[:, 1])
+        dense_k, dense_v = dense[:, 0], dense[:, 1]
+    else:  # MLA: K and V read the same row
+        pool = attention_backend.quantize_fp8(torch.randn(slots, dk, generator=gen) * 3)
+        sc = attention_backend.fp8_scales(pool, dk)[:, None]
+        views = pool[:, None, :dk], pool[:, None, :dv], (sc, sc)
+        dense = reference_fp8_dequantize(pool, dk).float()
+        dense_k, dense_v = dense[:, None], dense[:, None, :dv]
+    cu = [0]
+    for n in num_new:
+        cu.append(cu[-1] + n)
+    rows = PagedRows(0, torch.tensor(cu, dtype=torch.int32), torch.tensor(ctx_lens, dtype=torch.int32),
+                     torch.tensor(tables, dtype=torch.int32), 16, max(ctx_lens))
+    q = torch.randn(sum(num_new), n_kv, g, dk, generator=gen)
+    return q, *views, dense_k, dense_v, rows, tables, cu, ctx_lens
+
+
+@pytest.mark.parametrize("name", ["gqa", "mla", "mla_wide"])
+def test_fp8_cache_attention_equals_the_reference_over_dequantized_keys(backend, name):
+    """Paged attention over an fp8 pool (kernel: dequantized per tile as it reads; torch: the gathered rows)
+    equals the float64 reference over the dequantized cache: decodes, a chunk after a prefix, a shared prefix.
+    GQA: several KV heads, K and V with scales of their own."""
+    q, k, v, scales, dense_k, dense_v, rows, tables, cu, ctx_lens = fp8_batch(name, 5)
+    dk = q.shape[-1]
+    got = paged_attention(q, k, v, rows, dk**-0.5, scales)
+    want = reference_attention(q, dense_k, dense_v, tables, 16, cu, ctx_lens, dk**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_scales_that_do_not_fit_are_rejected():
+    q, k, v, (ks, vs), *_, rows, _, _, _ = fp8_batch("gqa", 6)
+    with pytest.raises(ValueError, match="fp8_scales: the V scales"):
+        paged_attention(q, k, v, rows, 1.0, (ks, vs[:, :1]))
+    with pytest.raises(ValueError, match="an fp8 cache needs uint8 K/V views"):
+        paged_attention(q, k.view(torch.float8_e4m3fn), v, rows, 1.0, (ks, vs))
+
+
+def test_fp8_cache_in_the_model_absorbed_equals_expanded():
+    """A V3 model on fp8 pools: the absorbed kernel path and the expanded path (dequantized in torch) read the
+    same quantized latents and agree. The same steps on fp32 pools give the whole-sequence run, so the fp8
+    runs' difference from it is the quantization alone (its size is measured, not asserted here)."""
+    model = tiny_model("v3_noaux", "deepseek_v3")
+    bs, gen = 4, torch.Generator().manual_seed(2)
+    a, c = torch.randint(0, VOCAB, (21,), generator=gen), torch.randint(0, VOCAB, (10,), generator=gen)
+    tables = torch.tensor([[5, 1, 7, 3, 0, 9], [2, 8, 4, 0, 0, 0]], dtype=torch.int32)
+    out = {}
+    with torch.no_grad():
+        want = torch.cat([model.hidden_states(a[None])[0, 10:], model.hidden_states(c[None])[0, 9:]])
+        for mode, dtype in (("absorbed", torch.float8_e4m3fn), ("expanded", torch.float8_e4m3fn),
+                            ("fp32", torch.float32)):
+            pools = model.new_kv_pools(16 * bs, dtype)
+            assert all(p.dtype == (torch.uint8 if dtype != torch.float32 else dtype) for p in pools)
+            model.hidden_states(torch.cat([a[:10], c[:9]]), batch_from_tables(tables, [0, 1], [0, 0], [10, 9], bs),
+                                pools)
+            step2 = batch_from_tables(tables, [0, 1], [10, 9], [11, 1], bs,
+                                      decode_mode="expanded" if mode == "expanded" else "absorbed")
+            out[mode] = model.hidden_states(torch.cat([a[10:], c[9:]]), step2, pools)
+    torch.testing.assert_close(out["absorbed"], out["expanded"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["fp32"], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["absorbed"], want, rtol=1e-3, atol=1e-3)  # the fp8 cache was really used
+
+
+def test_engine_kv_cache_dtype_option():
+    """`kv_cache_dtype="fp8"`: uint8 pools of fp8 rows, sized by their bytes (a quarter of fp32 plus the
+    scales); unknown names are errors naming the field."""
+    from selfseek.engine.engine import EngineArgs, LLMEngine
+
+    model = tiny_model("v3_noaux", "deepseek_v3")
+    cfg = model.config
+    engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, block_size=16, kv_cache_dtype="fp8"))
+    row = attention_backend.fp8_row_bytes(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert engine.kv_bytes_per_token == cfg.num_hidden_layers * row
+    assert all(p.dtype == torch.uint8 and p.shape[1] == row for p in engine.runner.pools)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request("r", list(range(2, 40)), params)
+    out = []
+    while engine.has_work():
+        out += [t for d in engine.step() for t in d.token_ids]
+    assert len(out) == 5 and engine.blocks.num_free == engine.blocks.num_blocks
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or 'fp8'"):
+        LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, kv_cache_dtype="int4"))
+
+
+def test_fp8_gqa_cache_gathered_chunk_equals_the_paged_kernel(monkeypatch):
+    """A long chunk after a cached prefix on fp8 GQA pools: attended through the gathered, dequantized context
+    (SDPA) or through the paged kernel (dequantized per tile), the model's hidden states agree."""
+    from selfseek.models.attention import Attention
+
+    model = tiny_model("llama_linear", "llama")
+    bs, gen = 4, torch.Generator().manual_seed(3)
+    a = torch.randint(0, VOCAB, (30,), generator=gen)
+    tables = torch.tensor([[5, 1, 7, 3, 0, 9, 2, 8]], dtype=torch.int32)
+    out = {}
+    with torch.no_grad():
+        for mode, min_rows in (("gathered", 4), ("kernel", 1 << 20)):
+            monkeypatch.setattr(Attention, "GATHER_MIN_ROWS", min_rows)
+            pools = model.new_kv_pools(16 * bs, torch.float8_e4m3fn)
+            model.hidden_states(a[:10], batch_from_tables(tables, [0], [0], [10], bs), pools)
+            out[mode] = model.hidden_states(a[10:], batch_from_tables(tables, [0], [10], [20], bs), pools)
+    torch.testing.assert_close(out["gathered"], out["kernel"], rtol=1e-4, atol=1e-4)
+
+
+def greedy_on_pools(model: CausalLM, prompt: list[int], n: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of one sequence stepped by hand over pools of `dtype` (a prefill, then n - 1 decodes through
+    the paged cache), and the logits of its last step."""
+    bs = 16
+    tables = torch.arange(8, dtype=torch.int32)[None]
+    pools = model.new_kv_pools(8 * bs, dtype)
+    toks, pos, new = [], 0, list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            h = model.hidden_states(torch.tensor(new), batch_from_tables(tables, [0], [pos], [len(new)], bs), pools)
+            logits = model.logits(h[-1:])[0]
+            pos += len(new)
+            new = [int(logits.argmax())]
+            toks += new
+    return toks, logits
+
+
+def test_engine_fp8_cache_on_a_gqa_model_decodes_greedily():
+    """A Llama-shaped (GQA) model with `kv_cache_dtype="fp8"`: [slots, 2, kv, row bytes] uint8 pools sized by
+    their bytes; the engine's greedy tokens equal the same steps by hand over fp8 pools, whose last logits
+    differ from the fp32 cache's (the fp8 cache was really read), and DeepSeek-V4 is refused by name."""
+    from selfseek.engine.engine import EngineArgs, LLMEngine
+
+    model = tiny_model("llama_linear", "llama")
+    cfg = model.config
+    engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, block_size=16, kv_cache_dtype="fp8"))
+    row = attention_backend.fp8_row_bytes(cfg.head_dim)
+    assert engine.kv_bytes_per_token == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * row
+    assert all(p.dtype == torch.uint8 and p.shape[1:] == (2, cfg.num_key_value_heads, row)
+               for p in engine.runner.pools)
+    prompt = list(range(2, 40))
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    out = []
+    while engine.has_work():
+        out += [t for d in engine.step() for t in d.token_ids]
+    want, fp8_logits = greedy_on_pools(model, prompt, 8, torch.float8_e4m3fn)
+    assert out == want and engine.blocks.num_free == engine.blocks.num_blocks
+    _, fp32_logits = greedy_on_pools(model, prompt, 8, torch.float32)
+    assert not torch.allclose(fp8_logits, fp32_logits, rtol=1e-5, atol=1e-5)
+    v4 = types.SimpleNamespace(config=types.SimpleNamespace(model_type="deepseek_v4", is_mla=False))
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8: not for DeepSeek-V4"):
+        _cache_dtype("fp8", v4)

@@ -160,3 +160,30 @@ def test_r1_distill_llama_llama3_rope():
     assert (r.type, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings) == \
         ("llama3", 8.0, 1.0, 4.0, 8192)
     assert not c.qkv_bias and not c.qk_norm and c.head_dim == 128
+
+
+def test_yarn_attn_factor_is_accepted_and_read_as_transformers_reads_it(tmp_path):
+    """`attn_factor` in a YaRN rope_scaling (vLLM's / llama.cpp's name) loads; transformers 5.24 ignores it (an
+    unrecognized key), so the logits equal transformers' and those of the same checkpoint without it."""
+    import torch
+    import transformers
+
+    from selfseek.weights.safetensors import load_checkpoint
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attn_factor": 0.5}
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   rope_scaling=yarn, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(2, 128, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = load_checkpoint(tmp_path, progress=False)(ids)
+    assert (got - want).abs().max() <= 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"].pop("attn_factor") == 0.5  # it really was in the checkpoint
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path, progress=False)(ids), got)

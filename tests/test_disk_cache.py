@@ -233,3 +233,60 @@ def test_disk_reads_never_take_the_blocks_of_the_hits(mla, tmp_path):
     got = _run(engine, prompt)
     assert got[2] == 96 and engine.stats()["prefix_cache_disk_hit_tokens"] == 3 * BS + 3 * BS
     _assert_same(got, cold)
+
+
+@pytest.fixture(scope="module")
+def mla_mtp(tmp_path_factory):
+    """The MLA model with a randomly initialised MTP layer (the tiny checkpoint has none)."""
+    from selfseek.models.mtp import MTPLayer
+
+    model = _load(tmp_path_factory, "v3_long")
+    torch.manual_seed(0)
+    model.mtp = torch.nn.ModuleList([MTPLayer(model.config, model.config.num_hidden_layers)])
+    with torch.no_grad():
+        for p in model.mtp.parameters():  # away from the all-ones norms and default init: distinct drafts
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _mtp_blocks(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """The MTP pool's slots of the prompt's full blocks, found by their keys in the RAM prefix cache."""
+    key, pool, out = engine.blocks.root, engine.speculative.mtp_pool, []
+    for i in range(len(prompt) // BS):
+        key = block_key(key, prompt[i * BS : (i + 1) * BS])
+        b = engine.blocks.by_key[key]
+        out.append(pool[b * BS : (b + 1) * BS])
+    return torch.stack(out)
+
+
+def test_the_mtp_pool_is_spilled_and_restored_with_the_blocks(mla_mtp, tmp_path):
+    """With speculative decoding the MTP module's cache travels with each block (written once the step has
+    filled it): after a restart the disk hit restores those bytes, so the drafts are those of a cold run."""
+    prompt = PREFIX + _prompt(9, 3)
+    drafts = []
+
+    def run(engine):
+        runner, made = engine.speculative, []
+        propose = runner.propose
+
+        def recording():
+            propose()
+            made.extend(d.tokens[0] for d in runner.drafts.values())
+
+        runner.propose = recording
+        drafts.append(made)
+        return _run(engine, prompt)
+
+    first = _engine(mla_mtp, tmp_path, speculative_tokens=1)
+    cold = run(first)
+    assert cold[2] == 0 and first.stats()["disk_writes"] >= 6
+    want = _mtp_blocks(first, prompt)
+    assert want.flatten(1).abs().sum(dim=1).min() > 0  # every block's MTP slots were written
+    del first
+
+    restarted = _engine(mla_mtp, tmp_path, speculative_tokens=1)
+    hit = run(restarted)
+    assert hit[2] == 96 and restarted.stats()["disk_hit_blocks"] == 6
+    assert torch.equal(_mtp_blocks(restarted, prompt), want)
+    assert drafts[1] == drafts[0] and len(drafts[0]) >= PARAMS.max_tokens - 1
+    _assert_same(hit, cold)

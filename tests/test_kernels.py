@@ -281,3 +281,152 @@ def test_int8_activations_are_off_by_default():
             env["SELFSEEK_INT8_ACTIVATIONS"] = value
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.stdout.strip() == want, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- packed formats: GGUF K-quants, FP8, FP4
+
+K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+PACKED = [*K_QUANTS, "fp8", "fp4"]
+_FP16_FIELDS = {"q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def ref_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek's weight_dequant: w[r, c] * scale_inv[r // block[0], c // block[1]] in fp32."""
+    s = scale_inv.float().repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+    return w.float() * s
+
+
+def ref_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """transformers' FP4 unpack: byte -> (E2M1[low nibble], E2M1[high nibble]), times 2^(e - 127) per 32 values."""
+    u8 = w.view(torch.uint8).long()
+    v = torch.stack([torch.tensor(E2M1)[u8 & 15], torch.tensor(E2M1)[u8 >> 4]], -1).reshape(w.shape[0], -1)
+    return v * (scale.view(torch.uint8).float() - 127).exp2().repeat_interleave(32, 1)
+
+
+def make_packed(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[kernels.Packed, torch.Tensor]:
+    """A random weight of a packed format and its float32 value by the reference (gguf.quants for K-quants): random
+    bytes reach every quant-index and scale pattern; the fp16 super-block scales are set to small finite values."""
+    import gguf
+    import numpy as np
+
+    from selfseek.models.quant import pack_fp4, pack_fp8
+
+    rng = np.random.default_rng(seed)
+    if fmt == "fp8":
+        g = torch.Generator().manual_seed(seed)
+        w = (torch.randn(rows, cols, generator=g) * 100).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-rows // 128), -(-cols // 128), generator=g) * 1e-3
+        return pack_fp8(w, s), ref_fp8(w, s, (128, 128))
+    if fmt == "fp4":
+        w = torch.from_numpy(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)).view(torch.int8)
+        s = torch.from_numpy(rng.integers(118, 130, (rows, cols // 32), dtype=np.uint8)).view(torch.float8_e8m0fnu)
+        return pack_fp4(w, s), ref_fp4(w, s)
+    qtype = gguf.GGMLQuantizationType[fmt.upper()]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in _FP16_FIELDS[fmt]:
+        d = (rng.standard_normal((rows, cols // block)) * 0.01).astype(np.float16)
+        b[:, :, at : at + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
+    raw = b.reshape(rows, -1)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(rows, cols))
+    return kernels.Packed(fmt, torch.from_numpy(raw), torch.empty(rows, 0, dtype=torch.uint8), cols), ref
+
+
+def _packed_cols(fmt: str) -> int:
+    return 512 if fmt in K_QUANTS else 320  # fp8: a last scale block of 64 columns
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", PACKED)
+def test_packed_formats_match_their_reference_on_every_level(fmt, monkeypatch):
+    """Every row count (one-row decode, small batches, the dequantized-tile path from GEMM_MIN_ROWS) on every level
+    this CPU runs: the product equals the reference's float weight times x up to summation order, and the
+    dequantized rows are the reference's values exactly (K-quants: gguf.quants.dequantize, bit for bit)."""
+    cols = _packed_cols(fmt)
+    w, ref = make_packed(fmt, 131, cols)  # 131 rows: fp8 scale rows of 128 and 3
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(m, cols, generator=g) for m in (1, 2, 3, 5, 9, kernels.GEMM_MIN_ROWS + 3)]
+    scale = (ref.abs().max() * cols**0.5).item()
+    for isa in build.supported_isas():
+        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        assert torch.equal(kernels.to_float(w), ref), isa
+        ids = torch.tensor([[130, 0], [7, 7]])
+        assert torch.equal(kernels.gather_rows(w, ids), ref[ids]), isa
+        for x in xs:
+            close(kernels.linear(x, w), x @ ref.T, scale=scale)
+
+
+def _every_code(fmt: str, rows: int, cols: int) -> tuple[kernels.Packed, torch.Tensor]:
+    """fp8 / fp4 weights holding every code (fp8: all 254 non-NaN bytes, subnormals included) in every row, rotated
+    per row; K-quants: random super-blocks as in make_packed."""
+    from selfseek.models.quant import pack_fp4, pack_fp8
+
+    if fmt not in ("fp8", "fp4"):
+        return make_packed(fmt, rows, cols, seed=5)
+    n = 256 if fmt == "fp8" else 16
+    codes = torch.stack([(torch.arange(cols) * 7 + 3 * r) % n for r in range(rows)]).to(torch.uint8)
+    g = torch.Generator().manual_seed(5)
+    if fmt == "fp8":
+        w = codes.masked_fill((codes & 0x7F) == 0x7F, 0).view(torch.float8_e4m3fn)  # e4m3fn's NaN codes -> 0
+        s = torch.rand(-(-rows // 128), cols // 128, generator=g) * 1e-3
+        return pack_fp8(w, s), ref_fp8(w, s, (128, 128))
+    w = (codes[:, 0::2] | codes[:, 1::2] << 4).view(torch.int8)
+    s = torch.randint(100, 150, (rows, cols // 32), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
+    return pack_fp4(w, s), ref_fp4(w, s)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", PACKED)
+def test_packed_products_are_exact_per_weight_on_every_level(fmt, monkeypatch):
+    """One-hot rows of x pick single weights out of the product's register-unpacked path (fewer rows than
+    GEMM_MIN_ROWS): each must be the reference's value bit for bit, on every level this CPU runs."""
+    w, ref = _every_code(fmt, 9, 512)
+    for isa in build.supported_isas():
+        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        for k0 in range(0, 512, 32):
+            x = torch.eye(512)[k0 : k0 + 32 - (k0 // 32) % 3]  # 30 to 32 rows: the MR tile and its tails
+            assert torch.equal(kernels.linear(x, w), ref.T[k0 : k0 + x.shape[0]]), (isa, k0)
+
+
+@pytest.mark.parametrize("fmt", PACKED)
+def test_packed_torch_fallback_is_exact(fmt, torch_fallback):
+    cols = _packed_cols(fmt)
+    w, ref = make_packed(fmt, 20, cols, seed=3)
+    assert torch.equal(kernels.to_float(w), ref)
+    assert torch.equal(kernels.gather_rows(w, torch.tensor([4, 19])), ref[[4, 19]])
+    x = torch.randn(3, cols)
+    close(kernels.linear(x, w), x @ ref.T, scale=(ref.abs().max() * cols**0.5).item())
+
+
+def _packed_stack(fmt: str, n: int, rows: int, cols: int, seed: int) -> tuple[kernels.Packed, torch.Tensor]:
+    parts = [make_packed(fmt, rows, cols, seed=seed * 10 + e) for e in range(n)]
+    return (kernels.Packed(fmt, torch.stack([p.data for p, _ in parts]), torch.stack([p.scales for p, _ in parts]),
+                           cols), torch.stack([r for _, r in parts]))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "fp8", "fp4"])
+def test_fused_moe_runs_packed_stacks(fmt):
+    n_experts, hidden, inter = 4, 256, 512
+    gate, gate_ref = _packed_stack(fmt, n_experts, inter, hidden, 1)
+    up, up_ref = _packed_stack(fmt, n_experts, inter, hidden, 2)
+    down, down_ref = _packed_stack(fmt, n_experts, hidden, inter, 3)
+    norm = max(r.abs().max().item() for r in (gate_ref, up_ref, down_ref))  # keep silu away from saturation
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, hidden, generator=g) / norm / hidden**0.5
+    ids = torch.stack([torch.randperm(n_experts - 1, generator=g)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2, generator=g)
+    assert kernels.moe_native(x, gate, up, down)
+    want = ref_moe(x, weights, ids, gate_ref, up_ref, down_ref)
+    close(kernels.moe(x, weights, ids, gate, up, down), want, scale=want.abs().max().item() * 10)
+
+
+def test_malformed_packed_weights_are_named_errors():
+    w, _ = make_packed("fp4", 8, 64)
+    with pytest.raises(ValueError, match="fp4 scales must be contiguous torch.uint8 \\[8, 2\\]"):
+        kernels.linear(torch.randn(1, 64), kernels.Packed("fp4", w.data, w.scales[:, :1].contiguous(), 64))
+    with pytest.raises(ValueError, match="q4_k weight: in_features 64 is not a multiple of 256"):
+        kernels.linear(torch.randn(1, 64), kernels.Packed("q4_k", w.data, w.scales, 64))
+    with pytest.raises(ValueError, match="packed format 'q9_k'"):
+        kernels.linear(torch.randn(1, 64), kernels.Packed("q9_k", w.data, w.scales, 64))

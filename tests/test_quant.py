@@ -128,3 +128,111 @@ def test_auto_dtype_on_cpu_keeps_16bit_storage_and_computes_in_fp32(tmp_path, fa
     # an explicit dtype is what it says: bf16 compute keeps plain layers
     bf16 = load_checkpoint(tmp_path, dtype="bfloat16", progress=False)
     assert bf16.dtype == torch.bfloat16 and type(bf16.lm_head) is torch.nn.Linear
+
+
+# ---------------------------------------------------------------- DeepSeek FP8 / FP4 weights kept packed
+
+
+def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize [..., out, in] to e4m3 with one scale per block (DeepSeek's layout, amax / 448)."""
+    rows, cols = w.shape[-2:]
+    nr, nc = -(-rows // block[0]), -(-cols // block[1])
+    pad = torch.nn.functional.pad(w, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
+    blocks = pad.unflatten(-1, (nc, block[1])).unflatten(-3, (nr, block[0]))  # [..., nr, b0, nc, b1]
+    s = blocks.abs().amax((-3, -1)).clamp_min(1e-12) / 448
+    q = (blocks / s[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :rows, :cols]
+    return q.to(torch.float8_e4m3fn), s.float()
+
+
+def test_fp8_checkpoint_stays_fp8_and_matches_its_dequantized_weights(v3, tmp_path):
+    """An FP8 V3 checkpoint (e4m3 + weight_scale_inv, [16, 128] blocks so layers hold several) loads with its FP8
+    layers kept as FP8 bytes, and its logits equal those of the same weights dequantized (plain torch) and saved
+    as float32. q_b_proj (48 inputs, not whole 32-blocks) takes the dequantizing path."""
+    from safetensors.torch import load_file, save_file
+    from test_kernels import ref_fp8
+
+    from selfseek.models.quant import QuantStack
+
+    block = (16, 128)
+    state = load_file(v3 / "model.safetensors")
+    fp8, ref = {}, {}
+    for name, t in state.items():
+        if name.endswith("proj.weight"):
+            q, s = _fp8_blocks(t, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            pairs = zip(q.reshape(-1, *q.shape[-2:]), s.reshape(-1, *s.shape[-2:]), strict=True)
+            ref[name] = torch.stack([ref_fp8(a, b, block) for a, b in pairs]).reshape(t.shape)
+        else:
+            fp8[name] = ref[name] = t
+    config = json.loads((v3 / "config.json").read_text())
+    for folder, tensors, qc in ((tmp_path / "fp8", fp8, True), (tmp_path / "ref", ref, False)):
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors")
+        cfg = {**config, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                                  "weight_block_size": list(block)}} if qc else config
+        (folder / "config.json").write_text(json.dumps(cfg))
+    packed = load_checkpoint(tmp_path / "fp8", progress=False)
+    attn, mlp = packed.model.layers[1].self_attn, packed.model.layers[1].mlp
+    assert isinstance(attn.q_a_proj, QuantLinear) and attn.q_a_proj.bits == "fp8"
+    assert attn.q_a_proj.qweight.dtype == torch.uint8 and attn.q_a_proj.qweight.shape == (48, 64)
+    assert all(isinstance(s, QuantStack) and s.bits == "fp8" for s in mlp.experts.children())  # per-expert tensors
+    assert type(attn.q_b_proj) is torch.nn.Linear
+    want = load_checkpoint(tmp_path / "ref", progress=False)
+    torch.testing.assert_close(attn.q_a_proj.weight, want.model.layers[1].self_attn.q_a_proj.weight, rtol=0, atol=0)
+    ids = torch.randint(2, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, exp = packed(ids), want(ids)
+    assert ((got - exp).abs().max() / exp.abs().max()).item() < 1e-5  # fp32 summation order
+
+
+def test_fp8_and_fp4_constructors_take_the_checkpoint_tensors():
+    """pack_fp8 / pack_fp4 from the tensors as DeepSeek's checkpoints store them (fp32 or ue8m0 scale_inv for FP8;
+    int8 / float4_e2m1fn_x2 pairs and float8_e8m0fnu scales for V4's FP4 experts), against plain-torch dequantize."""
+    from test_kernels import ref_fp4, ref_fp8
+
+    from selfseek.models.quant import QuantStack, pack_fp4, pack_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w8, s8 = _fp8_blocks(torch.randn(200, 256, generator=g), (128, 128))
+    ue8m0 = torch.exp2(torch.ceil(torch.log2(s8))).to(torch.float8_e8m0fnu)  # V3.1 / V4 power-of-two scales
+    x = torch.randn(3, 256, generator=g)
+    for scale in (s8, ue8m0):
+        layer = QuantLinear.from_packed(pack_fp8(w8, scale))
+        ref = ref_fp8(w8, scale.float(), (128, 128))
+        assert torch.equal(layer.weight, ref)
+        torch.testing.assert_close(layer(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"weight_scale_inv has shape \[1, 2\].*needs \[2, 2\]"):
+        pack_fp8(w8, s8[:1])
+    experts = [torch.randint(-128, 128, (64, 128), dtype=torch.int8, generator=g) for _ in range(3)]
+    scales = [torch.randint(120, 130, (64, 8), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
+              for _ in range(3)]
+    fp4_x2 = getattr(torch, "float4_e2m1fn_x2", None)
+    if fp4_x2 is not None:  # the dtype newer checkpoints declare: the same bytes
+        experts[1] = experts[1].view(fp4_x2)
+    stack = QuantStack.from_fp4(experts, scales)
+    assert stack.qweight.shape == (3, 64, 128) and stack.scales.dtype == torch.uint8
+    for e in range(3):
+        ref = ref_fp4(experts[e].view(torch.int8), scales[e])
+        assert torch.equal(kernels.to_float(stack.packed[e]), ref)
+        torch.testing.assert_close(stack.linear(e, x), x @ ref.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"fp4 scale has shape \[64, 4\].*needs \[64, 8\]"):
+        pack_fp4(experts[0], scales[0][:, :4])
+    with pytest.raises(ValueError, match="powers of two"):
+        pack_fp4(experts[0], torch.full((64, 8), 0.3))
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "fp8"])
+def test_packed_layers_fuse_by_rows(fmt):
+    """layers.fused_rows (q/k/v, q_a + kv_a) concatenates packed layers' bytes and per-row scales: the fused layer
+    gives each part's output."""
+    from test_kernels import make_packed
+
+    from selfseek.models.layers import fused_rows
+
+    parts = tuple(QuantLinear.from_packed(make_packed(fmt, rows, 512, seed=rows)[0]) for rows in (48, 136))
+    x = torch.randn(2, 512)
+    want = torch.cat([p(x) for p in parts], dim=-1)
+    with torch.no_grad():
+        fused = fused_rows(torch.nn.Module(), parts)
+        assert isinstance(fused, QuantLinear) and fused.bits == fmt
+        torch.testing.assert_close(fused(x), want, rtol=0, atol=0)

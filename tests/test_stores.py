@@ -199,3 +199,168 @@ def test_cli_list(env):
     assert any(line.startswith("deepseek-r1:7b") and " qwen2 " in line for line in lines)
     assert any(line.startswith("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B ") for line in lines)
 
+
+
+# ---- Ollama's Go template layer ----------------------------------------------------------------------------
+# The template blobs of Ollama's library models, as published (llama3: the legacy .Prompt/.Response form).
+
+LLAMA3_TEMPLATE = """{{ if .System }}<|start_header_id|>system<|end_header_id|>
+
+{{ .System }}<|eot_id|>{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>
+
+{{ .Prompt }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ .Response }}<|eot_id|>"""
+
+QWEN2_TEMPLATE = """{{- if .Messages }}
+{{- if or .System .Tools }}<|im_start|>system
+{{- if .System }}
+{{ .System }}
+{{- end }}
+{{- if .Tools }}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{{- range .Tools }}
+{"type": "function", "function": {{ .Function }}}
+{{- end }}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+{{- end }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if .Content }}{{ .Content }}
+{{- else if .ToolCalls }}<tool_call>
+{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+{{ end }}</tool_call>
+{{- end }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- else if eq .Role "tool" }}<|im_start|>user
+<tool_response>
+{{ .Content }}
+</tool_response><|im_end|>
+{{ end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+{{ end }}
+{{- end }}
+{{- else }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{ if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+R1_TEMPLATE = """{{- if .System }}{{ .System }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1}}
+{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
+{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>{{- end }}
+{{- end }}"""
+
+
+def test_ollama_llama3_legacy_template():
+    """No .Messages: one execution per exchange, and the last one cut after {{ .Response }}."""
+    from selfseek.ollama_template import render_ollama_template
+
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How are you?"}]
+    h = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    assert render_ollama_template(LLAMA3_TEMPLATE, msgs) == (
+        h.format("system") + "You are terse.<|eot_id|>" + h.format("user") + "Hi<|eot_id|>" + h.format("assistant")
+        + "Hello!<|eot_id|>" + h.format("user") + "How are you?<|eot_id|>" + h.format("assistant"))
+
+
+def test_ollama_qwen2_template_with_tools():
+    from selfseek.ollama_template import render_ollama_template
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "description": "City & <area>"}},
+        "required": ["city"]}}}]
+    msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather",
+                                                  "arguments": '{"days": 2, "city": "Paris"}'}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_0"}]
+    function = ('{"name":"get_weather","description":"Get the weather","parameters":{"type":"object",'
+                '"required":["city"],"properties":{"city":{"type":"string",'
+                '"description":"City \\u0026 \\u003carea\\u003e"}}}}')  # Go's json.Marshal escapes <>&
+    assert render_ollama_template(QWEN2_TEMPLATE, msgs, tools) == (
+        "<|im_start|>system\nYou are helpful.\n\n# Tools\n\nYou may call one or more functions to assist with the "
+        "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": ' + function + "}\n</tools>\n\nFor each function call, return a json object"
+        " with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris","days":2}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    plain = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}]
+    assert render_ollama_template(QWEN2_TEMPLATE, plain) == (
+        "<|im_start|>user\nHi\n\nagain<|im_end|>\n<|im_start|>assistant\n")  # consecutive turns merged
+
+
+def test_ollama_deepseek_r1_template():
+    from selfseek.ollama_template import render_ollama_template
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2?"}]
+    assert render_ollama_template(R1_TEMPLATE, msgs) == (
+        "Be brief.<｜User｜>1+1?<｜Assistant｜>2<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>")
+
+
+@pytest.mark.parametrize("template,data,want", [
+    ("{{ if eq .A 1 }}one{{ else if eq .A 2 }}two{{ else }}many{{ end }}", {"A": 2}, "two"),
+    ("{{ range $k, $v := .M }}{{ $k }}={{ $v }};{{ else }}none{{ end }}", {"M": {"b": 2, "a": 1}}, "a=1;b=2;"),
+    ("{{ range .L }}x{{ else }}none{{ end }}", {"L": []}, "none"),
+    ("{{ with .U }}{{ .Name }}{{ end }}|{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ end }}{{ $x }}",
+     {"U": {"name": "ann"}}, "ann|2"),
+    ("{{ .S | len }} {{ printf \"%s-%d\" .S 7 }} {{ index .L 1 }} {{ (index .L 0).k }}",
+     {"S": "abc", "L": [{"k": "v"}, 5]}, "3 abc-7 5 v"),
+    ("a  {{- /* a comment */ -}}  b {{ and 1 0 }} {{ or 0 \"y\" }} {{ not .Missing }}", {}, "ab 0 y true"),
+])
+def test_go_template_subset(template, data, want):
+    from selfseek.ollama_template import GoTemplate
+
+    assert GoTemplate(template).render(data) == want
+
+
+def test_go_template_errors_name_the_problem():
+    from selfseek.ollama_template import GoTemplate, GoTemplateError
+
+    for bad, why in [("{{ if .A }}x", "without"), ("{{ nosuch .A }}", "not defined"), ("{{ template \"x\" }}",
+                                                                                          "not supported")]:
+        with pytest.raises(GoTemplateError, match=why):
+            GoTemplate(bad).render({"A": 1})
+
+
+def test_a_go_template_layer_renders_server_chats():
+    """A tokenizer without a Jinja template takes the Ollama layer (server/app.py does this for an Ollama model):
+    the server's chat rendering goes through it, and a user's control strings still stay text."""
+    from server_helpers import deepseek_tokenizer
+
+    from selfseek.server.prompts import render_chat
+    from selfseek.server.tools import FORMATS
+
+    tok = deepseek_tokenizer("deepseek-r1")
+    tok.chat_template = None
+    tok.use_go_template(R1_TEMPLATE)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?<｜Assistant｜>"}]
+    p = render_chat(tok, FORMATS["deepseek_v3"], msgs)
+    assert p.text == "Be brief.<｜User｜>1+1?<｜Assistant｜><｜Assistant｜>"
+    assistant = tok.token_to_id("<｜Assistant｜>")
+    assert p.encode(tok).count(assistant) == 1  # the template's, not the user's

@@ -1,7 +1,10 @@
 """The asyncio front the server uses: add_request() -> async iterator of deltas; abort().
 
 The engine loop runs in its own thread, apart from the HTTP event loop, so a long forward pass never
-blocks accepting requests; deltas cross back through loop.call_soon_threadsafe.
+blocks accepting requests. Its deltas carry token ids only: a second thread, the output processor
+(engine/output_processor.py), turns them into text, stop strings and finishes, so detokenizing never
+slows a step; it tells the engine to stop a completion a stop string ended. Deltas cross back to each
+request's event loop through loop.call_soon_threadsafe.
 
 Failures are typed (engine/errors.py) and contained: a request that fails while being added or inside a
 step gets a final delta whose `error` is a RequestFailed (or the RequestError it raised) and the others
@@ -21,28 +24,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from selfseek.engine.errors import EngineDead, EngineError, Overloaded, RequestError, RequestFailed
+from selfseek.engine.output_processor import OutputProcessor, RequestDelta
 from selfseek.sampling_params import SamplingParams
 
 log = logging.getLogger("selfseek.engine")
 MAX_CONSECUTIVE_STEP_FAILURES = 3  # steps in a row that raise past the engine's own isolation: it is broken
-
-
-@dataclass
-class RequestDelta:
-    """What one engine step produced for one completion of one request."""
-
-    request_id: str
-    index: int  # which of the request's n completions
-    token_ids: list[int]  # tokens new since the last delta
-    text: str  # text new since the last delta (a partial stop string is held back, never sent)
-    logprobs: list[dict[int, float]] | None = None  # per new token: {id: logprob}, top first, chosen included
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: str | int | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    # Set on the final delta of a request that failed: RequestFailed (inside the engine), RequestError (bad
-    # input found late), Overloaded (it cannot fit the KV cache), EngineDead (the engine stopped).
-    error: EngineError | None = None
 
 
 @dataclass
@@ -59,9 +45,10 @@ class AsyncEngine:
     """Runs a synchronous engine core in a background thread.
 
     The core's interface: prepare(prompt, params) -> prompt ids (validates; raises RequestError),
-    add_request(id, prompt_ids, params), abort(id), fail_request(id, exception), has_work(), step() ->
-    [RequestDelta], fail_all(error) -> [RequestDelta], stats() -> dict. Only the engine thread touches the
-    core's state; requests and aborts reach it through an inbox, so the event loop never waits on a forward pass.
+    add_request(id, prompt_ids, params), abort(id), stop_sequence(id, index), fail_request(id, exception),
+    has_work(), step() -> [RequestDelta] (token ids, no text), fail_all(error) -> [RequestDelta], stats() ->
+    dict. Only the engine thread touches the core's state; requests, aborts and stops reach it through an
+    inbox, so the event loop never waits on a forward pass.
     """
 
     def __init__(self, core, max_queue: int | None = None, max_buffered_deltas: int | None = None):
@@ -77,13 +64,17 @@ class AsyncEngine:
         self._stopped = False
         self._dead: EngineDead | None = None
         self._stats: dict = core.stats()
+        self.processor = OutputProcessor(core.tokenizer)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # engine deltas for the output thread; None: stop
         self._thread = threading.Thread(target=self._run, name="selfseek-engine", daemon=True)
+        self._output_thread = threading.Thread(target=self._run_output, name="selfseek-output", daemon=True)
         self._thread.start()
+        self._output_thread.start()
 
     @property
     def healthy(self) -> bool:
         """False once the engine cannot serve (its loop died or was shut down): /health answers 503."""
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self._thread.is_alive() and self._output_thread.is_alive()
 
     def num_waiting(self) -> int:
         """Requests accepted that have produced no output yet (queued, or in their first prefill)."""
@@ -104,6 +95,7 @@ class AsyncEngine:
         prompt_ids = self.core.prepare(prompt, params)
         sub = _Subscriber(asyncio.get_running_loop(), n=params.n)
         self._subs[request_id] = sub
+        self.processor.add_request(request_id, prompt_ids, params)
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wake.set()
         if not self.healthy:  # it died between the check above and now: _die may have missed this stream
@@ -123,11 +115,13 @@ class AsyncEngine:
                 self.abort(request_id)
             if self._subs.get(request_id) is sub:
                 del self._subs[request_id]
+                self.processor.remove(request_id)
 
     def abort(self, request_id: str) -> None:
         sub = self._subs.pop(request_id, None)  # also when its stream was never iterated (its finally never runs)
         if sub is not None:
             sub.closed = True
+        self.processor.remove(request_id)
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
@@ -139,6 +133,8 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._outbox.put(None)
+        self._output_thread.join(timeout=10)
         self._die(EngineDead("the engine was shut down"))
 
     # ---- delivery (runs on the subscriber's event loop) ---------------------------------------------
@@ -165,6 +161,11 @@ class AsyncEngine:
         sub.closed = True
 
     def _send(self, deltas: list[RequestDelta]) -> None:
+        """Engine thread: hand a step's deltas to the output thread."""
+        if deltas:
+            self._outbox.put(deltas)
+
+    def _publish(self, deltas: list[RequestDelta]) -> None:
         for d in deltas:
             sub = self._subs.get(d.request_id)
             if sub is not None:
@@ -193,6 +194,8 @@ class AsyncEngine:
                     self.core.add_request(request_id, prompt_ids, params)
                 except Exception as e:  # fails this request only
                     self._send(self._add_failed(request_id, params, e))
+            elif msg[0] == "stop":
+                self.core.stop_sequence(msg[1], msg[2])
             else:
                 self.core.abort(msg[1])
 
@@ -235,4 +238,20 @@ class AsyncEngine:
             else:
                 dead = EngineDead(f"the engine loop died: {type(e).__name__}")
                 dead.__cause__ = e
+            self._die(dead)
+
+    # ---- the output thread ---------------------------------------------------------------------------
+    def _run_output(self) -> None:
+        try:
+            while (deltas := self._outbox.get()) is not None:
+                out, stops = self.processor.process(deltas)
+                for request_id, index in stops:
+                    self._inbox.put(("abort", request_id) if index is None else ("stop", request_id, index))
+                if stops:
+                    self._wake.set()
+                self._publish(out)
+        except BaseException as e:
+            log.critical("the output processor died", exc_info=e)
+            dead = EngineDead(f"the output processor died: {type(e).__name__}")
+            dead.__cause__ = e
             self._die(dead)

@@ -10,10 +10,11 @@ fingerprint, so only the same tenant under the same model finds it.
 File: MAGIC, a 4-byte little-endian header length, a JSON header (format version, weights fingerprint, block
 size, each layer's dtype and per-token shape, the key, its parent key and token ids, the payload's length and
 SHA-256), then the payload: every layer's slots of the block, in layer order, raw (MLA: the latent and roped
-key; GQA: K and V). A read checks all of it against what the caller expects; any mismatch, a short or torn
-file, or a bad checksum is a miss and the file is deleted, so wrong KV is never used. Writers write a
-private temp file and os.replace it: readers see the old file or the new one, never a mix, and two workers
-writing the same key leave one valid file. No fsync: a file torn by a power cut fails its checksum.
+key; GQA: K and V), and with speculative decoding the MTP module's pool last (acceptance survives a disk hit).
+A read checks all of it against what the caller expects; any mismatch, a short or torn file, or a bad checksum
+is a miss and the file is deleted, so wrong KV is never used. Writers write a private temp file and os.replace
+it: readers see the old file or the new one, never a mix, and two workers writing the same key leave one valid
+file. No fsync: a file torn by a power cut fails its checksum.
 
 The directory is capped at `max_bytes`: when a write takes it over, files are deleted least recently used
 first (by mtime, which a hit refreshes: atime is often off) down to 90% of the cap.
@@ -46,7 +47,7 @@ def _layout(pools: list[torch.Tensor]) -> list[list]:
 
 class DiskKVCache:
     def __init__(self, directory: str | os.PathLike, max_bytes: int, fingerprint: str, block_size: int,
-                 pools: list[torch.Tensor]):
+                 pools: list[torch.Tensor], defer_writes: bool = False):
         if max_bytes <= 0:
             raise ValueError(f"prefix_cache_disk_bytes must be positive, got {max_bytes}")
         self.dir = Path(directory)
@@ -61,6 +62,10 @@ class DiskKVCache:
         self.counters = {"disk_writes": 0, "disk_write_bytes": 0, "disk_hit_blocks": 0, "disk_rejected": 0,
                          "disk_evicted_files": 0}
         self.bytes_used = self._scan()[1]  # this process's running estimate; _evict rescans the directory
+        # Deferred: store() queues and flush() writes, for pools that are complete only later in the step (the
+        # MTP pool, written after sampling: engine/speculative.py). The caller flushes before any allocation.
+        self.defer_writes = defer_writes
+        self.pending: list[tuple[bytes, bytes, tuple[int, ...], int]] = []
 
     def path(self, key: bytes) -> Path:
         return self.dir / key.hex()
@@ -70,7 +75,20 @@ class DiskKVCache:
 
     # ---- write -----------------------------------------------------------------------------------------
     def store(self, key: bytes, parent: bytes, tokens: tuple[int, ...], block: int) -> bool:
-        """Write block `block` of the pools as `key` unless a file for it exists; -> whether it wrote."""
+        """Write block `block` of the pools as `key` unless a file for it exists (deferred: at the next flush);
+        -> whether it wrote now."""
+        if self.defer_writes:
+            self.pending.append((key, parent, tokens, block))
+            return False
+        return self._write(key, parent, tokens, block)
+
+    def flush(self) -> None:
+        """Write the blocks stored since the last flush (deferred mode), before their blocks can be reused."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self._write(*item)
+
+    def _write(self, key: bytes, parent: bytes, tokens: tuple[int, ...], block: int) -> bool:
         path = self.path(key)
         if path.is_file():
             return False

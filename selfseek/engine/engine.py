@@ -1,8 +1,9 @@
 """LLMEngine: the step loop. Requests in; each step schedules, runs the model once, samples, and turns new
-tokens into deltas (text with stop strings handled, logprobs, finish reasons).
+tokens into deltas (token ids, logprobs, finish reasons). Text and stop strings are the output processor's
+(engine/output_processor.py), which runs after the step and stops a completion a stop string ended.
 
 A failure belongs to one request: an error while adding it, in its logits processors, penalties,
-sampling, detokenization or stop checks, or in a forward pass it is part of (found by re-running the
+sampling, or in a forward pass it is part of (found by re-running the
 step's sequences one at a time, which rewrites the same KV slots) fails that request alone with a
 RequestFailed on its final delta; its blocks are freed and the others continue.
 
@@ -31,9 +32,10 @@ from selfseek.engine.sampler import sample
 from selfseek.engine.scheduler import Scheduled, Scheduler
 from selfseek.engine.sequence import Sequence
 from selfseek.engine.speculative import SpeculativeRunner
+from selfseek.models.lora_serving import LoRARegistry
 from selfseek.models.model import CausalLM
 from selfseek.sampling_params import SamplingParams
-from selfseek.tokenizer import IncrementalDetokenizer, Tokenizer
+from selfseek.tokenizer import Tokenizer
 
 
 @dataclass
@@ -61,6 +63,13 @@ class EngineArgs:
     # Speculative decoding (engine/speculative.py): tokens the model's MTP module drafts per step, verified in
     # the same forward. 0: off.
     speculative_tokens: int = 0
+    # The paged cache's storage: "auto" (the compute dtype) or "fp8" (MLA: the latent and roped key, GQA: each
+    # head's K and V, as float8_e4m3fn with one fp32 scale per 64 values of a token, dequantized per tile by
+    # attention; not DeepSeek-V4).
+    kv_cache_dtype: str = "auto"
+    # LoRA adapters served on the model, {name: PEFT folder} or [(name, folder)] (models/lora_serving.py); a
+    # request picks one with SamplingParams.lora_name. A name given twice is an error.
+    lora: dict[str, str] | list[tuple[str, str]] | None = None
 
 
 def available_memory(device: torch.device) -> int:
@@ -75,6 +84,17 @@ def available_memory(device: torch.device) -> int:
 
 
 log = logging.getLogger("selfseek.engine")
+
+
+def _cache_dtype(name: str, model: CausalLM) -> torch.dtype | None:
+    """EngineArgs.kv_cache_dtype -> the pools' dtype (None: the model's compute dtype)."""
+    if name == "auto":
+        return None
+    if name == "fp8":
+        if model.config.model_type == "deepseek_v4":
+            raise ValueError("kv_cache_dtype fp8: not for DeepSeek-V4 (its compressed pools have no fp8 layout)")
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {name!r}")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -120,19 +140,25 @@ class LLMEngine:
         self.args = args = args or EngineArgs()
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
-        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        cache_dtype = _cache_dtype(args.kv_cache_dtype, model)
+        self.kv_bytes_per_token = kv_bytes_per_token(model, cache_dtype)
         device = model.device
         num_blocks = kv_pool_blocks(args, self.kv_bytes_per_token, self.max_model_len,
                                     None if args.kv_cache_memory else available_memory(device))
         self.fingerprint = args.model_fingerprint or model_fingerprint(model)
         self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching, self.fingerprint)
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
-        self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len)
-                       if args.speculative_tokens else ModelRunner(model, self.blocks))
+        self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len, cache_dtype)
+                       if args.speculative_tokens else ModelRunner(model, self.blocks, cache_dtype))
         self.speculative = self.runner if isinstance(self.runner, SpeculativeRunner) else None
         if args.prefix_cache_dir and args.enable_prefix_caching:
+            spec = self.speculative  # its MTP pool is spilled too, written once propose() has filled it
             self.blocks.disk = DiskKVCache(args.prefix_cache_dir, args.prefix_cache_disk_bytes, self.fingerprint,
-                                           args.block_size, self.runner.pools)
+                                           args.block_size, self.runner.pools + ([spec.mtp_pool] if spec else []),
+                                           defer_writes=spec is not None)
+        self.loras = LoRARegistry(model)
+        for name, path in args.lora.items() if isinstance(args.lora, dict) else args.lora or []:
+            self.loras.add(name, path)
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_failed": 0}
@@ -177,17 +203,22 @@ class LLMEngine:
         """Queue a request's n completions; nothing is queued if building any of them raises."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", param="request_id")
-        root = self.blocks.root_for(params.cache_salt)
+        lora = None
+        if params.lora_name is not None:
+            try:
+                lora = self.loras.get(params.lora_name)
+            except KeyError as e:
+                raise RequestError(e.args[0], param="lora_name") from None
+        root = self.blocks.root_for(params.cache_salt, lora.cache_key if lora else None)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_ids), params, next(self._arrivals),
                            leader=seqs[0] if seqs and self.blocks.prefix_caching else None,
                            stop_ids=frozenset(self._stop_ids(params)), cache_root=root,
+                           lora_index=lora.index if lora else 0,
                            processors=[f() for f in params.logits_processor_factories] + list(params.logits_processors))
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.generator_seed(i))
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             seqs.append(seq)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -203,6 +234,16 @@ class LLMEngine:
                 seq.finish_reason, seq.error = "abort", error
                 deltas.append(self._delta(seq, final=True))
         return deltas
+
+    def stop_sequence(self, request_id: str, index: int) -> None:
+        """Finish one completion the output processor ended (a stop string); its final delta went out there."""
+        seqs = self.requests.get(request_id, [])
+        if index < len(seqs) and not seqs[index].finished:
+            self.scheduler.finish(seqs[index])
+            seqs[index].finish_reason = "stop"
+            self.counters["requests_finished"] += 1
+        if all(q.finished for q in seqs):
+            self.requests.pop(request_id, None)
 
     def fail_request(self, request_id: str, cause: BaseException) -> list[RequestDelta]:
         """Fail one request alone: RequestFailed (its cause chained, and logged) on each of its final deltas."""
@@ -249,11 +290,12 @@ class LLMEngine:
                 deltas += self.fail_request(seq.request_id, failures[j])
                 continue
             try:
-                self._append(seq, token, lp)
-                if self.speculative is not None and seq.finish_reason is None:
-                    self.speculative.accept(seq, token, self._append)
+                if self.speculative is not None:  # appends `token` and what the drafts add
+                    self.speculative.accept(seq, token, lp, logits[j], self._append)
+                else:
+                    self._append(seq, token, lp)
                 delta = self._delta(seq, final=seq.finish_reason is not None)
-            except Exception as e:  # its detokenizer or stop check: fail it alone
+            except Exception as e:  # its speculative accept: fail it alone
                 deltas += self.fail_request(seq.request_id, e)
                 continue
             if seq.finish_reason is not None:
@@ -344,30 +386,18 @@ class LLMEngine:
         self.counters["generation_tokens"] += 1
         if token in seq.stop_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif seq.detokenizer is not None:
-            seq.text += seq.detokenizer.add(token)
-            for stop in p.stop:
-                cut = seq.text.find(stop, max(0, seq.emitted - len(stop)))
-                if cut != -1:
-                    seq.text, seq.finish_reason, seq.stop_reason = seq.text[:cut], "stop", stop
-                    break
-        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-        if seq.finish_reason is not None and seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.text += seq.detokenizer.flush()
 
     def _delta(self, seq: Sequence, final: bool) -> RequestDelta:
-        holdback = 0 if final else max((len(s) for s in seq.params.stop), default=1) - 1
-        end = max(seq.emitted, len(seq.text) - holdback)
         delta = RequestDelta(
-            request_id=seq.request_id, index=seq.index, token_ids=seq.pending_ids,
-            text=seq.text[seq.emitted:end],
+            request_id=seq.request_id, index=seq.index, token_ids=seq.pending_ids, text="",
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             num_prompt_tokens=len(seq.prompt_ids), num_cached_tokens=seq.num_cached_prompt,
             error=seq.error if final else None,
         )
-        seq.emitted, seq.pending_ids, seq.pending_logprobs = end, [], []
+        seq.pending_ids, seq.pending_logprobs = [], []
         return delta
 
     # ---- introspection -------------------------------------------------------------------------------

@@ -176,6 +176,17 @@ class BlockManager:
             self.ref_count[b] = 1
             seq.block_table.append(b)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the sequence's blocks past those holding its first `num_tokens` tokens (speculative decoding:
+        the blocks only rejected drafts used). They were never committed, so they go first in the free list."""
+        keep = max(self.blocks_needed(num_tokens), seq.num_committed_blocks)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+
     def _forget(self, b: int) -> None:
         """Evict block b's cached contents from the prefix cache (the disk tier keeps its copy)."""
         if self.key_of[b] is not None:

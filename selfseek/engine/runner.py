@@ -14,13 +14,18 @@ from selfseek.engine.kv_cache import BlockManager
 from selfseek.engine.scheduler import Scheduled
 from selfseek.engine.sequence import Sequence
 from selfseek.models.batch import AttnBatch, batch_from_tables
+from selfseek.models.layers import LoRARows, lora_rows
 from selfseek.models.model import CausalLM
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype | None = None) -> int:
     """Cache bytes one token takes across all layers: layers x (kv_lora_rank + qk_rope_head_dim) x size for MLA."""
     dtype = dtype or model.dtype
+    if dtype == torch.float8_e4m3fn:  # fp8 rows: the values, then their fp32 tile scales
+        return sum(layer.self_attn.new_pool(1, dtype, "meta").nbytes for layer in model.model.layers)
     size = torch.empty((), dtype=dtype).element_size()
+    if hasattr(model, "kv_values_per_token"):  # per-layer pool widths differ (DeepSeek-V4)
+        return model.kv_values_per_token() * size
     return model.config.num_hidden_layers * model.config.kv_values_per_token_per_layer * size
 
 
@@ -80,10 +85,11 @@ def _token_slice(seq: Sequence, start: int, n: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, blocks: BlockManager):
+    def __init__(self, model: CausalLM, blocks: BlockManager, cache_dtype: torch.dtype | None = None):
         self.model, self.blocks = model, blocks
         self.device = model.device
-        self.pools = model.new_kv_pools(blocks.num_blocks * blocks.block_size)
+        self.cache_dtype = cache_dtype or model.dtype  # float8_e4m3fn: the fp8 cache (attention_backend)
+        self.pools = model.new_kv_pools(blocks.num_blocks * blocks.block_size, self.cache_dtype)
         self.tables = BlockTables()
 
     @torch.inference_mode()
@@ -101,7 +107,10 @@ class ModelRunner:
             num_new.append(s.num_new + len(drafts))
         rows = self.tables.sync([s.seq for s in order])
         batch = batch_from_tables(self.tables.table, rows, starts, num_new, self.blocks.block_size, self.device)
-        hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), batch, self.pools)
+        # each sequence's rows under its own LoRA adapter (or none), in this one forward
+        lora = LoRARows.from_counts([s.seq.lora_index for s in order], num_new, self.device)
+        with lora_rows(lora):
+            hidden = self.model.hidden_states(torch.tensor(tokens, device=self.device), batch, self.pools)
         self.after_forward([s.seq for s in order], starts, num_new, batch, hidden)
         ends, sampled, row = [], [], 0
         for s, n in zip(order, num_new, strict=True):

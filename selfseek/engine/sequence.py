@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from selfseek.sampling_params import SamplingParams
-from selfseek.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -47,15 +46,13 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained keys of its full blocks, computed once
     num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     cache_root: bytes | None = None  # its first block's parent key (fingerprint, adapter, tenant salt)
+    lora_index: int = 0  # the served LoRA adapter its rows run under (models/lora_serving.py); 0: the base model
     leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt to be cached, then share it
     generator: torch.Generator | None = None
     processors: list[Callable] = field(default_factory=list)  # its own logits processors (fresh per sequence)
     penalty_state: PenaltyState | None = None
     logit_bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values), built once
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS unless ignore_eos, stop_token_ids)
-    detokenizer: IncrementalDetokenizer | None = None
-    text: str = ""
-    emitted: int = 0  # characters of `text` already sent
     finish_reason: str | None = None
     error: BaseException | None = None  # why it failed (an EngineError reaches the caller)
     stop_reason: str | int | None = None

@@ -2,20 +2,50 @@
 
 `quant_linear` / `dequantize` run block-quantized weights, `linear` float weights kept in 16-bit storage, and
 `moe` the fused routed experts, all with float32 activations and results. A weight is a float tensor (float32,
-bfloat16, float16) or a block-quantized one given as (qweight, scales, mins): int8 -> q8, uint8 -> q4 (see
-quant.cpp). Where the library is not loaded (SELFSEEK_NO_KERNELS=1, no compiler, not x86) or the tensors are not
-on the CPU, the same math runs in plain torch.
+bfloat16, float16), a block-quantized one given as (qweight, scales, mins): int8 -> q8, uint8 -> q4, or a `Packed`
+weight in a file's own encoding (GGUF K-quants, DeepSeek FP8 / FP4; see quant.cpp). Where the library is not loaded
+(SELFSEEK_NO_KERNELS=1, no compiler, not x86) or the tensors are not on the CPU, the same math runs in plain torch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 import torch
 
 QuantWeight = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (qweight, fp16 scales, fp16 mins or None)
-Weight = torch.Tensor | QuantWeight
+# format -> (quant.cpp kind, values per unit, bytes per unit of the data)
+FORMATS = {"q2_k": (5, 256, 84), "q3_k": (6, 256, 110), "q4_k": (7, 256, 144), "q5_k": (8, 256, 176),
+           "q6_k": (9, 256, 210), "fp8": (10, 32, 32), "fp4": (11, 32, 16)}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight the kernels read in its file's encoding, never widened: `data` uint8 [..., rows, row_bytes].
+
+    q2_k .. q6_k: GGUF K-quant super-blocks as in the file (scales: an empty [..., rows, 0] tensor, so row slices and
+    row concatenation work as for the other buffers). fp8: e4m3 bytes [rows, cols], scales float32
+    [rows, ceil(cols / 128)]: w = e4m3 * s (DeepSeek's [128, 128] block scales, one row of them per weight row).
+    fp4: e2m1 pairs [rows, cols / 2], low nibble = even column, scales uint8 ue8m0 exponents [rows, cols / 32]:
+    w = e2m1 * 2^(e - 127). An expert stack has one more leading dimension ([E, rows, ...]); `w[e]` is expert e."""
+
+    format: str
+    data: torch.Tensor
+    scales: torch.Tensor
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[-2]
+
+    def __getitem__(self, e: int) -> Packed:
+        """Expert e of a stack."""
+        return Packed(self.format, self.data[e], self.scales[e], self.cols)
+
+
+Weight = torch.Tensor | QuantWeight | Packed
 # From this many rows of x on, a quantized product is compute-bound: dequantize a tile of weight rows at a time
 # into a cache-sized buffer and multiply it with torch's sgemm (never a whole-weight float copy).
 GEMM_MIN_ROWS = 64
@@ -76,11 +106,35 @@ def _native(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def _split(w: Weight) -> QuantWeight:
+    if isinstance(w, Packed):
+        return (w.data, w.scales, None)
     return (w, None, None) if isinstance(w, torch.Tensor) else w
+
+
+def _packed_mat(w: Packed, stacked: bool) -> _Mat:
+    if w.format not in FORMATS:
+        raise ValueError(f"packed format {w.format!r} is not one of {', '.join(FORMATS)}")
+    kind, unit, unit_bytes = FORMATS[w.format]
+    d, s = w.data, w.scales
+    dims = 3 if stacked else 2
+    if w.cols % unit:
+        raise ValueError(f"{w.format} weight: in_features {w.cols} is not a multiple of {unit}")
+    if d.dtype != torch.uint8 or d.dim() != dims or not d.is_contiguous() or d.shape[-1] != w.cols // unit * unit_bytes:
+        raise ValueError(f"{w.format} data must be contiguous uint8 {'[E, rows, ' if stacked else '[rows, '}"
+                         f"{w.cols // unit * unit_bytes}], got {d.dtype} {list(d.shape)}")
+    want = {"fp8": (torch.float32, -(-w.cols // 128)), "fp4": (torch.uint8, w.cols // 32)}.get(w.format,
+                                                                                              (torch.uint8, 0))
+    if s.dtype != want[0] or tuple(s.shape) != (*d.shape[:-1], want[1]) or not s.is_contiguous():
+        raise ValueError(f"{w.format} scales must be contiguous {want[0]} {[*d.shape[:-1], want[1]]}, "
+                         f"got {s.dtype} {list(s.shape)}")
+    return _Mat(kind, d.shape[-2], w.cols, d.data_ptr(), s.data_ptr() if s.numel() else None, None,
+                d[0].nbytes if stacked else 0, s[0].nbytes if stacked else 0)
 
 
 def _mat(w: Weight, stacked: bool = False) -> _Mat:
     """A ctypes view of a weight ([out, in] or, stacked, [E, out, in]); checks what the C++ side assumes."""
+    if isinstance(w, Packed):
+        return _packed_mat(w, stacked)
     q, scales, mins = _split(w)
     kind = _KINDS.get(q.dtype)
     if kind is None:
@@ -100,7 +154,7 @@ def _mat(w: Weight, stacked: bool = False) -> _Mat:
         if kind == 4 and mins is None:
             raise ValueError("a q4 weight needs mins")
     e_stride = q[0].nbytes if stacked else 0
-    s_stride = scales[0].numel() if stacked and scales is not None else 0
+    s_stride = scales[0].nbytes if stacked and scales is not None else 0
     return _Mat(kind, q.shape[-2], cols, q.data_ptr(), scales.data_ptr() if scales is not None
                 else None, mins.data_ptr() if mins is not None else None, e_stride, s_stride)
 
@@ -123,9 +177,78 @@ def _torch_dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor 
     return w.flatten(-2)
 
 
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _bits(t: torch.Tensor, shifts: list[int], width: int) -> torch.Tensor:
+    """[..., n] bytes -> [..., len(shifts), n]: the `width`-bit field at each shift."""
+    return (t[..., None, :].int() >> torch.tensor(shifts, dtype=torch.int32)[:, None]) & ((1 << width) - 1)
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.float16).float()
+
+
+def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and mins (llama.cpp's get_scale_min_k4)."""
+    d, m, md = s[..., 0:4].int(), s[..., 4:8].int(), s[..., 8:12].int()
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+    return sc.float(), mn.float()
+
+
+def _torch_unpack(w: Packed) -> torch.Tensor:
+    """The definition of the packed formats, in torch: float32 [..., rows, cols]."""
+    kind, unit, unit_bytes = FORMATS[w.format]
+    lead = w.data.shape[:-1]
+    b = w.data.reshape(*lead, w.cols // unit, unit_bytes)
+    if w.format == "fp8":
+        s = w.scales.float().repeat_interleave(128, dim=-1)[..., : w.cols]
+        return w.data.view(torch.float8_e4m3fn).float() * s
+    if w.format == "fp4":
+        v = torch.tensor(_E2M1)[torch.stack([b & 15, b >> 4], -1).long()].reshape(*lead, w.cols)
+        return v * torch.exp2(w.scales.float() - 127).repeat_interleave(32, dim=-1)
+    if w.format in ("q4_k", "q5_k"):
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, mn = _k4_scales(b[..., 4:16])
+        qs = b[..., 16:144] if w.format == "q4_k" else b[..., 48:176]
+        q = _bits(qs.reshape(*qs.shape[:-1], 4, 32), [0, 4], 4).flatten(-3, -2)  # [..., 8, 32]
+        if w.format == "q5_k":
+            q = q | (_bits(b[..., 16:48], list(range(8)), 1) << 4)
+        v = (d * sc)[..., None] * q.float() - (dmin * mn)[..., None]
+    elif w.format == "q6_k":
+        ql = _bits(b[..., 0:128].reshape(*b.shape[:-1], 2, 64), [0, 4], 4).reshape(*b.shape[:-1], 8, 32)
+        qh = _bits(b[..., 128:192].reshape(*b.shape[:-1], 2, 32), [0, 2, 4, 6], 2).reshape(*b.shape[:-1], 8, 32)
+        q = ((ql | (qh << 4)) - 32).float().reshape(*b.shape[:-1], 16, 16)
+        sc = b[..., 192:208].contiguous().view(torch.int8).float()
+        v = (_f16(b[..., 208:210]) * sc)[..., None] * q
+    elif w.format == "q2_k":
+        sc = b[..., 0:16].int()
+        q = _bits(b[..., 16:80].reshape(*b.shape[:-1], 2, 32), [0, 2, 4, 6], 2).reshape(*b.shape[:-1], 16, 16)
+        d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])
+        v = (d * (sc & 15).float())[..., None] * q.float() - (dmin * (sc >> 4).float())[..., None]
+    else:  # q3_k
+        s = b[..., 96:108].int()
+        lo = torch.cat([s[..., 0:8] & 15, s[..., 0:8] >> 4], -1)
+        hi = _bits(b[..., 104:108], [0, 2, 4, 6], 2).flatten(-2)
+        sc = ((lo | (hi << 4)) - 32).float()
+        ql = _bits(b[..., 32:96].reshape(*b.shape[:-1], 2, 32), [0, 2, 4, 6], 2).reshape(*b.shape[:-1], 8, 32)
+        hm = _bits(b[..., 0:32], list(range(8)), 1)  # [..., 8, 32]
+        q = (ql - 4 * (1 - hm)).float().reshape(*b.shape[:-1], 16, 16)
+        v = (_f16(b[..., 108:110]) * sc)[..., None] * q
+    return v.reshape(*lead, w.cols)
+
+
 def to_float(w: Weight) -> torch.Tensor:
     """Any weight -> float32 (a float32 tensor is returned as is)."""
     q, scales, mins = _split(w)
+    if isinstance(w, Packed):
+        if (lib := _native(q)) is not None and q.dim() == 2:
+            m = _mat(w)
+            out = torch.empty(m.rows, m.cols)
+            _check(lib.selfseek_dequantize(ctypes.byref(m), 0, m.rows, out.data_ptr()), "dequantize")
+            return out
+        return _torch_unpack(w)
     if scales is None:
         return q.float()
     if (lib := _native(q)) is not None and q.dim() == 2:
@@ -154,6 +277,8 @@ def gather_rows(w: Weight, ids: torch.Tensor) -> torch.Tensor:
             raise IndexError(f"row index out of range for a weight of {m.rows} rows")
         _check(rc, "gather_rows")
         return out.view(*ids.shape, m.cols)
+    if isinstance(w, Packed):
+        return _torch_unpack(Packed(w.format, w.data[ids], w.scales[ids], w.cols))
     if scales is None:
         return q[ids].float()
     return _torch_dequantize(q[ids], scales[ids], None if mins is None else mins[ids])
@@ -173,7 +298,10 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     if x.shape[-1] != m.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {m.cols}")
     if (lib := _load()) is None or x.device.type != "cpu" or q.device.type != "cpu":
-        wf = q.float() if scales is None else _torch_dequantize(q, scales, mins)
+        if isinstance(w, Packed):
+            wf = _torch_unpack(w)
+        else:
+            wf = q.float() if scales is None else _torch_dequantize(q, scales, mins)
         return torch.nn.functional.linear(x.float(), wf)
     flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()  # decode's usual case: no copies
     x2 = x if flat else x.reshape(-1, m.cols).float().contiguous()
@@ -182,7 +310,7 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
         y = torch.mm(x2, q.t()) if m.kind == _KINDS[torch.float32] else _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
-        int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind >= _KINDS[torch.int8]
+        int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind in (_KINDS[torch.int8], _KINDS[torch.uint8])
         fn = lib.selfseek_linear_i8 if int8 else lib.selfseek_linear
         if rows:
             _check(fn(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
@@ -218,7 +346,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 def moe_native(x: torch.Tensor, *stacks: Weight) -> bool:
     """Whether `moe` runs the fused kernel for these activations and expert stacks (else the caller's torch path)."""
     tensors = [x, *(_split(s)[0] for s in stacks)]
-    return all(t.dtype in _KINDS for t in tensors[1:]) and _native(*tensors) is not None
+    return all(t.dtype in _KINDS for t in tensors[1:]) and _native(*tensors) is not None  # Packed data is uint8
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight, up: Weight,
@@ -230,6 +358,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight,
         raise RuntimeError("kernels.moe needs the native kernels and CPU tensors (check moe_native first)")
     g, u, d = _mat(gate, True), _mat(up, True), _mat(down, True)
     n_experts = _split(gate)[0].shape[0]
+    if len({n_experts, _split(up)[0].shape[0], _split(down)[0].shape[0]}) != 1:
+        raise ValueError("gate, up and down stacks hold different numbers of experts")
     x2 = x.float().contiguous()
     w = weights.float().contiguous()
     i = ids.to(torch.int64).contiguous()

@@ -1,11 +1,13 @@
 """Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096] [--threads 1,2] [--int8]`.
 
 Per weight kind and batch rows M: milliseconds per y = x W^T call (best of several), GB/s of weight bytes read
-(the figure that bounds decode), and the same product through a whole-weight float32 copy and torch.mm (the
-path quantized layers took before for M >= 16) for comparison; with --int8 also the opt-in int8-activation
-path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.INT8_MAX_ROWS. With --moe: one
-routed-experts layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel
-against the per-expert loop (Experts._forward_torch). Not a test: timings depend on the machine.
+(the figure that bounds decode), billions of weights per second, and the same product through a whole-weight
+float32 copy and torch.mm (the path quantized layers took before for M >= 16) for comparison; with --int8 also
+the opt-in int8-activation path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.INT8_MAX_ROWS.
+Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4) and the packed formats q2_k .. q6_k, fp8, fp4 (random
+bytes). With --moe: one routed-experts layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024,
+top-6), fused kernel against the per-expert loop (Experts._forward_torch). Not a test: timings depend on the
+machine.
 """
 
 from __future__ import annotations
@@ -34,9 +36,34 @@ def best_ms(fn: Callable[[], object], min_time: float = 0.3, max_calls: int = 20
     return best * 1e3
 
 
+# fp16 fields of a K-quant super-block (d, dmin): set to small finite values in the random bytes.
+_FP16_AT = {"q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def packed_weight(kind: str, n: int, k: int) -> kernels.Packed:
+    """A packed weight of random bytes (every code and scale pattern; the speed does not depend on the values)."""
+    from selfseek.models.quant import pack_fp4, pack_fp8
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "fp8":
+        w = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn)
+        return pack_fp8(w, torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-3)
+    if kind == "fp4":
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        return pack_fp4(w, torch.randint(118, 130, (n, k // 32), dtype=torch.uint8, generator=g))
+    _, unit, size = kernels.FORMATS[kind]
+    b = torch.randint(0, 256, (n, k // unit, size), dtype=torch.uint8, generator=g)
+    for at in _FP16_AT[kind]:
+        d = (torch.randn(n, k // unit, generator=g) * 0.01).half()
+        b[:, :, at : at + 2] = d.view(torch.uint8).reshape(n, k // unit, 2)
+    return kernels.Packed(kind, b.reshape(n, -1), torch.empty(n, 0, dtype=torch.uint8), k)
+
+
 def weight(kind: str, n: int, k: int) -> kernels.Weight:
     from selfseek.models.quant import quantize_weight
 
+    if kind in kernels.FORMATS:
+        return packed_weight(kind, n, k)
     w = torch.randn(n, k) * 0.02
     if kind in ("q8", "q4"):
         return quantize_weight(w, 8 if kind == "q8" else 4)
@@ -44,12 +71,14 @@ def weight(kind: str, n: int, k: int) -> kernels.Weight:
 
 
 def nbytes(w: kernels.Weight) -> int:
+    if isinstance(w, kernels.Packed):
+        return w.data.nbytes + w.scales.nbytes
     return sum(t.nbytes for t in ((w,) if isinstance(w, torch.Tensor) else w) if t is not None)
 
 
 def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
     """Best ms of the int8-activation path, or nan where it does not apply."""
-    if isinstance(w, torch.Tensor) or x.shape[0] > kernels.INT8_MAX_ROWS:
+    if isinstance(w, torch.Tensor | kernels.Packed) or x.shape[0] > kernels.INT8_MAX_ROWS:
         return float("nan")
     saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, True
     try:
@@ -60,7 +89,7 @@ def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
 
 def run(size: int, threads: list[int], rows: list[int], kinds: list[str], int8: bool = False) -> None:
     print(f"kernels: {build.chosen_isa() if kernels.available() else 'torch fallback'}; W {size}x{size}")
-    print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'ms via fp32 copy+mm':>20}"
+    print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'Gw/s':>6} {'ms via fp32 copy+mm':>20}"
           + (f" {'int8 ms':>9} {'int8 GB/s':>9}" if int8 else ""))
     for kind in kinds:
         w = weight(kind, size, size)
@@ -72,7 +101,8 @@ def run(size: int, threads: list[int], rows: list[int], kinds: list[str], int8: 
                 ms = best_ms(lambda: kernels.linear(x, w))  # noqa: B023
                 kernels.INT8_ACTIVATIONS = saved
                 old = best_ms(lambda: x @ kernels.to_float(w).T) if m >= 4 else float("nan")  # noqa: B023
-                line = f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {nbytes(w) / ms / 1e6:7.1f} {old:20.3f}"
+                gbs, gws = nbytes(w) / ms / 1e6, size * size / ms / 1e6
+                line = f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {gbs:7.1f} {gws:6.2f} {old:20.3f}"
                 if int8:
                     i8 = int8_ms(x, w)
                     line += f" {i8:9.3f} {nbytes(w) / i8 / 1e6:9.1f}"
@@ -117,7 +147,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rows", default="1,4,16,64,512")
-    p.add_argument("--kinds", default="q8,q4,bf16,f32")
+    p.add_argument("--kinds", default="q8,q4,bf16,f32", help=f"of f32,bf16,f16,q8,q4,{','.join(kernels.FORMATS)}")
     p.add_argument("--moe", action="store_true", help="benchmark the fused MoE layer instead")
     p.add_argument("--int8", action="store_true", help="also time the int8-activation path (quantized kinds)")
     a = p.parse_args()

@@ -9,7 +9,10 @@
 // Rows of sequence i are cu_q[i] .. cu_q[i+1]-1 (a chunk of new tokens, or one decode row); the last of its
 // n_i rows sees all context_lens[i] keys, row j sees context_lens[i] - n_i + j + 1 (causal).
 // Key t of sequence i is at slot block_tables[i][t / block_size] * block_size + t % block_size.
-// Queries and outputs are fp32; the cache is fp32, bf16 or fp16 (converted per tile).
+// Queries and outputs are fp32; the cache is fp32, bf16 or fp16 (converted per tile), or fp8 e4m3
+// (`--kv-cache-dtype fp8`): each slot's head values in tiles of `scale_tile`, value j of head h of a slot being
+// fp8[j] x scales[slot * scale_slot_stride + h * scale_head_stride + j / scale_tile], K and V with their own
+// scales (MLA passes the same scales twice: K and V read the same row).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,7 +26,7 @@
 #endif
 
 namespace {
-enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2, FP8 = 3 };
 constexpr int TILE = 32;  // keys per online-softmax step
 
 inline float bf16_to_f32(uint16_t h) {
@@ -54,6 +57,67 @@ inline float f16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+
+// float8_e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities, S.1111.111 is NaN) as
+// a 256-entry table, built once.
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int exp = (b >> 3) & 0xf, man = b & 7;
+      float x = exp == 0 ? std::ldexp(float(man), -9)  // subnormal: man / 8 x 2^-6
+                         : std::ldexp(float(8 + man), exp - 10);  // (1 + man / 8) x 2^(exp - 7)
+      if (exp == 15 && man == 7) x = std::numeric_limits<float>::quiet_NaN();
+      v[b] = (b & 0x80) ? -x : x;
+    }
+  }
+};
+const Fp8Table kFp8;
+
+// Vector e4m3 -> fp32 by bit manipulation, equal to the table: the 7 exponent+mantissa bits shifted into an
+// fp32's (exponent bias 127 vs 7, so x 2^120, exact); exponent 0 (subnormals) as man x 2^-9, computed in
+// integers so a flush-denormals mode cannot zero it; 0x7f is NaN; then the sign bit.
+#if defined(__AVX512F__)
+inline __m512 fp8x16_to_f32(const uint8_t* src) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(em, 20)), _mm512_set1_ps(0x1p120f));
+  v = _mm512_mask_mul_ps(v, _mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), _mm512_cvtepi32_ps(em),
+                         _mm512_set1_ps(0x1p-9f));
+  v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7f)),
+                         _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+#elif defined(__AVX2__)
+inline __m256 fp8x8_to_f32(const uint8_t* src) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i em = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(em, 20)), _mm256_set1_ps(0x1p120f));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(0x1p-9f));
+  v = _mm256_blendv_ps(v, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
+  v = _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                       _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7f))));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign));
+}
+#endif
+
+// n fp8 values of one cache row, dequantized into dst with the row's scales (one per `tile` values).
+inline const float* fp8_as_f32(const uint8_t* src, const float* scales, int tile, int n, float* dst) {
+  for (int t0 = 0; t0 < n; t0 += tile) {
+    const float sc = scales[t0 / tile];
+    const int t1 = std::min(n, t0 + tile);
+    int i = t0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= t1; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(fp8x16_to_f32(src + i), _mm512_set1_ps(sc)));
+#elif defined(__AVX2__)
+    for (; i + 8 <= t1; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(fp8x8_to_f32(src + i), _mm256_set1_ps(sc)));
+#endif
+    for (; i < t1; ++i) dst[i] = kFp8.v[src[i]] * sc;
+  }
+  return dst;
 }
 
 // n values of one cache row as fp32: the row itself when the cache is fp32, else converted into dst.
@@ -269,20 +333,30 @@ inline void pv_accumulate(float* acc, const float* p, const float* const* v, int
   }
 }
 
-inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : 2; }
+inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : dtype == FP8 ? 1 : 2; }
 }  // namespace
 
 extern "C" {
 
+// The kernel's fp8 dequantization of one row (n values, a scale per `tile`), exported for the tests.
+void selfseek_fp8_dequantize(const uint8_t* src, const float* scales, int32_t tile, int32_t n, float* dst) {
+  fp8_as_f32(src, scales, tile, n, dst);
+}
+
 // Returns 0, or a negative code for bad arguments (checked by the Python wrapper first):
-// -1 unknown dtype, -2 row counts disagree with cu_q, -3 a row's context is empty or exceeds its sequence's.
+// -1 unknown dtype (or fp8 without scales), -2 row counts disagree with cu_q, -3 a row's context is empty or
+// exceeds its sequence's. k_scales, v_scales / scale_slot_stride / scale_head_stride / scale_tile: fp8 only
+// (else null, null / 0 / 0 / 0).
 int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, const void* k_cache,
                                  int64_t k_slot_stride, int64_t k_head_stride, const void* v_cache,
                                  int64_t v_slot_stride, int64_t v_head_stride, int32_t dtype,
                                  const int32_t* block_tables, int64_t table_stride, int32_t block_size,
                                  const int32_t* cu_q, const int32_t* context_lens, int32_t num_seqs, int32_t n_kv,
-                                 int32_t group, int32_t k_dim, int32_t v_dim, float scale, int32_t n_threads) {
-  if (dtype != F32 && dtype != BF16 && dtype != F16) return -1;
+                                 int32_t group, int32_t k_dim, int32_t v_dim, float scale, int32_t n_threads,
+                                 const float* k_scales, const float* v_scales, int64_t scale_slot_stride,
+                                 int64_t scale_head_stride, int32_t scale_tile) {
+  if (dtype != F32 && dtype != BF16 && dtype != F16 && dtype != FP8) return -1;
+  if (dtype == FP8 && (k_scales == nullptr || v_scales == nullptr || scale_tile <= 0)) return -1;
   if (cu_q[0] != 0 || cu_q[num_seqs] != num_rows) return -2;
   std::vector<int32_t> row_seq(num_rows);
   for (int32_t s = 0; s < num_seqs; ++s) {
@@ -326,7 +400,11 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
         for (int t = 0; t < nt; ++t) {
           const int64_t pos = t0 + t;
           const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-          const float* krow = as_f32(kc + (slot * k_slot_stride + h * k_head_stride) * esize, dtype, k_dim, kbuf.data());
+          const char* ksrc = kc + (slot * k_slot_stride + h * k_head_stride) * esize;
+          const int64_t sc_off = slot * scale_slot_stride + h * scale_head_stride;
+          const float* krow = dtype == FP8 ? fp8_as_f32(reinterpret_cast<const uint8_t*>(ksrc), k_scales + sc_off,
+                                                        scale_tile, k_dim, kbuf.data())
+                                           : as_f32(ksrc, dtype, k_dim, kbuf.data());
           int g = 0;
           for (; g + 4 <= ng; g += 4) {
             float s4[4];
@@ -334,8 +412,11 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
             for (int u = 0; u < 4; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
           }
           for (; g < ng; ++g) scores[g * TILE + t] = dot(qh + static_cast<int64_t>(g) * k_dim, krow, k_dim) * scale;
-          vrows[t] = as_f32(vc + (slot * v_slot_stride + h * v_head_stride) * esize, dtype, v_dim,
-                            vbuf.data() + static_cast<int64_t>(t) * v_dim);
+          const char* vsrc = vc + (slot * v_slot_stride + h * v_head_stride) * esize;
+          float* vdst = vbuf.data() + static_cast<int64_t>(t) * v_dim;
+          vrows[t] = dtype == FP8 ? fp8_as_f32(reinterpret_cast<const uint8_t*>(vsrc), v_scales + sc_off, scale_tile,
+                                               v_dim, vdst)
+                                  : as_f32(vsrc, dtype, v_dim, vdst);
         }
         for (int g = 0; g < ng; ++g) {
           float* sg = scores.data() + g * TILE;

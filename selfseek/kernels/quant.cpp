@@ -2,10 +2,22 @@
 //
 // Weight kinds (one `Mat` describes a [rows, cols] matrix or a stack of E of them):
 //   f32, bf16, f16   plain rows; 16-bit rows are widened to fp32 in registers (bf16: shift, fp16: F16C)
-//   q8               int8 [rows, cols], w = d * q (+ m)             (GGUF Q8_0; Q5_K/Q6_K widened to int8)
-//   q4               uint8 [rows, cols/2], w = d * q + m, q in 0..15 (GGUF Q4_0/Q4_1/Q4_K); a 32-block's 16 bytes
+//   q8               int8 [rows, cols], w = d * q (+ m)             (GGUF Q8_0, Q5_0, Q5_1, IQ types)
+//   q4               uint8 [rows, cols/2], w = d * q + m, q in 0..15 (GGUF Q4_0/Q4_1); a 32-block's 16 bytes
 //                    hold values 0..15 in the low nibbles and 16..31 in the high nibbles (GGUF's order)
 // Quantized kinds have fp16 d (scales) and m (mins, optional for q8) per row and 32-block.
+// Block kinds, read in the file's own encoding (no more bytes per weight than the file), decoded per unit of UNIT
+// values into a small float buffer that the same register tile multiplies against MR rows of x:
+//   q2_k .. q6_k     GGUF K-quant super-blocks of 256 values, bytes exactly as in the file (scales decoded per
+//                    super-block in the kernel); w is bit-for-bit gguf.quants.dequantize's value
+//   fp8              e4m3 bytes [rows, cols] with fp32 scales per row and 128 columns: w = e4m3 * s[n, k / 128]
+//                    (DeepSeek's [128, 128] block scales, expanded to rows at load so row slices stay valid)
+//   fp4              e2m1 pairs [rows, cols / 2] (low nibble = even column) with ue8m0 exponents per row and
+//                    32 columns: w = e2m1 * 2^(e - 127) (DeepSeek-V4's routed experts)
+// On AVX2 and AVX-512 every block kind skips the buffer and is unpacked in registers with the same values: Q4_K /
+// Q5_K (tile_kq), Q6_K (tile_q6k), Q2_K / Q3_K (tile_q23): scales decoded per super-block in vectors, 2/4/6-bit
+// fields by shifts and masks; fp8 (tile_fp): e4m3 bytes moved into fp16 bit positions, widened by vcvtph2ps
+// (subnormals exact); fp4: a 16-entry table by vpermps (AVX-512) or pshufb (AVX2). The generic build keeps the buffer.
 //
 // One register-tiled micro-kernel serves every kind and batch size: NR weight rows x MR activation rows per pass;
 // each 32-block of a weight row is dequantized (d * q + m) in registers once and multiplied against MR rows of x,
@@ -30,16 +42,31 @@
 
 namespace {
 constexpr int64_t QK = 32;
-enum Kind : int32_t { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
+enum Kind : int32_t { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, Q2K = 5, Q3K = 6, Q4K = 7, Q5K = 8, Q6K = 9,
+                      FP8 = 10, FP4 = 11 };
+constexpr bool blocked(int kind) { return kind >= Q2K; }
+// Values per decoded unit, and bytes per unit in the data.
+constexpr int unit_of(int kind) { return kind >= FP8 ? 32 : 256; }
+constexpr int64_t unit_bytes(int kind) {
+  switch (kind) {
+    case Q2K: return 84;
+    case Q3K: return 110;
+    case Q4K: return 144;
+    case Q5K: return 176;
+    case Q6K: return 210;
+    case FP8: return 32;
+    default: return 16;  // FP4
+  }
+}
 
 struct Mat {
   int32_t kind;
   int64_t rows, cols;       // logical float shape of one matrix
   const uint8_t* data;      // matrix 0's values
-  const uint16_t* scales;   // fp16 [rows, cols/32] (quantized kinds)
+  const uint16_t* scales;   // fp16 [rows, cols/32] (q8/q4); fp8: fp32 [rows, ceil(cols/128)]; fp4: uint8 [rows, cols/32]
   const uint16_t* mins;     // fp16 [rows, cols/32] or null
   int64_t stride;           // bytes from one expert's values to the next (stacks)
-  int64_t sstride;          // elements from one expert's scales/mins to the next
+  int64_t sstride;          // bytes from one expert's scales/mins to the next
 };
 
 inline int64_t row_bytes(const Mat& w) {
@@ -47,15 +74,16 @@ inline int64_t row_bytes(const Mat& w) {
     case F32: return w.cols * 4;
     case BF16: case F16: return w.cols * 2;
     case Q8: return w.cols;
-    default: return w.cols / 2;
+    case Q4: return w.cols / 2;
+    default: return w.cols / unit_of(w.kind) * unit_bytes(w.kind);
   }
 }
 
 inline Mat expert(const Mat& w, int64_t e) {
   Mat m = w;
   m.data += e * w.stride;
-  if (m.scales) m.scales += e * w.sstride;
-  if (m.mins) m.mins += e * w.sstride;
+  if (m.scales) m.scales = (const uint16_t*)((const uint8_t*)m.scales + e * w.sstride);
+  if (m.mins) m.mins = (const uint16_t*)((const uint8_t*)m.mins + e * w.sstride);
   return m;
 }
 
@@ -230,6 +258,436 @@ inline void load_block(const Row& r, int64_t b, V* out) {
   }
 }
 
+// ---------------------------------------------------------------- block kinds: one unit of a row -> floats
+// Each decoder writes the unit's UNIT values exactly as gguf.quants.dequantize (K-quants) or the plain-torch
+// definitions (fp8, fp4) compute them: products of small integers and scales are exact in fp32, so the only
+// rounding is the one the reference does (the min subtraction, or the one scale product).
+struct Tables {
+  float e8m0[256];  // ue8m0 scale byte -> 2^(e - 127) (e = 0: the subnormal 2^-127; 255: NaN)
+  Tables() {
+    for (int b = 0; b < 256; ++b) e8m0[b] = b == 255 ? NAN : std::ldexp(1.f, b - 127);
+  }
+};
+const Tables kTables;
+
+inline uint8_t k4_scale(const uint8_t* s, int j) { return j < 4 ? s[j] & 63 : (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); }
+inline uint8_t k4_min(const uint8_t* s, int j) { return j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+
+// Unit u of weight row n (a 256-value super-block for K-quants, 32 values for fp8/fp4) into out.
+template <int KIND>
+inline void decode_unit(const Mat& w, int64_t n, int64_t u, float* out) {
+  const uint8_t* b = w.data + n * row_bytes(w) + u * unit_bytes(KIND);
+  if constexpr (KIND == Q4K || KIND == Q5K) {
+    const float d = half_to_float(b[0] | b[1] << 8), dmin = half_to_float(b[2] | b[3] << 8);
+    const uint8_t* sc = b + 4;
+    const uint8_t* qh = b + 16;                     // Q5_K: bit g of qh[i] is value 32 g + i's fifth bit
+    const uint8_t* qs = b + (KIND == Q4K ? 16 : 48);  // 64-value chunks: low nibbles, then high nibbles
+    for (int g = 0; g < 8; ++g) {
+      const float D = d * (float)k4_scale(sc, g), M = dmin * (float)k4_min(sc, g);
+      const uint8_t* q = qs + (g / 2) * 32;
+      const int shift = (g % 2) * 4;
+      for (int i = 0; i < 32; ++i) {
+        int v = (q[i] >> shift) & 0xF;
+        if constexpr (KIND == Q5K) v |= ((qh[i] >> g) & 1) << 4;
+        out[g * 32 + i] = D * (float)v - M;
+      }
+    }
+  } else if constexpr (KIND == Q6K) {  // value 32 g + i: ql nibble, qh 2-bit field, scale per 16
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = (const int8_t*)(b + 192);
+    const float d = half_to_float(b[208] | b[209] << 8);
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* l = ql + (g / 4) * 64 + (g % 2) * 32;
+      const uint8_t* h = qh + (g / 4) * 32;
+      const int ls = ((g / 2) % 2) * 4, hs = (g % 4) * 2;
+      for (int half = 0; half < 2; ++half) {
+        const float D = d * (float)sc[2 * g + half];
+        for (int i = 16 * half; i < 16 * half + 16; ++i)
+          out[g * 32 + i] = D * (float)((((l[i] >> ls) & 0xF) | (((h[i] >> hs) & 3) << 4)) - 32);
+      }
+    }
+  } else if constexpr (KIND == Q2K) {  // value 32 g + i: 2-bit field of qs, scale and min per 16
+    const uint8_t *sc = b, *qs = b + 16;
+    const float d = half_to_float(b[80] | b[81] << 8), dmin = half_to_float(b[82] | b[83] << 8);
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* q = qs + (g / 4) * 32;
+      const int shift = (g % 4) * 2;
+      for (int half = 0; half < 2; ++half) {
+        const uint8_t s = sc[2 * g + half];
+        const float D = d * (float)(s & 0xF), M = dmin * (float)(s >> 4);
+        for (int i = 16 * half; i < 16 * half + 16; ++i) out[g * 32 + i] = D * (float)((q[i] >> shift) & 3) - M;
+      }
+    }
+  } else if constexpr (KIND == Q3K) {  // value 32 g + i: 2-bit field of qs, minus 4 where bit g of hmask[i] is 0
+    const uint8_t *hm = b, *qs = b + 32, *sc = b + 96;
+    const float d = half_to_float(b[108] | b[109] << 8);
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* q = qs + (g / 4) * 32;
+      const int shift = (g % 4) * 2;
+      for (int half = 0; half < 2; ++half) {
+        const int k = 2 * g + half;
+        const int lo = k < 8 ? sc[k] & 0xF : sc[k - 8] >> 4, hi = (sc[8 + k % 4] >> (2 * (k / 4))) & 3;
+        const float D = d * (float)((lo | hi << 4) - 32);
+        for (int i = 16 * half; i < 16 * half + 16; ++i)
+          out[g * 32 + i] = D * (float)(((q[i] >> shift) & 3) - 4 + 4 * ((hm[i] >> g) & 1));
+      }
+    }
+  } else if constexpr (KIND == FP8) {
+    // e4m3 times 2^9 is an integer (subnormals m, normals (8 + m) << (e - 1)): converted exactly, scaled by 2^-9
+    // exactly, then one rounding for the block scale as in the reference (no subnormal floats on the way: slow).
+    const float s = ((const float*)w.scales)[n * ((w.cols + 127) / 128) + u * 32 / 128];
+    for (int i = 0; i < 32; ++i) {  // branch-free, so it vectorizes (random bytes defeat branch prediction)
+      const int e = (b[i] >> 3) & 15, m = b[i] & 7, normal = e != 0;
+      const int v = (m | normal << 3) << (e - normal);
+      out[i] = (float)(v * (1 - 2 * (b[i] >> 7))) * 0x1p-9f * s;
+    }
+  } else {  // FP4: likewise e2m1 times 2 is an integer (0, 1, 2, 3, 4, 6, 8, 12)
+    const float s = kTables.e8m0[((const uint8_t*)w.scales)[n * (w.cols / 32) + u]];
+    float lo[16], hi[16];  // the even and the odd columns, each loop branch-free so it vectorizes
+    for (int k = 0; k < 2; ++k) {
+      float* o = k ? hi : lo;
+      for (int i = 0; i < 16; ++i) {
+        const int nib = (b[i] >> (4 * k)) & 0xF, e = (nib >> 1) & 3, m = nib & 1, normal = e != 0;
+        o[i] = (float)(((m | normal << 1) << (e - normal)) * (1 - 2 * (nib >> 3))) * 0.5f * s;
+      }
+    }
+    for (int i = 0; i < 16; ++i) {
+      out[2 * i] = lo[i];
+      out[2 * i + 1] = hi[i];
+    }
+  }
+}
+
+#if defined(__AVX2__)
+// 32 byte values (0..255) -> VPB float vectors.
+inline void bytes_to_floats(__m256i u, V* out) {
+#if defined(__AVX512F__)
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(u)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(u, 1)));
+#else
+  const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+#endif
+}
+
+// A Q4_K / Q5_K super-block's 8 group scales times d and 8 mins times dmin into DM[0..7], DM[8..15]: the 12 packed
+// 6-bit fields rearranged to 16 bytes with 32-bit masks (as llama.cpp does), then one vector conversion (exact:
+// fp16 times 6 bits fits fp32's mantissa).
+inline void k4_scales(const uint8_t* b, float* DM) {
+  uint32_t t[4];
+  std::memcpy(t, b + 4, 12);
+  t[3] = ((t[2] >> 4) & 0x0F0F0F0F) | (((t[1] >> 6) & 0x03030303) << 4);  // mins 4..7
+  const uint32_t mins03 = t[1] & 0x3F3F3F3F;
+  t[1] = (t[2] & 0x0F0F0F0F) | (((t[0] >> 6) & 0x03030303) << 4);  // scales 4..7
+  t[2] = mins03;
+  t[0] &= 0x3F3F3F3F;  // scales 0..3
+  const __m128i sm = _mm_loadu_si128((const __m128i*)t);
+  const float d = half_to_float(b[0] | b[1] << 8), dmin = half_to_float(b[2] | b[3] << 8);
+#if defined(__AVX512F__)
+  const __m512 dd = _mm512_insertf32x8(_mm512_set1_ps(d), _mm256_set1_ps(dmin), 1);
+  _mm512_store_ps(DM, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)), dd));
+#else
+  _mm256_store_ps(DM, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)), _mm256_set1_ps(d)));
+  _mm256_store_ps(DM + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
+                                        _mm256_set1_ps(dmin)));
+#endif
+}
+
+// Q4_K / Q5_K in registers, no buffer: per super-block the 8 scales and mins are decoded once, then each 32-value
+// group is unpacked to integer-valued floats q and turned into D q - M with one fused multiply-subtract, which is
+// exact (D q is exact in fp32) and so the same value as the reference's D * q - M.
+template <int KIND, int MR, int NR>
+void tile_kq(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
+  const int64_t units = w.cols / 256, rb = row_bytes(w);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  for (int64_t u = 0; u < units; ++u) {
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
+      alignas(64) float DM[16];  // the 8 groups' D = d * scale, then their M = dmin * min
+      k4_scales(b, DM);
+      for (int g = 0; g < 8; ++g) {
+        const float* xb = x + u * 256 + g * 32;
+#if defined(__AVX512F__)
+        if constexpr (KIND == Q4K) {  // as the q4 path: the group's 16 values D k - M as a table, looked up by nibble
+          const __m512 lut = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_ps(DM[g]), _mm512_set1_ps(-DM[8 + g]));
+          const uint8_t* qs = b + 16 + (g / 2) * 32;
+          __m128i r0 = _mm_loadu_si128((const __m128i*)qs), r1 = _mm_loadu_si128((const __m128i*)(qs + 16));
+          if (g % 2) {  // vpermps reads the low 4 bits of each lane: the high nibble after a shift
+            r0 = _mm_srli_epi16(r0, 4);
+            r1 = _mm_srli_epi16(r1, 4);
+          }
+          const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(r0), lut);
+          const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(r1), lut);
+          for (int r = 0; r < MR; ++r) {
+            acc[r][j] = vfma(w0, vload(xb + r * ldx), acc[r][j]);
+            acc[r][j] = vfma(w1, vload(xb + r * ldx + 16), acc[r][j]);
+          }
+          continue;
+        }
+#endif
+        const uint8_t* qs = b + (KIND == Q4K ? 16 : 48) + (g / 2) * 32;
+        __m256i q = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)qs),
+                                                      _mm_cvtsi32_si128((g % 2) * 4)), low4);
+        if constexpr (KIND == Q5K) {
+          const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16));
+          const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(g)), one);
+          q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+        }
+        V wv[VPB];
+        bytes_to_floats(q, wv);
+        for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], vset1(DM[g]), vset1(-DM[8 + g]));
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
+}
+
+// 32 signed bytes -> VPB float vectors.
+inline void sbytes_to_floats(__m256i q, V* out) {
+#if defined(__AVX512F__)
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+#else
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+#endif
+}
+
+// 16 e4m3 bytes -> 16 fp16 lanes holding e4m3 * 2^-8 exactly: sign to bit 15, exponent and mantissa to bits 13..7,
+// so e4m3's bias 7 becomes fp16's 15 and e4m3 subnormals land on fp16 subnormals (which vcvtph2ps widens exactly).
+inline __m256i e4m3_to_half(__m128i b) {
+  return _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xBF80));
+}
+
+// One 32-value unit of an fp8 / fp4 row as VPB float vectors w = value * s, the reference's one rounding.
+template <int KIND>
+inline void load_fp_unit(const uint8_t* b, float s, V* out) {
+  if constexpr (KIND == FP8) {  // value * 2^-8 as fp16, times 256 s (exact: a power of two): the same product
+    const V sc = vset1(s * 256.f);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i f16 = e4m3_to_half(_mm_loadu_si128((const __m128i*)(b + 16 * h)));
+#if defined(__AVX512F__)
+      out[h] = _mm512_mul_ps(_mm512_cvtph_ps(f16), sc);
+#else
+      out[2 * h] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(f16)), sc);
+      out[2 * h + 1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1)), sc);
+#endif
+    }
+  } else {  // FP4: nibbles interleaved to column order and looked up
+    const __m128i raw = _mm_loadu_si128((const __m128i*)b);
+#if defined(__AVX512F__)
+    // in a 16-entry table of e2m1 * s (exact products) by vpermps, which reads the low 4 bits of each lane
+    const __m512 lut = _mm512_mul_ps(_mm512_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f,
+                                                    -2.f, -3.f, -4.f, -6.f), _mm512_set1_ps(s));
+    const __m128i hi = _mm_srli_epi16(raw, 4);
+    out[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(raw, hi)), lut);
+    out[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(raw, hi)), lut);
+#else
+    // as 2 * e2m1 (a small signed integer) by pshufb, times s / 2
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    const __m128i tbl = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i q = _mm256_set_m128i(_mm_shuffle_epi8(tbl, _mm_unpackhi_epi8(lo, hi)),
+                                       _mm_shuffle_epi8(tbl, _mm_unpacklo_epi8(lo, hi)));
+    sbytes_to_floats(q, out);
+    const V sc = vset1(0.5f * s);
+    for (int v = 0; v < VPB; ++v) out[v] = _mm256_mul_ps(out[v], sc);
+#endif
+  }
+}
+
+// fp8 / fp4 in registers: each 32-value unit of NR rows converted once and multiplied against MR rows of x.
+template <int KIND, int MR, int NR>
+void tile_fp(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
+  const int64_t units = w.cols / 32, rb = row_bytes(w), ns = KIND == FP8 ? (w.cols + 127) / 128 : units;
+  for (int64_t u = 0; u < units; ++u) {
+    const float* xb = x + u * 32;
+    for (int j = 0; j < NR; ++j) {
+      const float s = KIND == FP8 ? ((const float*)w.scales)[(n0 + j) * ns + u / 4]
+                                  : kTables.e8m0[((const uint8_t*)w.scales)[(n0 + j) * ns + u]];
+      V wv[VPB];
+      load_fp_unit<KIND>(w.data + (n0 + j) * rb + u * unit_bytes(KIND), s, wv);
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
+}
+
+// Q6_K in registers: the 16 int8 scales times d in one vector conversion per super-block; per 128 values ql (64
+// bytes) and qh (32 bytes) are loaded once and give four 32-value groups q - 32 as signed bytes; w = (q - 32) * D
+// is the reference's d * sc * (q - 32) (d * sc is exact in fp32: 11-bit mantissa times 8 bits).
+template <int MR, int NR>
+void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
+  const int64_t units = w.cols / 256, rb = row_bytes(w);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
+  for (int64_t u = 0; u < units; ++u) {
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* b = w.data + (n0 + j) * rb + u * 210;
+      alignas(64) float D[16];
+      const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+#if defined(__AVX512F__)
+      _mm512_store_ps(D, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+                                       _mm512_set1_ps(half_to_float(b[208] | b[209] << 8))));
+#else
+      const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
+      _mm256_store_ps(D, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d));
+      _mm256_store_ps(D + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d));
+#endif
+      for (int c = 0; c < 2; ++c) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * c));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * c + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * c));
+        // bits 4..5 of group k's values: qh bits 2k..2k+1 (epi16 shifts: the 0x30 mask keeps each byte's own bits)
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), bits45)),
+            _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), bits45)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, bits45)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                            _mm256_and_si256(_mm256_srli_epi16(h, 2), bits45))};
+        for (int k = 0; k < 4; ++k) {
+          const int g = 4 * c + k;
+          const float* xb = x + u * 256 + g * 32;
+          V wv[VPB];
+          sbytes_to_floats(_mm256_sub_epi8(q[k], m32), wv);
+          for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], vset1(D[2 * g + v * VW / 16]), vzero());
+          for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
+}
+
+// Q2_K / Q3_K in registers: per super-block the 16 scales (Q2_K: and mins) times d in vector conversions; per 128
+// values the 32 bytes of 2-bit fields (Q3_K: and the 32 bytes of high bits) are loaded once and give four 32-value
+// groups as bytes. Q2_K: w = D q - M by one fused multiply-subtract (D q is exact: fp16 times 4 bits times 2 bits);
+// Q3_K: w = D q with q in -4..3 (exact: fp16 times 6 bits times 3 bits). Both are the reference's values.
+template <int KIND, int MR, int NR>
+void tile_q23(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
+  const int64_t units = w.cols / 256, rb = row_bytes(w);
+  const __m256i low2 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), zero = _mm256_setzero_si256();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t u = 0; u < units; ++u) {
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
+      alignas(64) float D[16], M[16];
+      __m128i sc;  // the 16 scales as bytes: Q2_K unsigned 4 bits, Q3_K signed 6 bits
+      __m128i mn = _mm_setzero_si128();
+      float d, dmin = 0.f;
+      if constexpr (KIND == Q2K) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)b);
+        sc = _mm_and_si128(raw, low4);
+        mn = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+        d = half_to_float(b[80] | b[81] << 8);
+        dmin = half_to_float(b[82] | b[83] << 8);
+      } else {  // 4 low bits and 2 high bits per scale rearranged with 32-bit masks (as llama.cpp does)
+        uint32_t t[4];
+        std::memcpy(t, b + 96, 12);
+        const uint32_t hi = t[2];
+        t[2] = ((t[0] >> 4) & 0x0F0F0F0F) | (((hi >> 4) & 0x03030303) << 4);
+        t[3] = ((t[1] >> 4) & 0x0F0F0F0F) | (((hi >> 6) & 0x03030303) << 4);
+        t[0] = (t[0] & 0x0F0F0F0F) | ((hi & 0x03030303) << 4);
+        t[1] = (t[1] & 0x0F0F0F0F) | (((hi >> 2) & 0x03030303) << 4);
+        sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i*)t), _mm_set1_epi8(32));
+        d = half_to_float(b[108] | b[109] << 8);
+      }
+#if defined(__AVX512F__)
+      const __m512i si = KIND == Q2K ? _mm512_cvtepu8_epi32(sc) : _mm512_cvtepi8_epi32(sc);
+      _mm512_store_ps(D, _mm512_mul_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(d)));
+      if constexpr (KIND == Q2K)
+        _mm512_store_ps(M, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)), _mm512_set1_ps(dmin)));
+#else
+      for (int h = 0; h < 2; ++h) {
+        const __m128i part = h ? _mm_srli_si128(sc, 8) : sc;
+        const __m256i si = KIND == Q2K ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
+        _mm256_store_ps(D + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(d)));
+        if constexpr (KIND == Q2K)
+          _mm256_store_ps(M + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                       h ? _mm_srli_si128(mn, 8) : mn)), _mm256_set1_ps(dmin)));
+      }
+#endif
+      const uint8_t* qs = b + (KIND == Q2K ? 16 : 32);
+      [[maybe_unused]] const __m256i hm = _mm256_loadu_si256((const __m256i*)b);  // Q3_K: bit g = group g's high bit
+      for (int c = 0; c < 2; ++c) {
+        const __m256i q32 = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+        const __m256i q[4] = {_mm256_and_si256(q32, low2), _mm256_and_si256(_mm256_srli_epi16(q32, 2), low2),
+                              _mm256_and_si256(_mm256_srli_epi16(q32, 4), low2),
+                              _mm256_and_si256(_mm256_srli_epi16(q32, 6), low2)};
+        for (int k = 0; k < 4; ++k) {
+          const int g = 4 * c + k;
+          const float* xb = x + u * 256 + g * 32;
+          V wv[VPB];
+          if constexpr (KIND == Q2K) {
+            bytes_to_floats(q[k], wv);
+            for (int v = 0; v < VPB; ++v) {
+              const int h = 2 * g + v * VW / 16;
+              wv[v] = vfma(wv[v], vset1(D[h]), vset1(-M[h]));
+            }
+          } else {  // minus 4 where the high bit is clear
+            const __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, _mm256_set1_epi8((char)(1 << g))), zero);
+            sbytes_to_floats(_mm256_sub_epi8(q[k], _mm256_and_si256(clear, four)), wv);
+            for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], vset1(D[2 * g + v * VW / 16]), vzero());
+          }
+          for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
+}
+#endif
+
+// y[r, j] = sum_k W[n0 + j, k] x[r, k] for block kinds: each unit of NR weight rows decoded once into a buffer (L1),
+// then multiplied against MR rows of x.
+template <int KIND, int MR, int NR>
+void tile_unit(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  constexpr int U = unit_of(KIND);
+  alignas(64) float buf[NR][U];
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
+  const int64_t units = w.cols / U;
+  for (int64_t u = 0; u < units; ++u) {
+    for (int j = 0; j < NR; ++j) decode_unit<KIND>(w, n0 + j, u, buf[j]);
+    const float* xb = x + u * U;
+    for (int v = 0; v < U / VW; ++v)
+      for (int j = 0; j < NR; ++j) {
+        const V wv = vload(buf[j] + v * VW);
+        for (int r = 0; r < MR; ++r) acc[r][j] = vfma(wv, vload(xb + r * ldx + v * VW), acc[r][j]);
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
+}
+
 constexpr bool quantized(int kind) { return kind == Q8 || kind == Q4; }
 constexpr int64_t BC = 64;  // blocks per chunk: scales and mins of a chunk are widened to float once per tile
 
@@ -250,6 +708,28 @@ inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
 // per weight byte, which is what bounds a single row; an m * sum(x) term per block measured slower for q4).
 template <int KIND, int MR, int NR>
 void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if constexpr (blocked(KIND)) {
+#if defined(__AVX2__)
+    if constexpr (KIND == Q4K || KIND == Q5K) {
+      tile_kq<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
+      return;
+    }
+    if constexpr (KIND == Q6K) {
+      tile_q6k<MR, NR>(w, n0, x, ldx, y, ldy);
+      return;
+    }
+    if constexpr (KIND == FP8 || KIND == FP4) {
+      tile_fp<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
+      return;
+    }
+    if constexpr (KIND == Q2K || KIND == Q3K) {
+      tile_q23<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
+      return;
+    }
+#endif
+    tile_unit<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
+    return;
+  }
   const int64_t K = w.cols, nb = K / QK;
   const bool with_mins = w.mins != nullptr;
   Row rows[NR];
@@ -347,14 +827,22 @@ void gemm_range(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M,
     case BF16: gemm_range_kind<BF16>(w, n0, n1, x, M, ldx, y, ldy); break;
     case F16: gemm_range_kind<F16>(w, n0, n1, x, M, ldx, y, ldy); break;
     case Q8: gemm_range_kind<Q8>(w, n0, n1, x, M, ldx, y, ldy); break;
-    default: gemm_range_kind<Q4>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q4: gemm_range_kind<Q4>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q2K: gemm_range_kind<Q2K>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q3K: gemm_range_kind<Q3K>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q4K: gemm_range_kind<Q4K>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q5K: gemm_range_kind<Q5K>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q6K: gemm_range_kind<Q6K>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case FP8: gemm_range_kind<FP8>(w, n0, n1, x, M, ldx, y, ldy); break;
+    default: gemm_range_kind<FP4>(w, n0, n1, x, M, ldx, y, ldy); break;
   }
 }
 
 constexpr int64_t ROW_CHUNK = 16;  // output rows per parallel work item (a multiple of NR_ONE and NR_WIDE)
 
 bool valid(const Mat& w) {
-  if (w.kind < F32 || w.kind > Q4 || w.rows < 0 || w.cols <= 0 || !w.data) return false;
+  if (w.kind < F32 || w.kind > FP4 || w.rows < 0 || w.cols <= 0 || !w.data) return false;
+  if (blocked(w.kind)) return w.cols % unit_of(w.kind) == 0 && (w.kind < FP8 || w.scales);
   if (w.kind >= Q8) return w.cols % QK == 0 && w.scales && (w.kind == Q8 || w.mins);
   return true;
 }
@@ -362,6 +850,11 @@ bool valid(const Mat& w) {
 template <int KIND>
 void dequantize_rows_kind(const Mat& w, int64_t n0, int64_t n1, float* out) {
   const int64_t K = w.cols, nb = K / QK;
+  if constexpr (blocked(KIND)) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t u = 0; u < K / unit_of(KIND); ++u) decode_unit<KIND>(w, n, u, out + (n - n0) * K + u * unit_of(KIND));
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const Row r = row_of(w, n);
     float* o = out + (n - n0) * K;
@@ -385,7 +878,14 @@ void dequantize_rows(const Mat& w, int64_t n0, int64_t n1, float* out) {
     case BF16: dequantize_rows_kind<BF16>(w, n0, n1, out); break;
     case F16: dequantize_rows_kind<F16>(w, n0, n1, out); break;
     case Q8: dequantize_rows_kind<Q8>(w, n0, n1, out); break;
-    default: dequantize_rows_kind<Q4>(w, n0, n1, out); break;
+    case Q4: dequantize_rows_kind<Q4>(w, n0, n1, out); break;
+    case Q2K: dequantize_rows_kind<Q2K>(w, n0, n1, out); break;
+    case Q3K: dequantize_rows_kind<Q3K>(w, n0, n1, out); break;
+    case Q4K: dequantize_rows_kind<Q4K>(w, n0, n1, out); break;
+    case Q5K: dequantize_rows_kind<Q5K>(w, n0, n1, out); break;
+    case Q6K: dequantize_rows_kind<Q6K>(w, n0, n1, out); break;
+    case FP8: dequantize_rows_kind<FP8>(w, n0, n1, out); break;
+    default: dequantize_rows_kind<FP4>(w, n0, n1, out); break;
   }
 }
 

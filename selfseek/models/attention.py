@@ -1,6 +1,7 @@
 """Multi-head / grouped-query attention for the Llama-shaped family (DeepSeek-LLM, DeepSeek-Coder v1).
 
-The paged cache of a layer is [slots, 2, k, d]: K and V per KV head.
+The paged cache of a layer is [slots, 2, k, d]: K and V per KV head; with `kv_cache_dtype fp8`, uint8
+[slots, 2, k, fp8 row bytes]: each head's K or V as float8_e4m3fn rows with their scales (attention_backend).
 Shape letters: T flat rows, b batch, s queries, t keys, k KV heads, g query heads per KV head, d head dim.
 """
 
@@ -10,7 +11,16 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
-from selfseek.models.attention_backend import dense_attention, paged_attention
+from selfseek.kernels.fused_ops import rope
+from selfseek.models.attention_backend import (
+    FP8,
+    dense_attention,
+    dequantize_fp8,
+    fp8_row_bytes,
+    fp8_scales,
+    paged_attention,
+    quantize_fp8,
+)
 from selfseek.models.batch import AttnBatch, PagedRows
 from selfseek.models.layers import RMSNorm, Rotary, fused_rows
 
@@ -34,7 +44,17 @@ class Attention(nn.Module):
         self.scale = cfg.softmax_scale()
 
     def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
+        if dtype == FP8:
+            return torch.zeros(num_slots, 2, self.n_kv, fp8_row_bytes(self.head_dim), dtype=torch.uint8, device=device)
         return torch.zeros(num_slots, 2, self.n_kv, self.head_dim, dtype=dtype, device=device)
+
+    def _paged_views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(K [slots, k, d], V [slots, k, d], fp8 (K, V) scales or None) of the pool, for paged_attention."""
+        d = self.head_dim
+        if pool.dtype != torch.uint8:
+            return pool[:, 0], pool[:, 1], None
+        scales = fp8_scales(pool, d)  # [slots, 2, k, tiles]
+        return pool[:, 0, :, :d], pool[:, 1, :, :d], (scales[:, 0], scales[:, 1])
 
     def forward(
         self,
@@ -56,7 +76,9 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv, d)
         if self.q_norm is None and fused is not None:
             # q and k are adjacent columns of the fused output: one rotary over both sets of heads
-            qk = self.rotary(qkv[:, : (h + self.n_kv) * d].view(T, h + self.n_kv, d), *cos_sin)
+            qk = qkv[:, : (h + self.n_kv) * d].view(T, h + self.n_kv, d)
+            if rope(qk, *cos_sin, self.rotary.interleaved, out=qk) is None:  # in place, one kernel call
+                qk = self.rotary(qk, *cos_sin)
             q, k = qk[:, :h].view(T, self.n_kv, g, d), qk[:, h:]
         else:
             q, k = q.reshape(T, self.n_kv, g, d), k.reshape(T, self.n_kv, d)
@@ -65,14 +87,16 @@ class Attention(nn.Module):
             q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
         kv = torch.stack([k, v], dim=1)  # [T, 2, k, d]
         if pool is not None and batch.slot_mapping is not None:
-            pool.index_copy_(0, batch.slot_mapping, kv.to(pool.dtype))
+            stored = quantize_fp8(kv.reshape(-1, d)).view(T, 2, self.n_kv, -1) if pool.dtype == torch.uint8 else kv
+            pool.index_copy_(0, batch.slot_mapping, stored.to(pool.dtype))
 
         paged = batch.paged
         if paged is not None and pool is None:
             raise ValueError("rows with cached context need the layer's KV pool")
         n_long, rest = paged.split(self.GATHER_MIN_ROWS) if paged is not None else (0, None)
         if rest is not None and rest.start == 0:  # every row reads the cache in place (decode): no copy into `out`
-            out = paged_attention(q, pool[:, 0], pool[:, 1], rest, self.scale)
+            k_cache, v_cache, scales = self._paged_views(pool)
+            out = paged_attention(q, k_cache, v_cache, rest, self.scale, scales)
             return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
         out = x.new_empty(T, self.n_kv, g, self.head_dim)
         for seg in batch.prefills:
@@ -83,7 +107,8 @@ class Attention(nn.Module):
         if n_long:
             out[paged.start : e] = self._attend_gathered(q[paged.start : e], pool, paged, n_long)
         if rest is not None:
-            out[e:] = paged_attention(q[e:], pool[:, 0], pool[:, 1], rest, self.scale)
+            k_cache, v_cache, scales = self._paged_views(pool)
+            out[e:] = paged_attention(q[e:], k_cache, v_cache, rest, self.scale, scales)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
     def _attend_gathered(self, q: torch.Tensor, pool: torch.Tensor, rows: PagedRows, num_seqs: int) -> torch.Tensor:
@@ -94,7 +119,8 @@ class Attention(nn.Module):
         out = []
         for i, n_ctx in enumerate(lens[:num_seqs]):
             n = cu[i + 1] - cu[i]
-            ctx = pool[slots[i, :n_ctx].to(pool.device)].to(q.dtype)  # [t, 2, k, d]
+            ctx = pool[slots[i, :n_ctx].to(pool.device)]  # [t, 2, k, d]
+            ctx = (dequantize_fp8(ctx, self.head_dim) if pool.dtype == torch.uint8 else ctx).to(q.dtype)
             visible = torch.arange(n_ctx, device=q.device)[None, :] <= torch.arange(
                 n_ctx - n, n_ctx, device=q.device)[:, None]
             out.append(dense_attention(q[cu[i] : cu[i + 1]].flatten(1, 2), ctx[:, 0], ctx[:, 1], self.scale, visible))

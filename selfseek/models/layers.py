@@ -7,12 +7,17 @@ k KV heads, g query heads per KV head, d head dim, r rope dim, c latent (kv_lora
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfseek.config import RopeConfig, yarn_mscale
+from selfseek.kernels.fused_ops import rope as fused_rope
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +42,8 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
     The parts keep their names and parameters (loading, export, quantization and LoRA see them as before);
     their weights become row views of one concatenated tensor, made once (again only if a weight is replaced),
     so fusing costs no memory. Not while training their weights (gradients must reach the parameters) nor when a
-    part is wrapped (LoRA) or of another class. The fused layer is kept on `owner`, not as a submodule."""
+    part is wrapped (training's LoRA) or of another class. The fused layer is kept on `owner`, not as a submodule.
+    Served LoRA adapters on the parts (set_lora) are applied by the fused layer to each part's own columns."""
     cached = owner.__dict__.get("_fused_rows")
     if cached is not None and cached[1] == parts and not torch.is_grad_enabled():  # decode: the fast path
         store, names = cached[3]
@@ -66,6 +72,9 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
     # Checked by storage address: `.data =` and `.to()` keep a Parameter object but move its storage.
     if cached is None or cached[1] != parts or [t.data_ptr() for t in tensors] != cached[2]:
         fused = _fuse_rows(parts, names, store)
+        if any("_lora" in p.__dict__ for p in parts):
+            fused.__dict__["_lora_parts"] = parts
+            fused.register_forward_hook(_fused_lora_hook)
         ptrs = [getattr(p, store)[n].data_ptr() for p in parts for n in names]
         cached = (fused, parts, ptrs, (store, names))
         owner.__dict__["_fused_rows"] = cached
@@ -97,6 +106,139 @@ def _fuse_rows(parts: tuple[nn.Module, ...], names: tuple[str, ...], store: str)
                 setattr(fused, n, whole)
     return fused
 
+
+# ---- served LoRA adapters (models/lora_serving.py loads them) ---------------------------------------------
+# A linear layer serving adapters keeps, per adapter index, (A^T [in, r], scale * B^T [r, out]) in its __dict__
+# (not parameters: the weights' fingerprint, state_dict and export stay the base model's) and a forward hook that
+# adds x A^T (s B^T) to the rows of the step's batch that use that adapter. Index 0 is the base model: no delta.
+
+
+@dataclass
+class LoRARows:
+    """Which rows of one forward's flat batch [T, ...] use which adapter: (adapter index, rows) per adapter
+    in use, rows a slice when they are consecutive (the usual case: a sequence's rows are), else an index
+    tensor. Built once per step, read by every adapted layer."""
+
+    num_rows: int
+    groups: list[tuple[int, slice | torch.Tensor]]
+
+    @classmethod
+    def from_counts(cls, adapters: list[int], counts: list[int], device: torch.device | str = "cpu"
+                    ) -> LoRARows | None:
+        """Sequence i's counts[i] consecutive rows use adapters[i] (0: none); None when no row uses one."""
+        if not any(adapters):
+            return None
+        rows: dict[int, list[tuple[int, int]]] = {}
+        start = 0
+        for a, n in zip(adapters, counts, strict=True):
+            if a and n:
+                spans = rows.setdefault(a, [])
+                if spans and spans[-1][1] == start:
+                    spans[-1] = (spans[-1][0], start + n)
+                else:
+                    spans.append((start, start + n))
+            start += n
+        groups: list[tuple[int, slice | torch.Tensor]] = []
+        for a, spans in rows.items():
+            if len(spans) == 1:
+                groups.append((a, slice(*spans[0])))
+            else:
+                groups.append((a, torch.cat([torch.arange(s, e) for s, e in spans]).to(device)))
+        return cls(start, groups)
+
+
+_lora_state = threading.local()  # .rows: the LoRARows of the forward running in this thread, or None
+
+
+@contextmanager
+def lora_rows(rows: LoRARows | None) -> Iterator[None]:
+    """Apply served adapters to the rows `rows` names during the forwards inside (None: base model only)."""
+    before = getattr(_lora_state, "rows", None)
+    _lora_state.rows = rows
+    try:
+        yield
+    finally:
+        _lora_state.rows = before
+
+
+def set_lora(module: nn.Module, owner: nn.Module, index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """Serve adapter `index` (> 0) on a linear layer: y += scale * B A x for the rows using it. a [r, in] and b
+    [out, r] as PEFT stores them; `owner` is the module that may fuse this layer with others (its parent)."""
+    if index <= 0:
+        raise ValueError("adapter index 0 is the base model")
+    out_features, in_features = module.out_features, module.in_features
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or (
+            a.shape[0] != b.shape[1]):
+        raise ValueError(f"LoRA shapes A {list(a.shape)}, B {list(b.shape)} do not fit a {in_features} -> "
+                         f"{out_features} layer")
+    loras = module.__dict__.setdefault("_lora", {})
+    if not loras:
+        module.register_forward_hook(_lora_hook)
+    with torch.no_grad():
+        loras[index] = (a.t().contiguous(), (b.t() * scale).contiguous())
+    owner.__dict__.pop("_fused_rows", None)  # a fused layer made before must now apply the adapters: make it again
+
+
+def _lora_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    _add_lora(module.__dict__["_lora"], args[0], out)
+    return out
+
+
+def _fused_lora_hook(fused: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    loras = fused.__dict__.get("_lora")
+    if loras is None:  # made on first use, from the parts' adapters (set_lora makes a new fused layer)
+        loras = fused.__dict__["_lora"] = _fused_lora(fused.__dict__["_lora_parts"])
+    _add_lora(loras, args[0], out)
+    return out
+
+
+def _fused_lora(parts: tuple[nn.Module, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The parts' adapters as adapters of the fused layer: per adapter index, A^T of every part that has it side
+    by side [in, sum r] and their s B^T block-diagonal [sum r, sum out], each B on its part's own columns (a part
+    without that adapter gets zero columns): one pair of GEMMs per adapter for q/k/v or gate/up together."""
+    total = sum(p.out_features for p in parts)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.inference_mode(False), torch.no_grad():  # made during a step: plain tensors, usable outside it too
+        for index in sorted({i for p in parts for i in p.__dict__.get("_lora", {})}):
+            out[index] = _fused_pair(parts, index, total)
+    return out
+
+
+def _fused_pair(parts: tuple[nn.Module, ...], index: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapter `index` of the fused parts: their A^T side by side, their s B^T on the block diagonal."""
+    a_cols, blocks, col = [], [], 0
+    for p in parts:
+        w = p.__dict__.get("_lora", {}).get(index)
+        if w is not None:
+            a_cols.append(w[0])
+            blocks.append((col, w[1]))
+        col += p.out_features
+    a_t = torch.cat(a_cols, dim=1)
+    b_t = a_t.new_zeros(a_t.shape[1], total)
+    r0 = 0
+    for col, b in blocks:
+        b_t[r0 : r0 + b.shape[0], col : col + b.shape[1]] = b
+        r0 += b.shape[0]
+    return a_t, b_t
+
+
+def _add_lora(loras: dict[int, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, out: torch.Tensor) -> None:
+    """out[rows] += x[rows] A^T (s B^T) for each adapter of the running batch on its rows."""
+    rows = getattr(_lora_state, "rows", None)
+    if rows is None:
+        return
+    if x.shape[0] != rows.num_rows or x.dim() != 2:
+        raise RuntimeError(f"a LoRA batch of {rows.num_rows} rows met an input of shape {list(x.shape)}")
+    for index, r in rows.groups:
+        w = loras.get(index)
+        if w is None:  # this adapter leaves this layer as it is
+            continue
+        a_t, b_t = w
+        delta = ((x[r].to(a_t.dtype) @ a_t) @ b_t).to(out.dtype)
+        if isinstance(r, slice):
+            out[r].add_(delta)
+        else:
+            out.index_add_(0, r, delta)
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -185,6 +327,8 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [b, s, ..., d] with cos/sin [b, s, d/2]; extra dims (heads) broadcast."""
+        if (y := fused_rope(x, cos, sin, self.interleaved)) is not None:  # one kernel call, the same bits
+            return y
         if not self.interleaved and x.dtype == torch.float32:
             # x * [cos, cos] + [x2, x1] * [-sin, sin]: the same products and sums as below (a - b == a + (-b)),
             # in 5 ops instead of 12, with the widened cos/sin made once per step for all layers

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
-from selfseek.models.attention_backend import dense_attention, paged_attention
+from selfseek.models.attention_backend import (
+    FP8,
+    dense_attention,
+    dequantize_fp8,
+    fp8_row_bytes,
+    fp8_scales,
+    paged_attention,
+    quantize_fp8,
+)
 from selfseek.models.batch import AttnBatch, PagedRows
 from selfseek.models.indexer import Indexer
 from selfseek.models.layers import RMSNorm, Rotary, fused_rows
@@ -61,8 +69,12 @@ class MLA(nn.Module):
 
     def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
         """The paged cache of one layer: [slots, c + r (+ D)], the normalised latent, the roped key (and, V3.2,
-        the indexer key)."""
+        the indexer key). dtype float8_e4m3fn: uint8 rows of fp8 values and their scales (attention_backend)."""
         width = self.latent_dim + self.rope_dim + (self.indexer.head_dim if self.indexer is not None else 0)
+        if dtype == FP8:
+            if self.indexer is not None:
+                raise ValueError("kv_cache_dtype fp8: not for V3.2 (the indexer keys have no fp8 layout yet)")
+            return torch.zeros(num_slots, fp8_row_bytes(width), dtype=torch.uint8, device=device)
         return torch.zeros(num_slots, width, dtype=dtype, device=device)
 
     def forward(
@@ -86,7 +98,8 @@ class MLA(nn.Module):
         if self.indexer is not None:
             dsa = (*self.indexer.queries(q_c, x, cos_sin), self.indexer.keys(x, cos_sin).to(kv.dtype))
         if pool is not None and batch.slot_mapping is not None:
-            pool[batch.slot_mapping] = kv if dsa is None else torch.cat([kv, dsa[2]], dim=-1)
+            row = kv if dsa is None else torch.cat([kv, dsa[2]], dim=-1)
+            pool[batch.slot_mapping] = quantize_fp8(row) if pool.dtype == torch.uint8 else row.to(pool.dtype)
 
         out = x.new_empty(T, self.n_heads, self.v_dim)
         for seg in batch.prefills:
@@ -151,7 +164,10 @@ class MLA(nn.Module):
         q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)[:, None]  # [R, 1, h, c + r]: one KV head
         kv_width = self.latent_dim + self.rope_dim  # V3.2 pools hold the indexer key after these
         k_cache, v_cache = pool[:, None, :kv_width], pool[:, None, : self.latent_dim]
-        o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale)[:, 0]
+        scales = None  # an fp8 cache: K and V read the same row, so the same scales
+        if pool.dtype == torch.uint8:
+            scales = (fp8_scales(pool, kv_width)[:, None],) * 2
+        o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales)[:, 0]
         return torch.einsum("rhc,hvc->rhv", o_latent.to(w_uv.dtype), w_uv)  # W^UV absorbed after attention
 
     def _attend_paged_expanded(
@@ -166,6 +182,9 @@ class MLA(nn.Module):
             q_rows = slice(cu[i], cu[i + 1])
             n = cu[i + 1] - cu[i]
             ctx = pool[slots[i, :n_ctx].to(pool.device)]
+            if pool.dtype == torch.uint8:  # an fp8 cache (never V3.2)
+                ctx = dequantize_fp8(ctx, self.latent_dim + self.rope_dim)
+            ctx = ctx.to(q_nope.dtype)  # a cache stored narrower than the compute dtype
             latent, k_rope, index_keys = ctx.split([self.latent_dim, self.rope_dim, ctx.shape[1] - self.latent_dim
                                                     - self.rope_dim], dim=-1)
             k_nope, v = self.kv_b_proj(latent).view(n_ctx, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)

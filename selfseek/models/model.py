@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from selfseek.config import ModelConfig
+from selfseek.kernels.fused_ops import add_rms_norm
 from selfseek.models.batch import AttnBatch, build_batch
 from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import RMSNorm
@@ -34,6 +35,8 @@ class Backbone(nn.Module):
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.v4 is not None:  # its own layers, streams and cache: models/deepseek_v4.py
+            raise ValueError("a deepseek_v4 config builds models.deepseek_v4.DeepseekV4LM, not CausalLM")
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -76,9 +79,47 @@ class CausalLM(nn.Module):
             return self.hidden_states(tokens.reshape(-1), batch).view(b, s, -1)
         cos_sin = self.rotary.cos_sin(batch.positions)
         h = self.embed(tokens)
+        if self._fused_residuals():
+            return self._fused_layers(h, cos_sin, batch, pools)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos_sin, batch, None if pools is None else pools[i])
         return h
+
+    def _fused_residuals(self) -> bool:
+        """Whether the stack may run with each residual add fused into the next norm (_fused_layers): not while
+        autograd records (the kernel writes the residual in place), and only over plain decoder layers with
+        RMSNorms and no hooks on the layers (a hook on a layer would be skipped; hooks on its parts still run)."""
+        if torch.is_grad_enabled():
+            return False
+        layers = self.model.layers
+        key = tuple(map(id, layers))
+        if self.__dict__.get("_fused_key") != key:  # checked once per change of the stack, not per step
+            ok = len(layers) > 0 and all(type(layer) is DecoderLayer and type(layer.input_layernorm) is RMSNorm
+                     and type(layer.post_attention_layernorm) is RMSNorm for layer in layers)
+            self.__dict__["_fused_key"], self.__dict__["_fused_ok"] = key, ok
+        return self.__dict__["_fused_ok"] and not any(layer._forward_hooks or layer._forward_pre_hooks
+                                                      for layer in layers)
+
+    def _fused_layers(self, h: torch.Tensor, cos_sin, batch: AttnBatch, pools) -> torch.Tensor:
+        """DecoderLayer.forward over the stack, each `h = h + sublayer(...)` fused with the norm after it into
+        one kernel call (kernels/fused_ops.py): the same sums and norms, fewer passes and op dispatches."""
+        layers = self.model.layers
+        norm0 = layers[0].input_layernorm
+        x = add_rms_norm(None, h, norm0.weight, norm0.eps)
+        residual = None
+        for i, layer in enumerate(layers):
+            a = layer.self_attn(x, cos_sin, batch, None if pools is None else pools[i])
+            if residual is None:  # a new tensor: the embedding's output is never written in place
+                residual, a = h + a, None
+            post = layer.post_attention_layernorm
+            x = add_rms_norm(a, residual, post.weight, post.eps)
+            m = layer.mlp(x)
+            if i + 1 < len(layers):
+                nxt = layers[i + 1].input_layernorm
+                x = add_rms_norm(m, residual, nxt.weight, nxt.eps)
+            else:
+                residual.add_(m)  # the final norm is logits()'s: hidden_states returns the sum before it
+        return h if residual is None else residual
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.model.embed_tokens
@@ -106,6 +147,10 @@ class CausalLM(nn.Module):
             raise ValueError("this model has no multi-token-prediction layer")
         cos_sin = self.rotary.cos_sin(batch.positions)
         return self.mtp[0](self.model.norm(hidden), self.embed(next_tokens), cos_sin, batch, pool)
+
+    def draft_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The MTP module's output (as mtp_hidden returns it) -> draft logits (DeepSeek-V4's adds its own head norm)."""
+        return self.lm_head(x)
 
     def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Draft logits [b, s, vocab] for t_{i+2} from hidden h_i [b, s, m] (as hidden_states returns it) and

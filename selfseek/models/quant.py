@@ -1,7 +1,10 @@
 """Weights kept in a compact storage format, computed in float: int8 / int4 blocks, or 16-bit floats.
 
-q8: w = d * q, q in [-127, 127] (GGUF Q8_0-like; an optional per-block offset m covers Q5_K's layout);
-q4: w = d * q + m, q in [0, 15], two per byte (GGUF Q4_1-like; Q4_0 is m = -8d, Q4_K maps exactly).
+q8: w = d * q, q in [-127, 127] (GGUF Q8_0-like; an optional per-block offset m covers Q5_1's layout);
+q4: w = d * q + m, q in [0, 15], two per byte (GGUF Q4_1-like; Q4_0 is m = -8d).
+Packed formats (`bits` a format name, kernels.FORMATS): a file's own encoding, read by the kernels as it is:
+GGUF K-quants ("q2_k" .. "q6_k", the file's bytes), DeepSeek FP8 ("fp8": e4m3 with [128, 128] block scales,
+`pack_fp8`) and FP4 ("fp4": e2m1 pairs with ue8m0 scales per 32, `pack_fp4`).
 16-bit storage (`HalfLinear`, `HalfEmbedding`, `keep_16bit_storage`): a bf16/fp16 checkpoint keeps half the memory
 while the model computes in fp32 (dtype="auto" on a CPU, see `compute_dtype_for`).
 Activations stay float; kernels are in selfseek/kernels.
@@ -38,16 +41,82 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return packed.reshape(out_f, in_f // 2).contiguous(), d.contiguous(), lo.contiguous()
 
 
-def can_quantize(in_features: int) -> bool:
-    return in_features % GROUP == 0
+Bits = int | str  # 8 / 4 (int8 / int4 blocks), or a packed format name (kernels.FORMATS)
+
+
+def can_quantize(in_features: int, bits: Bits = 8) -> bool:
+    unit = kernels.FORMATS[bits][1] if isinstance(bits, str) else GROUP
+    return in_features % unit == 0
+
+
+def _packed_shapes(fmt: str, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int], torch.dtype]:
+    """(data shape, scales shape, scales dtype) of one [rows, cols] weight in a packed format."""
+    if fmt not in kernels.FORMATS:
+        raise ValueError(f"unknown packed format {fmt!r} (known: {', '.join(kernels.FORMATS)})")
+    _, unit, unit_bytes = kernels.FORMATS[fmt]
+    scales = {"fp8": ((rows, -(-cols // 128)), torch.float32), "fp4": ((rows, cols // 32), torch.uint8)}
+    shape, dtype = scales.get(fmt, ((rows, 0), torch.uint8))
+    return (rows, cols // unit * unit_bytes), shape, dtype
+
+
+def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> kernels.Packed:
+    """A DeepSeek FP8 weight as the kernels read it, no values changed: `weight` float8_e4m3fn [out, in] and its
+    `weight_scale_inv` [ceil(out / block[0]), ceil(in / block[1])], float32 (V3) or float8_e8m0fnu (ue8m0 scales,
+    V3.1 / V4): w[r, c] = weight[r, c] * scale_inv[r // block[0], c // block[1]]. Scale rows are repeated per weight
+    row (4 bytes per 128 weights) so the packed weight can be sliced and concatenated by rows."""
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise ValueError(f"fp8 weight must be a 2-D float8_e4m3fn tensor, got {weight.dtype} {list(weight.shape)}")
+    if block[1] != 128:
+        raise ValueError(f"fp8 block {list(block)}: the kernels take 128-column scale blocks")
+    rows, cols = weight.shape
+    want = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"weight_scale_inv has shape {list(scale_inv.shape)}, a {list(weight.shape)} weight in "
+                         f"{list(block)} blocks needs {list(want)}")
+    scales = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].contiguous()
+    return kernels.Packed("fp8", weight.contiguous().view(torch.uint8), scales, cols)
+
+
+def _ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """ue8m0 scales as their exponent bytes (2^(e - 127)): from float8_e8m0fnu, uint8, or exact powers of two."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.contiguous().view(torch.uint8)
+    if scale.dtype == torch.uint8:
+        return scale.contiguous()
+    s = scale.float()
+    e = torch.log2(s).round()
+    if not torch.equal(torch.exp2(e), s) or (e < -127).any() or (e > 127).any():
+        raise ValueError("fp4 scales must be powers of two (ue8m0)")
+    return (e + 127).to(torch.uint8).contiguous()
+
+
+def pack_fp4(weight: torch.Tensor, scale: torch.Tensor) -> kernels.Packed:
+    """A DeepSeek-V4 FP4 weight as the kernels read it, no values changed: `weight` [out, in / 2] (int8, uint8 or
+    float4_e2m1fn_x2: two e2m1 values per byte, the low nibble the even column) and `scale` [out, in / 32]
+    (float8_e8m0fnu, or its exponent bytes as uint8): w[r, c] = e2m1(weight)[r, c] * scale[r, c // 32]."""
+    if weight.element_size() != 1 or weight.dim() != 2 or weight.is_floating_point() and (
+            weight.dtype != getattr(torch, "float4_e2m1fn_x2", None)):
+        raise ValueError(f"fp4 weight must be 2-D packed bytes (int8 / uint8 / float4_e2m1fn_x2), got {weight.dtype}")
+    rows, cols = weight.shape[0], weight.shape[1] * 2
+    if tuple(scale.shape) != (rows, cols // 32):
+        raise ValueError(f"fp4 scale has shape {list(scale.shape)}, a [{rows}, {cols}] weight needs "
+                         f"[{rows}, {cols // 32}] (one per 32 values)")
+    return kernels.Packed("fp4", weight.contiguous().view(torch.uint8), _ue8m0(scale), cols)
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear layer over block-quantized weights (`bits` 8 or 4)."""
+    """A bias-free linear layer over block-quantized weights (`bits` 8 or 4) or a packed format (`bits` its name:
+    buffers `qweight` = the packed bytes, `scales` = its scales, see kernels.Packed)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, has_mins: bool | None = None):
+    def __init__(self, in_features: int, out_features: int, bits: Bits, has_mins: bool | None = None):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        if isinstance(bits, str):
+            data, scales, sdtype = _packed_shapes(bits, out_features, in_features)
+            self.register_buffer("qweight", torch.empty(data, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(scales, dtype=sdtype))
+            self.register_buffer("mins", None)
+            return
         width = in_features if bits == 8 else in_features // 2
         qtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(out_features, width, dtype=qtype))
@@ -56,8 +125,33 @@ class QuantLinear(nn.Module):
         has_mins = bits == 4 if has_mins is None else has_mins
         self.register_buffer("mins", torch.empty(blocks, dtype=torch.half) if has_mins else None)
 
+    @classmethod
+    def from_packed(cls, w: kernels.Packed) -> QuantLinear:
+        """A layer over a packed weight (`pack_fp8`, `pack_fp4`, or GGUF K-quant bytes), sharing its tensors."""
+        with torch.device("meta"):
+            layer = cls(w.cols, w.rows, w.format)
+        layer.set_packed(w)
+        return layer
+
+    def set_packed(self, w: kernels.Packed, row0: int = 0) -> None:
+        """Rows row0.. of a packed-format layer from a packed weight of the same format (a whole weight by
+        default; a meta-device layer takes the tensors themselves)."""
+        if w.format != self.bits or w.cols != self.in_features:
+            raise ValueError(f"a {w.format} weight of {w.cols} columns does not fit a {self.bits} layer of "
+                             f"{self.in_features}")
+        if row0 + w.rows > self.out_features:
+            raise ValueError(f"{w.rows} rows from row {row0} do not fit a layer of {self.out_features}")
+        if self.qweight.device.type == "meta" and row0 == 0 and w.rows == self.out_features:
+            self.qweight, self.scales = w.data, w.scales
+            return
+        rows = slice(row0, row0 + w.rows)
+        self.qweight[rows] = w.data
+        self.scales[rows] = w.scales
+
     def set_from_float(self, w: torch.Tensor, row0: int = 0) -> None:
         """Quantize float rows into rows row0.. of this layer (all of it by default)."""
+        if isinstance(self.bits, str):
+            raise TypeError(f"a {self.bits} layer holds its file's encoding; fill it with set_packed")
         q, d, m = quantize_weight(w, self.bits)
         rows = slice(row0, row0 + w.shape[0])
         self.qweight[rows] = q
@@ -66,7 +160,9 @@ class QuantLinear(nn.Module):
             self.mins[rows] = m
 
     @property
-    def packed(self) -> kernels.QuantWeight:
+    def packed(self) -> kernels.Weight:
+        if isinstance(self.bits, str):
+            return kernels.Packed(self.bits, self.qweight, self.scales, self.in_features)
         return (self.qweight, self.scales, self.mins)
 
     @property
@@ -76,15 +172,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
-        packed = (b["qweight"], b["scales"], b["mins"])
+        key = (b["qweight"], b["scales"], b["mins"])
         # The kernel view is made once per set of buffers: loading copies into them in place, and anything that
         # replaces one (`.to()`, fusing rows, setattr) makes new tensor objects, so identity says it still holds.
         cached = self.__dict__.get("_prepared")
-        if cached is None or cached[0][0] is not packed[0] or cached[0][1] is not packed[1] or (
-                cached[0][2] is not packed[2]):
-            cached = (packed, kernels.prepare(packed))
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1] or (
+                cached[0][2] is not key[2]):
+            w = self.packed
+            cached = (key, kernels.prepare(w), w)
             self.__dict__["_prepared"] = cached
-        y = kernels.linear(x, packed, cached[1])
+        y = kernels.linear(x, cached[2], cached[1])
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -92,11 +189,18 @@ class QuantLinear(nn.Module):
 
 
 class QuantStack(nn.Module):
-    """E experts' [out, in] weights of one projection, quantized: qweight [E, out, in or in/2]."""
+    """E experts' [out, in] weights of one projection, quantized: qweight [E, out, in or in/2], or in a packed
+    format (`bits` its name; qweight [E, out, row bytes], scales as kernels.Packed describes, per expert)."""
 
-    def __init__(self, n: int, in_features: int, out_features: int, bits: int):
+    def __init__(self, n: int, in_features: int, out_features: int, bits: Bits):
         super().__init__()
         self.n, self.in_features, self.out_features, self.bits = n, in_features, out_features, bits
+        if isinstance(bits, str):
+            data, scales, sdtype = _packed_shapes(bits, out_features, in_features)
+            self.register_buffer("qweight", torch.empty(n, *data, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(n, *scales, dtype=sdtype))
+            self.register_buffer("mins", None)
+            return
         width = in_features if bits == 8 else in_features // 2
         qtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(n, out_features, width, dtype=qtype))
@@ -108,7 +212,31 @@ class QuantStack(nn.Module):
     def shape(self) -> tuple[int, int, int]:
         return (self.n, self.out_features, self.in_features)
 
+    @classmethod
+    def from_fp4(cls, weights: list[torch.Tensor] | torch.Tensor, scales: list[torch.Tensor] | torch.Tensor
+                 ) -> QuantStack:
+        """DeepSeek-V4 routed experts of one projection (w1, w2 or w3) from the checkpoint's per-expert tensors
+        (`pack_fp4`'s weight and scale, in expert order), or the same stacked as [E, out, in / 2], [E, out, in / 32]."""
+        packed = [pack_fp4(w, s) for w, s in zip(weights, scales, strict=True)]
+        stack = cls(len(packed), packed[0].cols, packed[0].rows, "fp4")
+        for e, p in enumerate(packed):
+            stack.set_packed(e, p)
+        return stack
+
+    def set_packed(self, index: int, w: kernels.Packed, row0: int = 0) -> None:
+        """Rows row0.. of expert `index` from a packed weight of this stack's format."""
+        if w.format != self.bits or w.cols != self.in_features:
+            raise ValueError(f"a {w.format} weight of {w.cols} columns does not fit a {self.bits} stack of "
+                             f"{self.in_features}")
+        if row0 + w.rows > self.out_features:
+            raise ValueError(f"{w.rows} rows from row {row0} do not fit a stack of {self.out_features}")
+        rows = slice(row0, row0 + w.rows)
+        self.qweight[index, rows] = w.data
+        self.scales[index, rows] = w.scales
+
     def set_from_float(self, index: int, w: torch.Tensor, row0: int = 0) -> None:
+        if isinstance(self.bits, str):
+            raise TypeError(f"a {self.bits} stack holds its file's encoding; fill it with set_packed")
         q, d, m = quantize_weight(w, self.bits)
         rows = slice(row0, row0 + w.shape[0])
         self.qweight[index, rows] = q
@@ -117,11 +245,15 @@ class QuantStack(nn.Module):
             self.mins[index, rows] = m
 
     @property
-    def packed(self) -> kernels.QuantWeight:
+    def packed(self) -> kernels.Weight:
         """The whole stack as the kernels take it (kernels.moe)."""
+        if isinstance(self.bits, str):
+            return kernels.Packed(self.bits, self.qweight, self.scales, self.in_features)
         return (self.qweight, self.scales, self.mins)
 
     def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.bits, str):
+            return kernels.linear(x, self.packed[index]).to(x.dtype)
         m = None if self.mins is None else self.mins[index]
         return kernels.linear(x, (self.qweight[index], self.scales[index], m)).to(x.dtype)
 
@@ -142,7 +274,8 @@ def quantize_model(
     """Swap linear layers, expert stacks and the embedding for quantized ones, in place.
 
     `bits`: 8 or 4 for every layer, or a function of the parameter name ("...q_proj.weight",
-    "...experts.gate_proj") giving 8, 4 or None (stay float), e.g. from a GGUF file's tensor types.
+    "...experts.gate_proj") giving 8, 4, a packed format name (kernels.FORMATS: an empty layer the loader fills
+    with the file's bytes) or None (stay float), e.g. from a GGUF file's tensor types.
     On a meta-device model this only changes the structure (the loader then fills it tensor by tensor);
     on a real model the float weights are quantized. kv_b_proj stays float: the absorbed MLA path folds it
     into the query and output (and it is small); so does the V3.2 indexer's weights_proj, which DeepSeek's
@@ -160,7 +293,7 @@ def quantize_model(
                 continue  # the shared matrix is handled below
             if isinstance(child, nn.Linear) and name not in skip and child.bias is None:
                 b = bits_of(f"{prefix}{name}.weight")
-                if not b or not can_quantize(child.in_features):
+                if not b or not can_quantize(child.in_features, b):
                     continue
                 q = QuantLinear(child.in_features, child.out_features, b)
                 if real:
@@ -170,7 +303,7 @@ def quantize_model(
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     w = getattr(child, proj)
                     b = bits_of(f"{prefix}{name}.{proj}")
-                    if not b or not isinstance(w, nn.Parameter) or not can_quantize(w.shape[2]):
+                    if not b or not isinstance(w, nn.Parameter) or not can_quantize(w.shape[2], b):
                         continue
                     stack = QuantStack(w.shape[0], w.shape[2], w.shape[1], b)
                     if real:
@@ -181,7 +314,7 @@ def quantize_model(
     # The embedding: quantized rows are dequantized on lookup; tied to the head, one matrix serves both ways.
     emb = model.model.embed_tokens
     b = bits_of("model.embed_tokens.weight") or (tied and bits_of("lm_head.weight"))
-    if isinstance(emb, nn.Embedding) and b and can_quantize(emb.embedding_dim):
+    if isinstance(emb, nn.Embedding) and b and can_quantize(emb.embedding_dim, b):
         q = QuantEmbedding(emb.embedding_dim, emb.num_embeddings, b)
         if real:
             q.set_from_float(emb.weight.detach())
@@ -255,7 +388,10 @@ def describe_dtypes(model: nn.Module) -> str:
             if t is None or id(t) in seen:  # a tied matrix once
                 continue
             seen.add(id(t))
-            key = f"q{m.bits}" if isinstance(m, QuantLinear | QuantStack) else str(t.dtype).removeprefix("torch.")
+            if isinstance(m, QuantLinear | QuantStack):
+                key = m.bits if isinstance(m.bits, str) else f"q{m.bits}"
+            else:
+                key = str(t.dtype).removeprefix("torch.")
             stored[key] = stored.get(key, 0) + t.nbytes
     parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(stored.items(), key=lambda kv: -kv[1]))
     compute = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")

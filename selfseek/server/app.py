@@ -145,7 +145,8 @@ def create_app(service: ModelService) -> FastAPI:
 
 
 def build_service(model: str | None, dtype: str = "auto", device: str | None = None, served_name: str | None = None,
-                  engine_args: dict | None = None, generation_config: str | Path = "auto", **config) -> ModelService:
+                  engine_args: dict | None = None, generation_config: str | Path = "auto", parallel: dict | None = None,
+                  **config) -> ModelService:
     """Load the model, start its engine thread, and wrap it for the routes. generation_config: where requests'
     sampling defaults come from ("auto": the model's own, "none"/"vllm": none, or a folder; stores.py)."""
     from selfseek.engine.async_engine import AsyncEngine
@@ -153,10 +154,17 @@ def build_service(model: str | None, dtype: str = "auto", device: str | None = N
     from selfseek.llm import default_device
     from selfseek.weights import load_model
 
-    m, tokenizer = load_model(model, dtype, device or default_device(), progress=sys.stderr.isatty(),
-                              generation_config=generation_config)
-    core = LLMEngine(m, tokenizer, EngineArgs(**(engine_args or {})))
+    if parallel:  # tensor / expert parallel ranks in other processes (selfseek/distributed)
+        from selfseek.distributed.launch import check_engine_args, load_parallel
+
+        check_engine_args(engine_args or {})
+        m, tokenizer = load_parallel(model, "float32" if dtype == "auto" else dtype, device or default_device(),
+                                     sys.stderr.isatty(), None, generation_config, **parallel)
+    else:
+        m, tokenizer = load_model(model, dtype, device or default_device(), progress=sys.stderr.isatty(),
+                                  generation_config=generation_config)
     source = getattr(m, "source", None)
+    core = LLMEngine(m, tokenizer, EngineArgs(**(engine_args or {})))
     # the id clients send: a short model name as given (an Ollama store model by its name, not its blob's),
     # else the folder's or file's name
     if served_name:
@@ -209,8 +217,15 @@ def serve(args) -> int:
                                      "prefix_cache_dir": getattr(args, "prefix_cache_dir", None),
                                      "prefix_cache_disk_bytes": getattr(args, "prefix_cache_disk_bytes", None),
                                      "speculative_tokens": getattr(args, "speculative_tokens", None),
+                                     "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
+                                     "lora": getattr(args, "lora", None),  # [(name, PEFT folder)]
                                      }.items() if v is not None}
     public = getattr(args, "public_endpoints", None)
+    from selfseek.distributed import launch
+
+    parallel = launch.parallel_options(args)
+    if parallel is not None and (code := launch.run_if_not_leader(args, parallel)) is not None:
+        return code  # a rank that follows rank 0 (another node's, or torchrun's) until the run ends
     svc = build_service(args.model, args.dtype, args.device, args.served_model_name, engine_args,
                         getattr(args, "generation_config", "auto"), api_key=api_key,
                         api_keys=read_api_keys(key_file) if key_file else [],
@@ -218,7 +233,9 @@ def serve(args) -> int:
                         trust_control_tokens=getattr(args, "trust_control_tokens", False),
                         tool_format=args.tool_call_format, cors_origins=args.cors_origins or [],
                         max_request_bytes=args.max_request_bytes, keep_alive_interval=args.keep_alive,
-                        default_max_tokens=args.default_max_tokens)
+                        default_max_tokens=args.default_max_tokens, parallel=parallel)
+    if parallel is not None:
+        launch.stop_server_on_failure(svc.core.model, svc.engine)
     svc.warm_up(grammar=True)  # before listening: no request (and no /health 200) meets a cold model
     app = create_app(svc)
     print(instructions(args.host, args.port, svc.model_id, bool(svc.config.keys())), flush=True)
@@ -232,4 +249,4 @@ def serve(args) -> int:
                     timeout_graceful_shutdown=getattr(args, "drain_timeout", 30.0))
     finally:
         svc.engine.shutdown()
-    return 0
+    return launch.server_exit_code(svc.core.model) if parallel is not None else 0

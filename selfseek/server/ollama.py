@@ -1,6 +1,7 @@
 """Ollama's native API (api.md §3): /api/chat and /api/generate (NDJSON streams, `options`, `format`,
 `think`), /api/tags, /api/show, /api/ps, /api/version. Errors are {"error": "..."}; durations are in
-nanoseconds; tool-call arguments are JSON objects, not strings.
+nanoseconds; tool-call arguments are JSON objects, not strings. /api/chat is converted to a chat-completions
+request and goes through the one chat normalizer the OpenAI and Anthropic routes use (openai.prepare_chat).
 
 Not supported: images (400), `context` from an earlier /api/generate (ignored: send the conversation),
 `template` (the checkpoint's chat template is always used), model management (pull/push/create/delete).
@@ -15,15 +16,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from selfseek import __version__
 from selfseek.sampling_params import SamplingParams
 from selfseek.server.common import cache_salt, parse_body, service
-from selfseek.server.openai import ChatChoice
+from selfseek.server.openai import ChatChoice, prepare_chat
 from selfseek.server.protocol import (
     APIError,
+    ChatCompletionRequest,
     OllamaChatRequest,
     OllamaGenerateRequest,
     OllamaOptions,
@@ -35,7 +38,6 @@ from selfseek.server.service import ModelService
 from selfseek.server.sse import Stream, ndjson_line
 from selfseek.server.stream import Generation
 from selfseek.server.structured import CompiledGrammar
-from selfseek.server.tools import Function
 
 router = APIRouter()
 
@@ -68,7 +70,7 @@ def _params(svc: ModelService, req: OllamaRequest, prompt_len: int, salt: str | 
     requested = opts.num_predict if opts.num_predict is not None and opts.num_predict > 0 else None
     names = {field: f"options.{name}" for name, field in _OPTIONS.items()}
     return svc.sampling_params(names, max_tokens=svc.max_tokens(requested, prompt_len, "options.num_predict"),
-                               cache_salt=salt, **kwargs)
+                               cache_salt=salt, lora_name=svc.lora_name(req.model), **kwargs)
 
 
 def _grammar(svc: ModelService, fmt: str | dict | None, reasoning_open: bool) -> CompiledGrammar | None:
@@ -143,12 +145,55 @@ async def _run(request: Request, svc: ModelService, model: str, ids: list[int], 
                          **shape(choice.content_text, choice.reasoning_text, calls()), **final_fields()})
 
 
-def _prepare_chat(svc: ModelService, req: OllamaChatRequest, messages: list[dict], functions: list[Function],
-                  thinking: bool | None, salt: str | None) -> tuple:
-    """Render, tokenize, compile the constraint (blocking: run off the event loop)."""
-    prompt = svc.chat_prompt(messages, functions or None, thinking, None, None)
-    ids = svc.encode_prompt(prompt, "messages")
-    return prompt, ids, _params(svc, req, len(ids), salt), _grammar(svc, req.format, prompt.reasoning_open)
+# Ollama's names of the chat fields, for errors from the one chat normalizer (openai.prepare_chat)
+_CHAT_NAMES = {field: f"options.{name}" for name, field in _OPTIONS.items()} | {
+    "max_tokens": "options.num_predict", "response_format": "format"}
+
+
+def chat_request(req: OllamaChatRequest, thinking: bool | None) -> ChatCompletionRequest:
+    """The chat-completions request an Ollama /api/chat request means: messages (tool calls with object
+    arguments, tool results by name or id, `thinking` as the reasoning), tools, `think`, `format` and the
+    sampling options."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.images:
+            raise APIError(400, "images are not supported", param=f"messages[{i}].images")
+        msg: dict = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and m.thinking:
+            msg["reasoning_content"] = m.thinking
+        if m.role == "assistant" and m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id or f"call_{k}", "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments or {}}}
+                                 for k, c in enumerate(m.tool_calls)]
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id or m.tool_name or "call"
+        messages.append(msg)
+    body: dict = {"model": req.model, "messages": messages}
+    if req.tools:
+        body["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.think is not None:
+        body["thinking"] = {"type": "enabled" if thinking else "disabled"}
+    if req.format == "json":
+        body["response_format"] = {"type": "json_object"}
+    elif isinstance(req.format, dict):
+        body["response_format"] = {"type": "json_schema", "json_schema": {"schema": req.format}}
+    elif req.format:
+        raise APIError(400, 'format must be "json" or a JSON schema', param="format")
+    opts = req.options or OllamaOptions()
+    for name, field in _OPTIONS.items():
+        if getattr(opts, name) is not None:
+            body[field] = getattr(opts, name)
+    if opts.seed is not None and opts.seed < 0:  # Ollama's -1: a random seed
+        del body["seed"]
+    if opts.num_predict is not None and opts.num_predict > 0:
+        body["max_tokens"] = opts.num_predict
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else None
+        param = _CHAT_NAMES.get(name, name)
+        raise APIError(400, f"Invalid value for `{param}`: {err['msg']}", param=param) from e
 
 
 @router.post("/api/chat")
@@ -159,27 +204,10 @@ async def chat(request: Request) -> Response:
     if not req.messages:  # Ollama: an empty chat loads the model
         return JSONResponse({"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
-    messages = []
-    for i, m in enumerate(req.messages):
-        if m.images:
-            raise APIError(400, "images are not supported", param=f"messages[{i}].images")
-        msg: dict = {"role": m.role, "content": m.content}
-        if m.role == "assistant" and m.tool_calls:
-            msg["tool_calls"] = [{"id": c.id or f"call_{k}", "type": "function",
-                                  "function": {"name": c.function.name,
-                                               "arguments": c.function.arguments
-                                               if isinstance(c.function.arguments, str)
-                                               else json.dumps(c.function.arguments or {}, ensure_ascii=False)}}
-                                 for k, c in enumerate(m.tool_calls)]
-            msg["content"] = m.content or None
-        if m.role == "tool":
-            msg["tool_call_id"] = m.tool_call_id or m.tool_name or "call"
-        messages.append(msg)
-    functions = [Function(t.function.name, t.function.description,
-                          t.function.parameters or {"type": "object", "properties": {}}) for t in req.tools or []]
-    prompt, ids, params, grammar = await svc.run_blocking(_prepare_chat, svc, req, messages, functions, thinking,
-                                                          cache_salt(request))
-    choice = ChatChoice.for_prompt(0, svc, prompt.reasoning_open, bool(functions))
+    chat_req = chat_request(req, thinking)
+    thinking, prompt, ids, mode, grammar, params = await svc.run_blocking(prepare_chat, svc, chat_req,
+                                                                          cache_salt(request), _CHAT_NAMES)
+    choice = ChatChoice.for_prompt(0, svc, prompt.reasoning_open, bool(mode))
     show_thinking = thinking is not False
 
     def shape(content: str, reasoning: str, calls: list[dict]) -> dict:

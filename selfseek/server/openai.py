@@ -34,14 +34,16 @@ _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 def sampling_params(svc: ModelService, req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    skip_special: bool, salt: str | None) -> SamplingParams:
-    """What the request names; the fields it leaves out (None) take the model's defaults (svc.sampling_params)."""
+                    skip_special: bool, salt: str | None, names: dict[str, str] | None = None) -> SamplingParams:
+    """What the request names; the fields it leaves out (None) take the model's defaults (svc.sampling_params).
+    `names`: the calling API's names of fields, for errors (svc.sampling_params)."""
     return svc.sampling_params(
-        cache_salt=salt, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        names, cache_salt=salt, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else req.stop,
         stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
         seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, skip_special_tokens=skip_special,
+        lora_name=svc.lora_name(getattr(req, "model", None)),
     )
 
 
@@ -226,15 +228,20 @@ class ChatChoice:
         return out
 
 
-def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None) -> tuple:
-    """The chat normalizer every chat-shaped API uses (OpenAI's here; Anthropic's converts its body to a
-    ChatCompletionRequest first): resolve thinking, validate messages and tools, render, tokenize (the caller's
-    control strings as text), clip max_tokens, compile the constraint, build SamplingParams. Blocking: run it
-    with svc.run_blocking. Returns (thinking, prompt, ids, tool mode, grammar, params)."""
+def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None,
+                 names: dict[str, str] | None = None) -> tuple:
+    """The chat normalizer every chat-shaped API uses (OpenAI's here; Anthropic's and Ollama's convert their
+    bodies to a ChatCompletionRequest first): resolve thinking, validate messages and tools, render, tokenize
+    (the caller's control strings as text), clip max_tokens, compile the constraint, build SamplingParams.
+    `names` maps a chat field to the calling API's name of it, for errors (Ollama: format, options.*).
+    Blocking: run it with svc.run_blocking. Returns (thinking, prompt, ids, tool mode, grammar, params)."""
+    names = names or {}
     thinking = svc.resolve_model(req.model)
     if req.thinking is not None and req.thinking.type != "auto":
         thinking = req.thinking.type == "enabled"
     kwargs = req.chat_template_kwargs or {}
+    if req.reasoning_effort is not None:
+        kwargs = {**kwargs, "reasoning_effort": req.reasoning_effort}
     for key in ("thinking", "enable_thinking"):
         if key in kwargs:
             thinking = bool(kwargs[key])
@@ -245,6 +252,7 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None
     prompt = svc.chat_prompt(messages, functions, thinking, kwargs, prefix)
     ids = svc.encode_prompt(prompt, "messages")
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    limit_param = names.get(limit_param, limit_param)
     max_tokens = svc.max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), limit_param)
 
     grammar = None
@@ -256,11 +264,12 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest, salt: str | None
             raise APIError(400, "response_format json_schema needs json_schema.schema",
                            param="response_format.json_schema")
         schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
-        grammar = svc.json_grammar(schema, prompt.reasoning_open, "response_format")
+        grammar = svc.json_grammar(schema, prompt.reasoning_open, names.get("response_format", "response_format"))
 
     # V3.2 spells its tool markup with a special token; the others' markers survive skipping specials
     skip = req.skip_special_tokens and not (mode and svc.tool_format.keeps_special_tokens)
-    params = sampling_params(svc, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, skip, salt)
+    params = sampling_params(svc, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, skip, salt,
+                             names)
     return thinking, prompt, ids, mode, grammar, params
 
 

@@ -38,6 +38,36 @@ def _bodies() -> dict[str, type[BaseModel]]:
     return out
 
 
+# One item of a stream. Before OpenAPI 3.2 an event stream's `schema` describes each event (its fields, the
+# data a JSON chunk or "[DONE]"), not the stream's text; an NDJSON stream's, each line.
+_STREAM_ITEM: dict[str, dict] = {
+    "text/event-stream": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+        "retry": {"type": "integer"}}},
+    "application/x-ndjson": {"type": "string"},
+}
+
+
+def _responses() -> dict[str, tuple[type[BaseModel], str | None]]:
+    """Path -> (its 200 JSON body, the media type of its stream with `stream: true`, if it has one)."""
+    out: dict[str, tuple[type[BaseModel], str | None]] = {}
+    for prefix in ("", "/v1", "/beta"):
+        out[f"{prefix}/chat/completions"] = (p.ChatCompletion, "text/event-stream")
+        out[f"{prefix}/completions"] = (p.TextCompletion, "text/event-stream")
+    for prefix in ("", "/anthropic"):
+        out[f"{prefix}/v1/messages"] = (p.AnthropicMessage, "text/event-stream")
+        out[f"{prefix}/v1/messages/count_tokens"] = (p.AnthropicTokenCount, None)
+    out |= {"/models": (p.ModelList, None), "/v1/models": (p.ModelList, None),
+            "/models/{name}": (p.ModelCard, None), "/v1/models/{name}": (p.ModelCard, None),
+            "/tokenize": (p.TokenizeResponse, None), "/detokenize": (p.DetokenizeResponse, None),
+            "/version": (p.OllamaVersion, None), "/api/version": (p.OllamaVersion, None),
+            "/api/chat": (p.OllamaChatResponse, "application/x-ndjson"),
+            "/api/generate": (p.OllamaGenerateResponse, "application/x-ndjson"),
+            "/api/tags": (p.OllamaTags, None), "/api/ps": (p.OllamaTags, None),
+            "/api/show": (p.OllamaShowResponse, None)}
+    return out
+
+
 def install(app: FastAPI) -> None:
     """Serve /openapi.json with the request models filled in (built once, on first request)."""
 
@@ -46,8 +76,11 @@ def install(app: FastAPI) -> None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         bodies = _bodies()
+        responses = _responses()
         models = sorted({*bodies.values(), ErrorResponse, OllamaError}, key=lambda m: m.__name__)
-        _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+        outs = sorted({m for m, _ in responses.values()}, key=lambda m: m.__name__)
+        _, defs = models_json_schema([(m, "validation") for m in models] + [(m, "serialization") for m in outs],
+                                     ref_template="#/components/schemas/{model}")
         doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
 
         def ref(model: type[BaseModel]) -> dict:
@@ -59,6 +92,14 @@ def install(app: FastAPI) -> None:
             if names and "model" in schemas[name].get("properties", {}):  # other names are a 404
                 schemas[name]["properties"]["model"] = {"type": "string", "enum": names}
         for path, item in doc["paths"].items():
+            if path in responses and (op := item.get("post") or item.get("get")) is not None:
+                model, stream = responses[path]
+                content = {"application/json": {"schema": ref(model)}}
+                if stream:
+                    content[stream] = {"schema": _STREAM_ITEM[stream]}
+                op.setdefault("responses", {})["200"] = {
+                    "description": "The answer" + (" (a stream with `stream: true`)" if stream else ""),
+                    "content": content}
             op = item.get("post")
             if op is None:
                 continue
@@ -67,8 +108,7 @@ def install(app: FastAPI) -> None:
             if model is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(model)}}}
             documented = {
-                "200": {"description": "The answer (JSON, or a stream with `stream: true`)",
-                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                **op.get("responses", {}),
                 **{str(code): {"description": why, "content": {"application/json": {"schema": err}}}
                    for code, why in ((400, "Invalid request"), (401, "Authentication fails"),
                                      (404, "Unknown model"), (413, "Body too large"),

@@ -58,7 +58,7 @@ def render_chat(
         prefix = untrusted.hide(prefix)
     messages = fmt.history([dict(m) for m in messages])
     if fmt.own_prompt and not tokenizer.chat_template:
-        text = fmt.render(messages, bool(thinking), functions)
+        text = fmt.render(messages, thinking, functions, **(template_kwargs or {}))
     else:
         if functions and "tools" not in (tokenizer.chat_template or ""):
             messages = _with_system(messages, fmt.tools_prompt(functions))

@@ -165,7 +165,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     thinking: Thinking | None = None
-    reasoning_effort: Str | None = None  # accepted; there is one effort level here
+    # DeepSeek-V4's low/high/max (medium is high, xhigh max) and OpenAI's other names; V4 renders max (its effort
+    # preamble), other models' templates get it as the `reasoning_effort` variable
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -270,3 +272,243 @@ class OllamaShowRequest(_Body):
     model: Str | None = None
     name: Str | None = None  # older clients
     verbose: Bool = False
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+# The 200 bodies, as /openapi.json documents them (the routes build plain dicts; tests check live answers against
+# these). Extra keys are allowed, as clients must allow them; what is listed is always there (or null where typed so).
+
+
+class _Out(BaseModel):
+    """A response body (extra keys allowed)."""
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int
+
+
+class Usage(_Out):
+    """DeepSeek's usage (prompt_cache_hit/miss_tokens) with OpenAI's details."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "insufficient_system_resource"]
+
+
+class OutFunctionCall(_Out):
+    name: str
+    arguments: str  # JSON text
+
+
+class OutToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: OutFunctionCall
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None  # present in thinking mode
+    tool_calls: list[OutToolCall] | None = None
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob] | None
+    reasoning_content: list[TokenLogprob] | None = None
+
+
+class ChatCompletionChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class TextCompletion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = None
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+# Anthropic's Messages API
+
+
+class AnthropicText(_Out):
+    type: Literal["text"]
+    text: str
+
+
+class AnthropicThinking(_Out):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class AnthropicToolUse(_Out):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(_Out):
+    input_tokens: int  # prompt tokens not read from the cache
+    output_tokens: int
+    cache_read_input_tokens: int
+    cache_creation_input_tokens: int
+
+
+class AnthropicMessage(_Out):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[Annotated[AnthropicText | AnthropicThinking | AnthropicToolUse, Field(discriminator="type")]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class AnthropicTokenCount(_Out):
+    input_tokens: int
+
+
+# Ollama
+
+
+class OllamaOutFunction(_Out):
+    name: str
+    arguments: dict[str, Any]  # an object, not JSON text
+
+
+class OllamaOutToolCall(_Out):
+    function: OllamaOutFunction
+
+
+class OllamaOutMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+    thinking: str | None = None
+    tool_calls: list[OllamaOutToolCall] | None = None
+
+
+class _OllamaDone(_Out):
+    """The last object of an answer (the whole non-streaming body); durations in nanoseconds."""
+
+    model: str
+    created_at: str
+    done: bool
+    done_reason: Literal["stop", "length", "load"] | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class OllamaChatResponse(_OllamaDone):
+    message: OllamaOutMessage
+
+
+class OllamaGenerateResponse(_OllamaDone):
+    response: str
+    thinking: str | None = None
+    context: list[int] | None = None
+
+
+class OllamaModelEntry(_Out):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: dict[str, Any]
+
+
+class OllamaTags(_Out):
+    models: list[OllamaModelEntry]
+
+
+class OllamaShowResponse(_Out):
+    modelfile: str
+    template: str
+    details: dict[str, Any]
+    model_info: dict[str, Any]
+    capabilities: list[str]
+
+
+class OllamaVersion(_Out):
+    version: str

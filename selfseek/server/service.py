@@ -73,12 +73,18 @@ class ModelService:
         self.model_config = engine.config
         self.max_model_len: int = self.core.max_model_len
         self.model_id = config.model_id
+        # served LoRA adapters (serve --lora name=PATH): each a model name of its own, as vLLM lists them
+        self.adapters: list[str] = self.core.loras.names() if hasattr(self.core, "loras") else []
+        taken = {self.model_id.removesuffix(":latest"), *ALIASES}
+        if clash := next((a for a in self.adapters if a.removesuffix(":latest") in taken), None):
+            raise ValueError(f"LoRA adapter name {clash!r} is already a model name here; pick another")
         self.created = int(time.time())
         self.fingerprint = f"fp_selfseek_{__version__}"
         tok = self.tokenizer
         if config.tool_format not in ("auto", *FORMATS):
             raise ValueError(f"unknown tool format {config.tool_format!r}; choose auto or one of {tuple(FORMATS)}")
-        self.tool_format = detect_format(tok) if config.tool_format == "auto" else FORMATS[config.tool_format]
+        self.tool_format = (detect_format(tok, self.model_config.model_type) if config.tool_format == "auto"
+                            else FORMATS[config.tool_format])
 
         def vocab_has(text: str) -> bool:
             return tok is not None and tok.token_to_id(text) is not None
@@ -133,17 +139,24 @@ class ModelService:
 
     # ---- names ---------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return [self.model_id, *ALIASES]
+        return [self.model_id, *self.adapters, *ALIASES]
 
     def resolve_model(self, name: str) -> bool | None:
         """The thinking default a model name implies (None: the template's own); 404 for unknown names."""
         base = name.removesuffix(":latest")
-        if base == self.model_id.removesuffix(":latest"):
+        if base == self.model_id.removesuffix(":latest") or self.lora_name(name) is not None:
             return None
         if base in ALIASES:
             return ALIASES[base]
         raise APIError(404, f"The model `{name}` does not exist. Served: {', '.join(self.model_names())}.",
                        param="model", code="model_not_found")
+
+    def lora_name(self, name: str | None) -> str | None:
+        """The served LoRA adapter a request's model name picks (SamplingParams.lora_name), None for the base."""
+        if not name or not self.adapters:
+            return None
+        base = name.removesuffix(":latest")
+        return next((a for a in self.adapters if a.removesuffix(":latest") == base), None)
 
     # ---- prompts -------------------------------------------------------------------------------------
     def require_tokenizer(self) -> None:

@@ -251,13 +251,14 @@ class DSMLParser(ToolCallParser):
     """V3.2: parameters arrive as XML-like elements; arguments are built as JSON, one parameter at a time."""
 
     triggers = (DSML_BEGIN,)
+    end = DSML_END
     _INVOKE = re.compile(r'\s*name="([^"]*)"\s*>')
     _PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)" string="(true|false)"\s*>(.*?)</{DSML}parameter>',
                         re.DOTALL)
 
     def _scan(self, region: str, final: bool) -> list[_Scanned]:
         out = []
-        for part in region.split(DSML_END, 1)[0].split(f"<{DSML}invoke")[1:]:
+        for part in region.split(self.end, 1)[0].split(f"<{DSML}invoke")[1:]:
             head = self._INVOKE.match(part)
             if head is None:
                 out.append(_Scanned(None, "", False))
@@ -306,8 +307,10 @@ class ToolFormat:
         """The conversation as the template takes it: DeepSeek's templates render past calls and results."""
         return messages
 
-    def render(self, messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
-        """The whole prompt (own_prompt families only)."""
+    def render(self, messages: list[dict], thinking: bool | None, functions: list[Function] | None,
+               **options) -> str:
+        """The whole prompt (own_prompt families only). thinking None: the model's default; options: the request's
+        chat_template_kwargs and reasoning_effort (a family reads what its encoder knows)."""
         raise NotImplementedError
 
     def parser(self, parallel: bool = True) -> ToolCallParser:
@@ -448,10 +451,12 @@ class DSMLFormat(ToolFormat):
             for k, v in (args.items() if isinstance(args, dict) else []))
         return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
 
-    def render(self, messages: list[dict], thinking: bool, functions: list[Function] | None) -> str:
+    def render(self, messages: list[dict], thinking: bool | None, functions: list[Function] | None,
+               **options) -> str:
         """DeepSeek-V3.2's prompt encoding: user turns end with <think> (thinking, last user turn) or </think>;
         earlier reasoning is dropped; tools are listed in the system prompt in DSML; results follow the calls
         inside <function_results>."""
+        thinking = bool(thinking)  # V3.2 answers without thinking unless asked
         if functions and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": ""}, *messages]
         last_user = max((i for i, m in enumerate(messages) if m["role"] in ("user", "developer")), default=-1)
@@ -550,12 +555,147 @@ class GenericFormat(ToolFormat):
         return lit(GENERIC_BEGIN)
 
 
-FAMILIES = (DeepSeekV3Format(), DeepSeekV31Format(), DSMLFormat(), GenericFormat())  # generic last: it takes any
+V4_BEGIN, V4_END = f"\n\n<{DSML}tool_calls>", f"</{DSML}tool_calls>"
+V4_REMINDER = "<｜latest_reminder｜>"  # a token only V4's vocabulary has (V3.2 also has ｜DSML｜)
+V4_EFFORT_MAX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, "
+    "rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n")
+# DeepSeek's API for V4: low, high (the default), max; medium is high and xhigh max (api.md §2). Only max changes
+# the prompt; OpenAI's other spellings read as high.
+V4_EFFORTS = {"none": "high", "minimal": "high", "low": "high", "medium": "high", "high": "high", "xhigh": "max",
+              "max": "max"}
+
+
+class DSMLParserV4(DSMLParser):
+    """V4: the V3.2 elements inside a `tool_calls` block, which starts after a blank line."""
+
+    triggers = (V4_BEGIN,)
+    end = V4_END
+
+
+class DeepSeekV4Format(DSMLFormat):
+    """DeepSeek-V4 (no Jinja template; its Python encoder, encoding_dsv4.py, is reproduced in render()): V3.2's DSML
+    parameters in a `<｜DSML｜tool_calls>` block after a blank line; tool results are `<tool_result>` blocks of a user
+    turn; thinking is on unless turned off; reasoning_effort max puts DeepSeek's effort preamble first."""
+
+    name, parser_class, trigger = "deepseek_v4", DSMLParserV4, V4_BEGIN
+
+    @staticmethod
+    def speaks(tokenizer: Tokenizer) -> bool:
+        return DSMLFormat.speaks(tokenizer) and tokenizer.token_to_id(V4_REMINDER) is not None
+
+    def tools_prompt(self, functions: list[Function]) -> str:
+        d = DSML
+        schemas = "\n".join(json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters},
+                                       ensure_ascii=False) for f in functions)
+        return (
+            "## Tools\n\nYou have access to a set of tools to help answer the user's question. You can invoke tools "
+            f'by writing a "<{d}tool_calls>" block like the following:\n\n<{d}tool_calls>\n'
+            f'<{d}invoke name="$TOOL_NAME">\n'
+            f'<{d}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{d}parameter>\n...\n'
+            f'</{d}invoke>\n<{d}invoke name="$TOOL_NAME2">\n...\n</{d}invoke>\n</{d}tool_calls>\n\n'
+            'String parameters should be specified as is and set `string="true"`. For all other types (numbers, '
+            'booleans, arrays, objects), pass the value in JSON format and set `string="false"`.\n\n'
+            f"If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete reasoning "
+            f"inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.\n\n"
+            f"Otherwise, output directly after {THINK_END} with tool calls or final response.\n\n"
+            f"### Available Tool Schemas\n\n{schemas}\n\nYou MUST strictly follow the above defined tool name and "
+            "parameter schemas to invoke tool calls.\n")
+
+    @staticmethod
+    def call_text(name: str, arguments: str) -> str:
+        """A past call, as V4 writes it (arguments that are not a JSON object become one `arguments` string)."""
+        try:
+            args = json.loads(arguments)
+        except json.JSONDecodeError:
+            args = {"arguments": arguments}
+        params = "\n".join(
+            f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
+            f"{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}</{DSML}parameter>"
+            for k, v in args.items())
+        return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
+
+    def render(self, messages: list[dict], thinking: bool | None, functions: list[Function] | None,
+               **options) -> str:
+        thinking = thinking is not False  # V4's API: thinking on by default
+        effort = options.get("reasoning_effort")
+        if effort is not None and effort not in V4_EFFORTS:
+            raise ValueError(f"reasoning_effort must be one of {', '.join(V4_EFFORTS)}")
+        msgs = self._merge_results(messages, functions)
+        drop = not functions  # the encoder keeps every turn's reasoning in a conversation with tools
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "developer")), default=-1)
+        if thinking and drop:  # earlier turns lose their reasoning; earlier developer turns go
+            msgs = [m if i >= last_user or m["role"] != "assistant" else {**m, "reasoning_content": None}
+                    for i, m in enumerate(msgs) if i >= last_user or m["role"] != "developer"]
+            last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "developer")), default=-1)
+        out = BOS + (V4_EFFORT_MAX if thinking and V4_EFFORTS.get(effort) == "max" and msgs else "")
+        for i, m in enumerate(msgs):
+            role, content = m["role"], m.get("content") or ""
+            if role == "system":
+                out += content + ("\n\n" + self.tools_prompt(functions) if functions and i == 0 else "")
+            elif role == "developer":
+                out += "<｜User｜>" + content
+            elif role == "user":
+                out += "<｜User｜>" + "\n\n".join(m["blocks"])
+            else:
+                reasoning = (m.get("reasoning_content") or "") + THINK_END if thinking and (
+                    not drop or i > last_user) else ""
+                calls = ""
+                if m.get("tool_calls"):
+                    body = "\n".join(self.call_text(c["function"]["name"], c["function"]["arguments"])
+                                     for c in m["tool_calls"])
+                    calls = f"{V4_BEGIN}\n{body}\n{V4_END}"
+                out += reasoning + content + calls + EOS
+            if role in ("user", "developer") and (i + 1 == len(msgs) or msgs[i + 1]["role"] == "assistant"):
+                out += "<｜Assistant｜>" + (THINK_START if thinking and (not drop or i >= last_user) else THINK_END)
+        return out
+
+    @staticmethod
+    def _merge_results(messages: list[dict], functions: list[Function] | None) -> list[dict]:
+        """V4 has no tool role: results become <tool_result> blocks of a user turn (in the order of the calls
+        they answer), and a user turn after them joins that turn; the tools go on a (first) system turn."""
+        out: list[dict] = []
+        if functions and (not messages or messages[0]["role"] != "system"):
+            out.append({"role": "system", "content": ""})
+        order: dict[str, int] = {}
+        for m in messages:
+            if m["role"] in ("tool", "user"):
+                block = (f"<tool_result>{m.get('content') or ''}</tool_result>" if m["role"] == "tool"
+                         else m.get("content") or "")
+                if not (out and out[-1]["role"] == "user"):
+                    out.append({"role": "user", "blocks": [], "results": []})
+                out[-1]["blocks"].append(block)
+                if m["role"] == "tool":
+                    out[-1]["results"].append((order.get(m.get("tool_call_id") or "", 0), len(out[-1]["blocks"]) - 1))
+                continue
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                order = {c["id"]: k for k, c in enumerate(m["tool_calls"]) if c.get("id")}
+            out.append(m)
+        for m in out:
+            if m["role"] == "user" and len(m["results"]) > 1:
+                slots = [k for _, k in m["results"]]
+                ordered = [m["blocks"][k] for _, k in sorted(m["results"], key=lambda r: r[0])]
+                for k, block in zip(slots, ordered, strict=True):
+                    m["blocks"][k] = block
+        return out
+
+    def _calls(self, repeated, multi, lit, rules) -> str:
+        rules.append(f"calls: {repeated('fn', lit(chr(10)))} {lit(chr(10) + V4_END)}")
+        return lit(V4_BEGIN + "\n")
+
+
+# generic last: it takes any; V4 before V3.2, whose vocabulary test it also passes
+FAMILIES = (DeepSeekV3Format(), DeepSeekV31Format(), DeepSeekV4Format(), DSMLFormat(), GenericFormat())
 FORMATS = {f.name: f for f in FAMILIES}
 
 
-def detect_format(tokenizer: Tokenizer | None) -> ToolFormat:
-    """The family the checkpoint's template (or, for V3.2, its vocabulary) speaks."""
+def detect_format(tokenizer: Tokenizer | None, model_type: str | None = None) -> ToolFormat:
+    """The family the checkpoint's template (or, for V3.2 and V4, its vocabulary or model type) speaks."""
+    if model_type == "deepseek_v4":
+        return FORMATS["deepseek_v4"]
     if tokenizer is None:
         return FORMATS["generic"]
     return next(f for f in FAMILIES if f.speaks(tokenizer))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,19 @@ def save_checkpoint(
     job_config: dict[str, Any],
     rank: int = 0,
     keep: int = 0,
+    states: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write step `step`'s checkpoint; with keep > 0, delete all but the newest `keep` (rank 0 only)."""
+    """Write step `step`'s checkpoint; with keep > 0, delete all but the newest `keep` (rank 0 only).
+    states: (model, optimizer) state dicts gathered by the caller (sharded training), instead of
+    model.state_dict() and optimizer.state_dict()."""
     path = checkpoint_dir(out_dir, step)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), path / f"rng_{rank}.pt")
     if rank == 0:
+        model_state, optimizer_state = states or (model.state_dict(), optimizer.state_dict())
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "counters": {"step": step, **counters},
             "config": job_config,
         }
@@ -107,15 +112,20 @@ def check_shapes(state: dict[str, torch.Tensor], model: nn.Module, source: str) 
 
 
 def load_checkpoint_state(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int = 0
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int = 0,
+    load: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG states; return the counters (step, position, ...)."""
+    """Restore model, optimizer and this rank's RNG states; return the counters (step, position, ...).
+    load(model_state, optimizer_state): how to put them in place (sharded training), instead of load_state_dict."""
     path = Path(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    check_shapes(state["model"], model, str(path))
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if load is not None:
+        load(state["model"], state["optimizer"])
+    else:
+        check_shapes(state["model"], model, str(path))
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
     rng = path / f"rng_{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

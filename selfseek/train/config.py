@@ -50,6 +50,8 @@ class ChatDataConfig:
     valid: list[str] = field(default_factory=list)
     valid_fraction: float = 0.05
     max_len: int = 1024  # longer conversations are truncated
+    think: str = "keep"  # R1-style <think> reasoning of assistant turns: keep (learned) | drop (removed)
+    pack: bool = False  # a micro-batch's conversations in one unpadded row, each attending only to itself
 
 
 @dataclass
@@ -81,6 +83,9 @@ class LoopConfig:
     keep_checkpoints: int = 2
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest one under out_dir
     stop_after: int | None = None  # end this run after this step (the schedule still spans `steps`)
+    shard_optimizer: bool = False  # several processes: each keeps the AdamW state of 1/world of the parameters (ZeRO-1)
+    fsdp: bool = False  # several processes, full fine-tuning: parameters, gradients and AdamW state sharded (FSDP2)
+    expert_parallel: bool = False  # several processes: each holds 1/world of every MoE layer's routed experts
     progress: bool = True
 
 
@@ -91,6 +96,9 @@ class LoraConfig:
     targets: list[str] = field(
         default_factory=lambda: ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
     )
+    experts: bool = False  # also the routed experts' gate/up/down stacks (per-expert A/B)
+    train_router: bool = False  # the MoE router weights train in full beside the adapters
+    quantize: int = 0  # 4 or 8: QLoRA, the frozen base kept in int4 / int8 blocks; 0: a float base
 
 
 @dataclass
@@ -108,6 +116,8 @@ class GRPOLoopConfig:
     group_size: int = 8  # G completions per prompt
     max_new_tokens: int = 8
     temperature: float = 1.0
+    format_weight: float = 0.0  # reward = exact answer + this x the <think>...</think> format reward (R1: 1)
+    engine_block_size: int = 16  # KV block size of the rollout engine (a group shares its prompt's full blocks)
     beta: float = 0.04  # KL coefficient (DeepSeekMath: 0.04)
     clip_eps: float = 0.2
     updates_per_batch: int = 1  # policy updates per sampled batch (DeepSeekMath: 1)
@@ -138,8 +148,9 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    base: str = ""  # Hugging Face-format folder to start from (a pretrain output)
+    base: str = ""  # model to start from, as `serve` takes it: a folder, a .gguf, a hub-cache id or an Ollama name
     out_dir: str = "runs/sft"
+    gguf: list[str] = field(default_factory=list)  # also write final.{type}.gguf of the merged model: f16, q8_0...
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -156,7 +167,7 @@ class SFTConfig:
 
 @dataclass
 class GRPOConfig:
-    base: str = ""  # Hugging Face-format folder: the initial policy and the KL reference
+    base: str = ""  # the initial policy and the KL reference: a folder, a .gguf, a hub-cache id or an Ollama name
     out_dir: str = "runs/grpo"
     seed: int = 0
     device: str = "auto"
@@ -168,7 +179,42 @@ class GRPOConfig:
     grpo: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)
 
 
-JOBS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig}
+@dataclass
+class PreferenceDataConfig:
+    train: list[str] = field(default_factory=list)  # JSONL files of {"prompt", "chosen", "rejected"}
+    valid: list[str] = field(default_factory=list)
+    valid_fraction: float = 0.1  # of the pairs held out when `valid` is empty
+    max_len: int = 1024  # tokens of prompt + response; longer pairs are an error naming their line
+
+
+@dataclass
+class DPOLoopConfig:
+    steps: int = 100
+    batch_size: int = 8  # preference pairs per step
+    beta: float = 0.1  # DPO's beta: strength of the pull towards the reference
+    eval_every: int = 10
+    log_every: int = 1
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None  # a checkpoint folder, or "auto"
+    progress: bool = True
+
+
+@dataclass
+class DPOConfig:
+    base: str = ""  # the initial policy and the frozen reference (with LoRA: the base without the adapters)
+    out_dir: str = "runs/dpo"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, min_lr=5e-6, warmup_steps=5,
+                                                                   weight_decay=0.0))
+    dpo: DPOLoopConfig = field(default_factory=DPOLoopConfig)
+
+
+JOBS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
 
 # A tiny DeepSeek-V3-shaped model (MLA, sigmoid noaux_tc DeepSeekMoE, first layer dense, one MTP module):
 # what `model:` fields override. vocab_size null: the tokenizer's size, rounded up to a multiple of 64.
@@ -249,7 +295,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(job: str, path: str | Path | None = None, overrides: list[str] | None = None):
-    """The config of `job` (pretrain | sft | grpo): defaults < file < overrides."""
+    """The config of `job` (pretrain | sft | grpo | dpo): defaults < file < overrides."""
     if job not in JOBS:
         raise TrainConfigError(f"unknown training job {job!r}; choose one of {', '.join(JOBS)}")
     data = read_config_file(path) if path else {}

@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import random
+import re
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,8 +190,15 @@ class PackedBlocks:
 # ---- chat examples (SFT) ------------------------------------------------------------------------------
 
 
-def read_chat_jsonl(paths: Sequence[str]) -> list[list[dict]]:
-    """Conversations from JSONL files of {"messages": [{"role": ..., "content": ...}, ...]}."""
+class Conversation(list):
+    """A conversation's messages (a plain list of {role, content} dicts) and where it came from (file:line)."""
+
+    source: str = "<memory>"
+
+
+def read_chat_jsonl(paths: Sequence[str]) -> list[Conversation]:
+    """Conversations from JSONL files of {"messages": [{"role": ..., "content": ...}, ...]}; each bad line is an
+    error naming its file and line."""
     if isinstance(paths, str):
         paths = [paths]
     out = []
@@ -207,37 +215,80 @@ def read_chat_jsonl(paths: Sequence[str]) -> list[list[dict]]:
                 except json.JSONDecodeError as e:
                     raise TrainConfigError(f"{f}:{n}: not valid JSON ({e})") from None
                 msgs = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-                    raise TrainConfigError(f"{f}:{n}: expected an object with a 'messages' list of {{role, content}}")
+                if not isinstance(msgs, list) or not msgs or not all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content") or "", str) for m in msgs):
+                    raise TrainConfigError(f"{f}:{n}: not a conversation: expected an object with a 'messages' list "
+                                           "of {\"role\": str, \"content\": str}")
                 if not any(m["role"] == "assistant" for m in msgs):
                     raise TrainConfigError(f"{f}:{n}: conversation has no assistant message to learn from")
-                out.append(msgs)
+                conv = Conversation(msgs)
+                conv.source = f"{f}:{n}"
+                out.append(conv)
     if not out:
         raise TrainConfigError(f"chat data {list(paths)}: no conversations")
     return out
 
 
-def encode_chat(messages: list[dict], tokenizer, max_len: int | None = None) -> tuple[list[int], list[int]]:
+THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def with_reasoning(messages: list[dict], think: str) -> list[dict]:
+    """R1-style reasoning of assistant turns, kept ("keep": a `reasoning_content` field becomes the
+    `<think>...</think>` block before the answer, as R1 writes it) or dropped ("drop": both removed)."""
+    if think not in ("keep", "drop"):
+        raise TrainConfigError(f"data.think must be 'keep' or 'drop', not {think!r}")
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            m = dict(m)
+            reasoning = m.pop("reasoning_content", None)
+            if think == "drop":
+                m["content"] = THINK.sub("", m.get("content") or "", count=1)
+            elif reasoning:
+                m["content"] = f"<think>\n{reasoning}\n</think>\n\n{m.get('content') or ''}"
+        out.append(m)
+    return out
+
+
+def encode_chat(
+    messages: list[dict], tokenizer, max_len: int | None = None, think: str = "keep"
+) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and labels that equal the ids on assistant tokens (the
     reply and its end-of-turn token) and IGNORE elsewhere.
 
     Assistant spans are found by rendering prefixes: message i's reply starts where
     render(messages[:i], add_generation_prompt=True) ends and stops where render(messages[:i+1]) ends.
-    That needs a template whose renders of prefixes are prefixes of the whole (DeepSeek's are).
+    That needs a template that marks the assistant turn (the generation prompt adds something) and renders
+    prefixes as prefixes of the whole (DeepSeek's, Qwen's and Llama's do); else an error naming the conversation.
     `tokenizer` is a selfseek.tokenizer.Tokenizer with a chat template.
     """
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    where = getattr(messages, "source", "<conversation>")
+    messages = with_reasoning(list(messages), think)
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen)
+
+    ids = tokenizer.encode(render(messages, False))
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = tokenizer.encode(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
-        upto = tokenizer.encode(tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False))
+        prompt = render(messages[:i], True)
+        if prompt == render(messages[:i], False):
+            raise TrainConfigError(
+                f"{where}: the chat template has no assistant marker (add_generation_prompt adds nothing), so the "
+                "assistant's tokens cannot be told from the prompt's")
+        start, upto = tokenizer.encode(prompt), tokenizer.encode(render(messages[: i + 1], False))
         if ids[: len(start)] != start or ids[: len(upto)] != upto:
             raise TrainConfigError(
-                "the chat template does not render conversation prefixes as prefixes of the whole, so assistant "
-                "tokens cannot be located; use a DeepSeek-style template"
-            )
+                f"{where}: the chat template does not render this conversation's prefixes as prefixes of the whole "
+                f"(message {i}), so its assistant tokens cannot be located")
+        if think == "keep" and "<think>" in (m.get("content") or "") and "<think>" not in tokenizer.decode(
+                ids[len(start): len(upto)]):
+            raise TrainConfigError(
+                f"{where}: data.think is 'keep' but the chat template drops the assistant's <think> reasoning; "
+                "set data.think=drop")
         labels[len(start) : len(upto)] = ids[len(start) : len(upto)]
     if max_len is not None:
         ids, labels = ids[: max_len + 1], labels[: max_len + 1]
@@ -245,12 +296,16 @@ def encode_chat(messages: list[dict], tokenizer, max_len: int | None = None) -> 
 
 
 class ChatExamples:
-    """Encoded conversations; item i -> (inputs, targets) with targets = labels shifted left by one."""
+    """Encoded conversations; item i -> (inputs, targets) with targets = labels shifted left by one.
 
-    def __init__(self, conversations: list[list[dict]], tokenizer, max_len: int):
-        self.items = []
+    pack: micro-batches concatenate their conversations into one row with no padding, each attending only to
+    itself with positions from 0 (see `collate`)."""
+
+    def __init__(self, conversations: list[list[dict]], tokenizer, max_len: int, think: str = "keep",
+                 pack: bool = False):
+        self.items, self.pack = [], pack
         for msgs in conversations:
-            ids, labels = encode_chat(msgs, tokenizer, max_len)
+            ids, labels = encode_chat(msgs, tokenizer, max_len, think)
             if len(ids) >= 2 and any(t != IGNORE for t in labels[1:]):
                 self.items.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
         if not self.items:
@@ -285,9 +340,16 @@ class Order:
         return [self._perm(j // self.n)[j % self.n] for j in range(start, start + count)]
 
 
-def collate(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int, pack: bool = False):
     """Right-pad to the longest item: inputs with pad_id, targets with IGNORE (causal attention lets
-    right padding change nothing before it)."""
+    right padding change nothing before it) -> (inputs [b, s], targets [b, s]).
+
+    pack: the items concatenated into one row without padding -> (inputs [1, T], targets [1, T], lengths): the
+    model then runs each item as its own sequence (block-diagonal attention, positions from 0; losses.lm_losses).
+    """
+    if pack:
+        return (torch.cat([x for x, _ in items])[None], torch.cat([y for _, y in items])[None],
+                [len(x) for x, _ in items])
     n = max(len(x) for x, _ in items)
     inputs = torch.full((len(items), n), pad_id, dtype=torch.long)
     targets = torch.full((len(items), n), IGNORE, dtype=torch.long)
@@ -306,7 +368,8 @@ def micro_batches(
     """
     per_rank = batch_size // world
     idx = order.indices(position + rank * per_rank, per_rank)
-    return [collate([dataset[i] for i in idx[j : j + micro]], pad_id) for j in range(0, per_rank, micro)]
+    pack = getattr(dataset, "pack", False)
+    return [collate([dataset[i] for i in idx[j : j + micro]], pad_id, pack) for j in range(0, per_rank, micro)]
 
 
 def stream_cache_key(docs: Sequence[Document], tokenizer_json: Path, fim_rate: float, seed: int) -> str:

@@ -6,11 +6,16 @@ rewards r_i, advantages A_i = (r_i - mean(r)) / (std(r) + eps) for every token o
     J = mean_i 1/|o_i| sum_t [ min(rho A_i, clip(rho, 1 - eps_c, 1 + eps_c) A_i) - beta KL_t ]
     rho = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t),   KL_t = pi_ref/pi - log(pi_ref/pi) - 1  (k3, >= 0)
 and `updates_per_batch` gradient steps on -J. Single process.
+
+Rollouts run through selfseek's own engine (EngineRollouts: paged KV cache, continuous batching, a prompt's
+G samples sharing its cached blocks) on a copy of the policy refreshed in place after every step. Rewards are
+R1's rules (rewards.py): the exact answer, plus `format_weight` x the <think> format reward.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 import time
@@ -19,21 +24,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from selfseek.engine.engine import EngineArgs, LLMEngine, model_fingerprint
+from selfseek.engine.kv_cache import root_key
+from selfseek.engine.runner import kv_bytes_per_token
 from selfseek.models.batch import AttnBatch, PrefillSegment
 from selfseek.models.model import CausalLM
+from selfseek.models.quant import QuantStack
+from selfseek.sampling_params import SamplingParams
 from selfseek.tokenizer import Tokenizer
-from selfseek.train.build import load_trainable, set_threads
+from selfseek.train.build import make_trainable, set_threads
 from selfseek.train.checkpoint import load_checkpoint_state, resolve_resume, save_checkpoint
-from selfseek.train.config import GRPOConfig, to_dict
+from selfseek.train.config import GRPOConfig, LoraConfig, TrainConfigError, to_dict
 from selfseek.train.data import IGNORE, collate
 from selfseek.train.dist import init_distributed
-from selfseek.train.export import export_hf, read_config
-from selfseek.train.lora import apply_lora, merge_lora, save_adapter
+from selfseek.train.export import dequantize_model, export_hf, read_config
+from selfseek.train.lora import LoRAExperts, LoRALinear, apply_lora, float_weight, merge_lora, save_adapter
 from selfseek.train.optim import clip_grads, lr_at, make_optimizer, set_lr
 from selfseek.train.plots import MetricsLog, plot_run, truncate_metrics
-from selfseek.train.sft import load_base_tokenizer
+from selfseek.train.rewards import accuracy_reward, format_reward
+from selfseek.train.sft import load_base
 from selfseek.train.tasks import Problem, make_task
 
 # ---- sampling -------------------------------------------------------------------------------------------
@@ -62,78 +74,114 @@ def packed_logits(model: CausalLM, tokens: torch.Tensor, max_segment_tokens: int
 
 
 
-@torch.no_grad()
-def _sample_rows(
-    model: CausalLM, rows: torch.Tensor, eos_id: int, max_new: int, temperature: float,
-    generator: torch.Generator | None,
-) -> list[list[int]]:
-    """Extend every row of rows [n, L] (same-length prompts) until EOS or max_new tokens.
+# ---- rollouts through the engine -----------------------------------------------------------------------
 
-    Each step re-runs the model over the whole sequence (no KV cache): completions here are a few tokens
-    long, and the paged-cache engine will take this over.
-    """
-    was_training = model.training
-    model.eval()
-    n = rows.shape[0]
-    done = torch.zeros(n, dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(n)]
-    for _ in range(max_new):
-        logits = packed_logits(model, rows)[:, -1].float().cpu()
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+def rollout_model(policy: nn.Module) -> CausalLM:
+    """A plain copy of the policy for the engine: LoRA merged into the weights, no autograd, eval mode."""
+    model = merge_lora(copy.deepcopy(policy))
+    return model.requires_grad_(False).eval()
+
+
+def trained_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training can change, under the names of the plain (merged) model: each adapted layer's merged
+    weight W + (alpha / r) B A (a quantized base dequantized), and every other parameter that trains."""
+    out: dict[str, torch.Tensor] = {}
+    adapted = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{name}.weight"] = m.weight
+        elif isinstance(m, LoRAExperts):
+            for proj in m.lora_A:
+                stack = getattr(m.base, proj)
+                if isinstance(stack, QuantStack):
+                    stack = torch.stack([float_weight(stack, e) for e in range(stack.n)])
+                out[f"{name}.{proj}"] = stack.float() + m.delta(proj)
         else:
-            nxt = logits.argmax(dim=-1)
-        for i in range(n):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
-        done |= nxt == eos_id
-        if done.all():
-            break
-        rows = torch.cat([rows, nxt.to(rows.device)[:, None]], dim=1)
-    model.train(was_training)
+            continue
+        adapted.append(f"{name}.")
+    for name, t in model.named_parameters(remove_duplicate=False):
+        if t.requires_grad and not name.startswith(tuple(adapted)):
+            out[name] = t
     return out
 
 
-def sample_group(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    prompt_ids: list[int],
-    n: int,
-    max_new: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """n completions (token ids, EOS included when reached) of one prompt, sampled as one batch."""
-    return sample_groups(model, tokenizer, [prompt_ids], n, max_new, temperature, generator)[0]
+@torch.no_grad()
+def copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy what trains in src (LoRA merged) into dst in place: the engine's views of dst's tensors (fused
+    projections, the model object it runs) stay valid. A name or shape dst lacks is an error."""
+    own = dict(dst.named_parameters(remove_duplicate=False))
+    for name, w in trained_weights(src).items():
+        if name not in own:
+            raise ValueError(f"copy_weights: the engine's model has no tensor {name!r}")
+        if own[name].shape != w.shape:
+            raise ValueError(f"copy_weights: {name!r} has shape {list(w.shape)} in the policy, "
+                             f"{list(own[name].shape)} in the engine")
+        own[name].copy_(w)
 
 
-def sample_groups(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    prompts: list[list[int]],
-    n: int,
-    max_new: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
-) -> list[list[list[int]]]:
-    """n completions of each prompt; prompts of equal length share one batch (temperature 0: greedy)."""
-    device = next(model.parameters()).device
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    out: list[list[list[int]]] = [[] for _ in prompts]
-    for idx in by_len.values():
-        rows = torch.tensor([prompts[i] for i in idx for _ in range(n)], dtype=torch.long, device=device)
-        done = _sample_rows(model, rows, tokenizer.eos_id, max_new, temperature, generator)
-        for j, i in enumerate(idx):
-            out[i] = done[j * n : (j + 1) * n]
-    return out
+class EngineRollouts:
+    """Samples through selfseek's engine (paged KV cache, continuous batching) on its own copy of the policy.
 
+    A prompt's G samples are one request with n=G: the engine computes the prompt once and the G sequences
+    share its full KV blocks (prefix caching). `refresh(policy)` copies the policy's new weights into the
+    engine's model in place between steps and moves the engine to a new prefix-cache root (the fingerprint
+    of a new weight version), so KV cached under the old weights is never read again.
+    """
 
-def greedy(model: CausalLM, tokenizer: Tokenizer, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy completions of many prompts, batched by prompt length."""
-    return [g[0] for g in sample_groups(model, tokenizer, prompts, 1, max_new, 0.0)]
+    def __init__(self, policy: nn.Module, tokenizer: Tokenizer, *, max_num_seqs: int, max_seq_len: int,
+                 block_size: int = 16):
+        self.model = rollout_model(policy)
+        self.base_fingerprint = model_fingerprint(self.model)
+        self.version = 0
+        blocks = max_num_seqs * -(-max_seq_len // block_size) + 1
+        args = EngineArgs(block_size=block_size, kv_cache_memory=blocks * block_size * kv_bytes_per_token(self.model),
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max(512, max_num_seqs),
+                          model_fingerprint=self._fingerprint())
+        self.engine = LLMEngine(self.model, tokenizer, args)
+        self._ids = itertools.count()
+        self.generated, self.seconds = 0, 0.0  # totals over all sample() calls: tokens/s
+
+    def _fingerprint(self) -> str:
+        return f"{self.base_fingerprint}:policy-v{self.version}"
+
+    def refresh(self, policy: nn.Module) -> None:
+        """Load the policy's current weights into the engine and invalidate its prefix cache."""
+        if self.engine.has_work():
+            raise RuntimeError("EngineRollouts.refresh: the engine still has requests running")
+        copy_weights(policy, self.model)
+        self.version += 1
+        fp = self._fingerprint()
+        blocks = self.engine.blocks
+        self.engine.fingerprint = blocks.fingerprint = fp
+        blocks.root = root_key(fp)  # every cached block hangs off the old root: none can match any more
+
+    def sample(self, prompts: list[list[int]], n: int, max_new: int, temperature: float,
+               seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """n completions (token ids, the stop token included when reached) of each prompt, all prompts in
+        flight together; temperature 0 is greedy. seeds[i] seeds prompt i's samples (seed + j for sample j)."""
+        t0 = time.perf_counter()
+        rids = []
+        for i, ids in enumerate(prompts):
+            rid = f"rollout-{next(self._ids)}"
+            params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new,
+                                    seed=None if seeds is None else seeds[i])
+            self.engine.add_request(rid, self.engine.prepare(ids, params), params)
+            rids.append(rid)
+        out = {rid: [[] for _ in range(n)] for rid in rids}
+        while self.engine.has_work():
+            for d in self.engine.step():
+                if d.error is not None:
+                    raise RuntimeError(f"rollout {d.request_id} failed: {d.error}") from d.error
+                out[d.request_id][d.index] += d.token_ids
+        groups = [out[rid] for rid in rids]
+        self.generated += sum(len(c) for g in groups for c in g)
+        self.seconds += time.perf_counter() - t0
+        return groups
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / max(self.seconds, 1e-9)
 
 
 # ---- the objective ------------------------------------------------------------------------------------
@@ -188,6 +236,41 @@ def rollout_batch(prompts: list[list[int]], completions: list[list[int]], pad_id
     return inputs, targets, (targets != IGNORE).float()
 
 
+# ---- the policy (GRPO and DPO) -------------------------------------------------------------------------
+
+
+def make_policy(model: CausalLM, lora: LoraConfig) -> CausalLM:
+    """Train mode with LoRA adapters (lora.r > 0: the base frozen, quantized with lora.quantize) or every
+    parameter trainable (full fine-tuning)."""
+    if lora.quantize and lora.r <= 0:
+        raise TrainConfigError("lora.quantize (QLoRA) needs adapters: set lora.r > 0")
+    model.train()
+    if lora.r > 0:
+        apply_lora(model, lora.r, lora.alpha, lora.targets, experts=lora.experts, train_router=lora.train_router)
+        return model
+    return make_trainable(model)
+
+
+def policy_config(model: CausalLM, base_path: Path) -> dict[str, Any] | None:
+    """config.json of the trained model (None for a base without one, a GGUF: the adapter is the output)."""
+    if not (base_path / "config.json").is_file():
+        return None
+    d = read_config(base_path)
+    if d.get("model_type") in ("deepseek_v3", "deepseek_v32"):
+        d["num_nextn_predict_layers"] = len(model.mtp)
+    return d
+
+
+def export_policy(model: CausalLM, lora: LoraConfig, base: str, base_path: Path, out: Path) -> None:
+    """out/adapter (with LoRA) and out/final: the merged model as a Hugging Face folder."""
+    if lora.r > 0:
+        save_adapter(model, out / "adapter", base=base)
+        model = merge_lora(copy.deepcopy(model))
+    model_dict = policy_config(model, base_path)
+    if model_dict is not None:
+        export_hf(dequantize_model(model), model_dict, out / "final", base_path)
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 
 
@@ -198,21 +281,22 @@ class GRPOTrainer:
         self.ctx = init_distributed(cfg.device)
         if self.ctx.active:
             raise ValueError("GRPO runs on one process; start it without torchrun")
-        self.tok = load_base_tokenizer(cfg.base)
         self.task = make_task(cfg.task.name, max_operand=cfg.task.max_operand, ops=cfg.task.ops)
-        self.policy = load_trainable(cfg.base, self.ctx.device)
+        self.policy, self.tok, self.base_path = load_base(cfg.base, self.ctx.device, cfg.lora.quantize)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        if cfg.lora.r > 0:
-            apply_lora(self.policy, cfg.lora.r, cfg.lora.alpha, cfg.lora.targets)
+        make_policy(self.policy, cfg.lora)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.policy, cfg.optim)
         self.out = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.eval_problems = self.task.problems(cfg.task.n_eval, seed=cfg.seed + 1)
-        self.rng = random.Random(cfg.seed)  # training problems
-        self.gen = torch.Generator().manual_seed(cfg.seed)  # sampling
+        self.rng = random.Random(cfg.seed)  # training problems and the seeds of their samples
         self.step = 0
         self.pad_id = self.tok.eos_id
+        g = cfg.grpo
+        longest = max(len(self.prompt_ids(p)) for p in self.eval_problems) + g.max_new_tokens
+        self.rollouts = EngineRollouts(self.policy, self.tok, max_num_seqs=g.prompts_per_step * g.group_size,
+                                       max_seq_len=2 * longest, block_size=g.engine_block_size)
 
     def prompt_ids(self, p: Problem) -> list[int]:
         return self.tok.encode(self.tok.apply_chat_template(p.messages(), add_generation_prompt=True))
@@ -220,31 +304,39 @@ class GRPOTrainer:
     def completion_text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def reward(self, completion_ids: list[int], answer: str) -> float:
+        """R1's rule reward: exact answer, plus format_weight x the <think> format reward."""
+        text = self.completion_text(completion_ids)
+        r = accuracy_reward(text, answer)
+        return r + self.cfg.grpo.format_weight * format_reward(text) if self.cfg.grpo.format_weight else r
+
     def evaluate(self) -> dict[str, float]:
         """On the fixed evaluation problems: the mean reward of `eval_samples` completions each, sampled as in
         training (what GRPO maximises; same seed every time), and the greedy accuracy."""
         g = self.cfg.grpo
         prompts = [self.prompt_ids(p) for p in self.eval_problems]
-        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        sampled = sample_groups(self.policy, self.tok, prompts, g.eval_samples, g.max_new_tokens, g.temperature, gen)
-        greedy_out = greedy(self.policy, self.tok, prompts, g.max_new_tokens)
+        seeds = [(self.cfg.seed + 2) * 1_000_003 + i * g.eval_samples for i in range(len(prompts))]
+        sampled = self.rollouts.sample(prompts, g.eval_samples, g.max_new_tokens, g.temperature, seeds)
+        greedy_out = self.rollouts.sample(prompts, 1, g.max_new_tokens, 0.0)
         rewards, hits = [], []
-        for p, group, best in zip(self.eval_problems, sampled, greedy_out, strict=True):
-            rewards += [self.task.reward(self.completion_text(c), p.answer) for c in group]
-            hits.append(self.task.reward(self.completion_text(best), p.answer))
+        for p, group, (best,) in zip(self.eval_problems, sampled, greedy_out, strict=True):
+            rewards += [self.reward(c, p.answer) for c in group]
+            hits.append(self.reward(best, p.answer))
         return {"eval_reward": sum(rewards) / len(rewards), "eval_greedy": sum(hits) / len(hits)}
 
     def train_step(self) -> dict[str, Any]:
         g = self.cfg.grpo
         problems = [self.task.sample(self.rng) for _ in range(g.prompts_per_step)]
         prompt_ids = [self.prompt_ids(p) for p in problems]
-        groups = sample_groups(self.policy, self.tok, prompt_ids, g.group_size, g.max_new_tokens, g.temperature,
-                               self.gen)
+        seeds = [self.rng.getrandbits(62) for _ in problems]
+        t0, n0 = self.rollouts.seconds, self.rollouts.generated
+        groups = self.rollouts.sample(prompt_ids, g.group_size, g.max_new_tokens, g.temperature, seeds)
+        rollout_tok_s = (self.rollouts.generated - n0) / max(self.rollouts.seconds - t0, 1e-9)
         prompts, completions, rewards = [], [], []
         for p, ids, group in zip(problems, prompt_ids, groups, strict=True):
             prompts += [ids] * g.group_size
             completions += group
-            rewards.append([self.task.reward(self.completion_text(c), p.answer) for c in group])
+            rewards.append([self.reward(c, p.answer) for c in group])
         r = torch.tensor(rewards)
         adv = group_advantages(r).flatten().to(self.ctx.device)
         inputs, targets, mask = (t.to(self.ctx.device) for t in rollout_batch(prompts, completions, self.pad_id))
@@ -259,25 +351,27 @@ class GRPOTrainer:
             grad_norm = clip_grads(self.params, self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.rollouts.refresh(self.policy)  # the next rollouts sample from the updated policy
         self.step += 1
         return {"step": self.step, "reward": r.mean().item(), "loss": loss.item(), "kl": kl.item(),
                 "grad_norm": grad_norm, "completion_len": mask.sum(1).mean().item(),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+                "lr": self.optimizer.param_groups[0]["lr"], "rollout_tokens_per_s": round(rollout_tok_s, 1)}
 
     def counters(self) -> dict[str, Any]:
-        return {"task_rng": self.rng.getstate(), "sample_gen": self.gen.get_state()}
+        return {"task_rng": self.rng.getstate()}
 
     def run(self) -> dict[str, Any]:
         cfg, g = self.cfg, self.cfg.grpo
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        job = {"job": "grpo", "config": to_dict(cfg), "model_config": self._model_dict(), "tokenizer": cfg.base}
+        job = {"job": "grpo", "config": to_dict(cfg), "model_config": self._model_dict(),
+               "tokenizer": str(self.base_path)}
         resume = resolve_resume(g.resume, self.out)
         if resume is not None:
             c = load_checkpoint_state(resume, self.policy, self.optimizer)
             self.step = c["step"]
             self.rng.setstate(c["task_rng"])
-            self.gen.set_state(c["sample_gen"])
+            self.rollouts.refresh(self.policy)
             truncate_metrics(self.metrics.path, self.step)
         else:
             truncate_metrics(self.metrics.path, 0)
@@ -304,24 +398,18 @@ class GRPOTrainer:
         if not g.eval_every:
             latest = self.evaluate()
             self.metrics.write({"step": self.step, **latest})
-        self.export(self.out / "final")
+        self.export()
         plot_run(self.metrics.path, self.out)
         return {"step": self.step, "eval_reward_start": start["eval_reward"], "eval_reward_end": latest["eval_reward"],
                 "eval_greedy_start": start["eval_greedy"], "eval_greedy_end": latest["eval_greedy"],
-                "wall_s": time.perf_counter() - t0, "export": str(self.out / "final")}
+                "wall_s": time.perf_counter() - t0, "rollout_tokens_per_s": self.rollouts.tokens_per_s,
+                "export": str(self.out / "final")}
 
-    def _model_dict(self) -> dict[str, Any]:
-        d = read_config(self.cfg.base)
-        if d.get("model_type") == "deepseek_v3":
-            d["num_nextn_predict_layers"] = len(self.policy.mtp)
-        return d
+    def _model_dict(self) -> dict[str, Any] | None:
+        return policy_config(self.policy, self.base_path)
 
-    def export(self, path: Path) -> None:
-        model = self.policy
-        if self.cfg.lora.r > 0:
-            save_adapter(model, self.out / "adapter", self.cfg.lora.targets, base=self.cfg.base)
-            model = merge_lora(copy.deepcopy(model))
-        export_hf(model, self._model_dict(), path, self.cfg.base)
+    def export(self) -> None:
+        export_policy(self.policy, self.cfg.lora, self.cfg.base, self.base_path, self.out)
 
 
 def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from selfseek.models.batch import build_batch
 from selfseek.models.model import CausalLM
 from selfseek.train.data import IGNORE
 
@@ -27,7 +28,17 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def lm_losses(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, mtp: bool) -> LossSums:
+def lm_losses(
+    model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, mtp: bool, doc_lens: list[int] | None = None
+) -> LossSums:
+    """doc_lens: inputs [1, T] is packed (data.collate with pack): documents of these lengths, each attending only
+    to itself with positions from 0 (one dense prefill segment each)."""
+    if doc_lens is not None:
+        if mtp:
+            raise ValueError("the MTP loss is not computed over packed sequences; set train.mtp_weight=0")
+        batch = build_batch([(None, 0, n) for n in doc_lens], inputs.device)
+        hidden = model.hidden_states(inputs.reshape(-1), batch)
+        return LossSums(_ce_sum(model.logits(hidden)[None], targets.reshape(1, -1)), None)
     hidden = model.hidden_states(inputs)
     lm = _ce_sum(model.logits(hidden), targets)
     mtp_sum = None

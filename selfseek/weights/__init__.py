@@ -60,6 +60,7 @@ def load_model(
     progress: bool = True,
     quantize: int | None = None,
     generation_config: str | Path = "auto",
+    shard=None,
 ) -> tuple[CausalLM, Tokenizer | None]:
     """Load weights and, when the source has one, the tokenizer.
 
@@ -72,7 +73,7 @@ def load_model(
     src = resolve(source)
     path = src.path
     if path.is_dir():
-        model = load_checkpoint(path, dtype, device, progress, quantize)
+        model = load_checkpoint(path, dtype, device, progress, quantize, shard)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         model.source, model.generation_defaults = src, generation_defaults(src, generation_config)
         _announce(model, progress)
@@ -93,6 +94,8 @@ def load_model(
     except (ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: bad tokenizer metadata ({e})") from None
     model.source, model.generation_defaults = src, generation_defaults(src, generation_config, g.metadata)
+    if tokenizer is not None and src.ollama_template and not tokenizer.chat_template:
+        tokenizer.use_go_template(src.ollama_template)  # an Ollama model whose GGUF has no Jinja template
     _announce(model, progress)
     return model, tokenizer
 

@@ -623,8 +623,9 @@ def load_gguf(
 ) -> CausalLM:
     """Load a .gguf file into a CausalLM.
 
-    quantize=None keeps quantized weights quantized: Q8_0, Q5_K and Q6_K tensors become int8 blocks, Q4_0,
-    Q4_1 and Q4_K int4 blocks (models/quant.py), float tensors load into `dtype`; 0 dequantizes everything
+    quantize=None keeps quantized weights quantized: K-quant tensors keep the file's blocks, Q8_0 / Q5_0 / Q5_1 /
+    the IQ types become int8 blocks, Q4_0 and Q4_1 int4 blocks (models/quant.py, _BITS), float tensors load into
+    `dtype`; 0 dequantizes everything
     into `dtype` ("auto": the file's 16-bit type or fp32); 8 or 4 re-quantizes every linear layer to that.
     """
     g = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
@@ -661,17 +662,19 @@ def check_tensor_types(g: GGUFFile, cfg: ModelConfig) -> None:
                                   f"not read (supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
 
 
-# The packed form a quantized GGUF type is kept in (models/quant.py: 32-wide int8 blocks, or int4 blocks with a
-# per-block min; fp16 scales). Exactly representable, so kept bit-exact (see _exact_scales): Q8_0, Q5_0,
-# IQ4_NL and Q3_K as int8 (D * q), Q5_1 as int8 with a min, Q4_0 / Q4_1 as int4. Not representable with one
-# fp16 scale per 32 values (K-quants' 16-wide sub-blocks or products of two scales, the IQ types' scaled
-# grids): dequantized at load (bit-exact, gguf's reference code) and re-quantized to these blocks, which is
-# lossy: each block's error is at most half its new step (max|w| / 254 for int8, range / 30 for int4). The load
-# logs that per type with the measured error.
-_BITS = {
-    T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.IQ4_NL: 8, T.Q3_K: 8, T.Q2_K: 8, T.Q5_K: 8, T.Q6_K: 8,
+# The packed form a quantized GGUF type is kept in (models/quant.py). The K-quants keep the file's own bytes
+# (packed formats "q2_k" .. "q6_k": the kernels decode their super-blocks per tile, bit-exact, no more bytes per
+# weight than the file). The rest become 32-wide int8 blocks, or int4 blocks with a per-block min, with fp16
+# scales. Exactly representable, so kept bit-exact (see _exact_scales): Q8_0, Q5_0 and IQ4_NL as int8 (D * q),
+# Q5_1 as int8 with a min, Q4_0 / Q4_1 as int4. Not representable with one fp16 scale per 32 values (the IQ
+# types' scaled grids): dequantized at load (bit-exact, gguf's reference code) and re-quantized to int8 blocks,
+# which is lossy: each block's error is at most half its new step (max|w| / 254). The load logs that per type
+# with the measured error.
+_BITS: dict[GGMLQuantizationType, int | str] = {
+    T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.IQ4_NL: 8,
+    T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k",
     T.IQ4_XS: 8, T.IQ1_S: 8, T.IQ1_M: 8, T.IQ2_XXS: 8, T.IQ2_XS: 8, T.IQ2_S: 8, T.IQ3_XXS: 8, T.IQ3_S: 8,
-    T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4,
+    T.Q4_0: 4, T.Q4_1: 4,
 }
 
 
@@ -697,7 +700,7 @@ def _exact_scales(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndar
 
 @dataclass
 class _PackStats:
-    bits: int
+    bits: int | str
     tensors: int = 0
     exact_rows: int = 0
     rows: int = 0
@@ -780,7 +783,9 @@ def _pack_rows(raw: np.ndarray, qtype: GGMLQuantizationType, bits: int,
 
 def _log_packing(path: Path, stats: dict[str, _PackStats]) -> None:
     for name, s in sorted(stats.items()):
-        if s.exact_rows == s.rows:
+        if isinstance(s.bits, str):
+            log.info("%s: %d %s tensor(s) kept as the file's blocks", path.name, s.tensors, name)
+        elif s.exact_rows == s.rows:
             log.info("%s: %d %s tensor(s) kept packed exactly as int%d blocks", path.name, s.tensors, name, s.bits)
         else:
             how = "dequantized at load and re-quantized" if name.startswith("IQ") else "re-quantized"
@@ -791,7 +796,7 @@ def _log_packing(path: Path, stats: dict[str, _PackStats]) -> None:
 
 def file_bits(g: GGUFFile, cfg: ModelConfig):
     """Parameter name -> 8 / 4 / None from the file's tensor types (None: a float tensor stays float)."""
-    bits: dict[str, int] = {}
+    bits: dict[str, int | str] = {}
     for info in g.tensors.values():
         target = _target(info.name, cfg)
         if target and target[0] and info.type in _BITS:
@@ -834,6 +839,13 @@ def _quantize_into(dest, t: GGUFTensor, path: Path, stats: dict[str, _PackStats]
     s = stats.setdefault(t.type.name, _PackStats(dest.bits))
     s.tensors += t.part != "up"
     step = max(1, _CHUNK_VALUES // t.shape[-1])
+    if isinstance(dest.bits, str):  # a packed K-quant: the file's bytes as they are
+        if _BITS.get(t.type) != dest.bits:
+            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.type.name}, its layer holds {dest.bits}")
+        for e in range(raw.shape[0]):
+            for r in range(0, raw.shape[1], step):
+                qweight[e, r : r + step] = torch.from_numpy(np.ascontiguousarray(raw[e, r : r + step]))
+        return
     for e in range(raw.shape[0]):
         for r in range(0, raw.shape[1], step):
             chunk = raw[e, r : r + step]

@@ -4,7 +4,8 @@ For tests and benchmarks: a tiny or random model written here loads in llama.cpp
 loader alike. Architectures `llama` (Llama 3 RoPE scaling as a `rope_freqs.weight` tensor), `qwen2`, `qwen3`
 and `deepseek2` (V2 / V3 shapes; the MTP layer is dropped, as the converter does). Quantization follows the
 converter's rules: 1-D tensors, norms, the router and biases stay F32; a tensor whose rows are not whole
-blocks falls back to F16.
+blocks falls back to F16. Q4_K (which the `gguf` package cannot quantize) is quantized here, quantize_q4_k(); as
+llama.cpp's quantizer, a tensor whose rows are not whole 256-value super-blocks falls back to Q5_0 (then F16).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from gguf.quants import quantize
 from selfseek.config import ModelConfig
 from selfseek.models.model import CausalLM
 
-__all__ = ["gguf_tokenizer_metadata", "write_gguf"]
+__all__ = ["gguf_tokenizer_metadata", "quantize_q4_k", "write_gguf"]
 
 T = GGMLQuantizationType
 _FILE_TYPE = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
               T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-              T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1}
+              T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+              T.Q4_K: LlamaFileType.MOSTLY_Q4_K_S}  # Q4_K everywhere (no Q6_K / Q5_K mix): llama.cpp's Q4_K_S label
 _LAYER = {  # our name under model.layers.{i}. -> llama.cpp's under blk.{i}.
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -224,11 +226,106 @@ def _add_tensor(w: GGUFWriter, name: str, a: np.ndarray, qtype: GGMLQuantization
     if qtype == T.F32:
         w.add_tensor(name, a)
         return
+    if qtype == T.Q4_K:
+        if a.shape[-1] % QK_K == 0:
+            w.add_tensor(name, quantize_q4_k(a), raw_dtype=qtype)
+            return
+        qtype = T.Q5_0  # llama.cpp's fallback for Q4_K rows that are not whole super-blocks
     try:
         data = quantize(a, qtype)
     except QuantError:  # rows that are not whole blocks (e.g. a 16-wide attn_k_b): F16, as the converter
         qtype, data = T.F16, quantize(a, T.F16)
     w.add_tensor(name, data, raw_dtype=qtype)
+
+
+# ---------------------------------------------------------------- Q4_K
+
+QK_K = 256  # values per Q4_K super-block: 8 sub-blocks of 32
+Q4_K_BLOCK_BYTES = 144  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit values
+_LEVELS = np.arange(140, 161, dtype=np.float32) / 10  # candidate spans of a sub-block's range, in quantization steps
+_CHUNK = 4096  # super-blocks per pass: the [candidates, values] temporaries stay under ~90 MB
+
+
+def quantize_q4_k(a: np.ndarray) -> np.ndarray:
+    """float [..., n * 256] -> Q4_K blocks, uint8 [..., n * 144], the layout GGUF (ggml's block_q4_K) defines.
+
+    A value decodes as d * sc[j] * q - dmin * mn[j]: q in 0..15, per 32-value sub-block j a 6-bit scale sc[j] and
+    min mn[j], per super-block fp16 d and dmin. The method, per sub-block: take the grid whose lowest level is
+    min(x.min(), 0) (the offset must be <= 0: mn is unsigned) and try steps range / L for L in 14.0 .. 16.0; for each
+    candidate assign q by rounding, refit scale and offset to those q by least squares (offset kept <= 0) and keep
+    the candidate with the least squared error. Then per super-block d = max scale / 63 and dmin = max min / 63
+    (rounded to fp16), each sub-block's scale and min are rounded to 6 bits against them, and q is assigned again
+    as the nearest level of the grid the file actually holds.
+    """
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.ndim == 0 or a.shape[-1] % QK_K:
+        raise ValueError(f"Q4_K: rows of {a.shape[-1] if a.ndim else 0} values are not whole {QK_K}-value blocks")
+    blocks = a.reshape(-1, 8, 32)
+    out = np.empty((blocks.shape[0], Q4_K_BLOCK_BYTES), dtype=np.uint8)
+    for i in range(0, blocks.shape[0], _CHUNK):
+        out[i:i + _CHUNK] = _q4_k_blocks(blocks[i:i + _CHUNK])
+    return out.reshape(*a.shape[:-1], a.shape[-1] // QK_K * Q4_K_BLOCK_BYTES)
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    scale, offset = _fit_sub_blocks(x.reshape(n * 8, 32))
+    scale, mins = scale.reshape(n, 8), -offset.reshape(n, 8)
+    d = (scale.max(1) / 63).astype(np.float16)
+    dmin = (mins.max(1) / 63).astype(np.float16)
+    sc = _six_bits(scale, d.astype(np.float32))
+    mn = _six_bits(mins, dmin.astype(np.float32))
+    step = (d.astype(np.float32)[:, None] * sc)[..., None]  # [n, 8, 1]: the grid the file holds
+    low = (dmin.astype(np.float32)[:, None] * mn)[..., None]
+    q = np.clip(np.rint(np.divide(x + low, step, out=np.zeros_like(x), where=step > 0)), 0, 15).astype(np.uint8)
+    out = np.empty((n, Q4_K_BLOCK_BYTES), dtype=np.uint8)
+    out[:, 0:2] = d.reshape(n, 1).view(np.uint8)
+    out[:, 2:4] = dmin.reshape(n, 1).view(np.uint8)
+    # 12 scale bytes: bytes 0-3 hold sc[0..3] in their low 6 bits and the top 2 bits of sc[4..7] above; bytes 4-7
+    # the same for the mins; bytes 8-11 the low 4 bits of sc[4..7] (low nibble) and of mn[4..7] (high nibble).
+    out[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 8:12] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    # 128 value bytes: 32 bytes per pair of sub-blocks, the even one in the low nibbles, the odd one in the high.
+    out[:, 16:] = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)
+    return out
+
+
+def _six_bits(v: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """v [n, 8] >= 0 in multiples of unit [n] (fp16-rounded, so max(v) / unit may round to 64: clipped)."""
+    u = unit[:, None]
+    return np.clip(np.rint(np.divide(v, u, out=np.zeros_like(v), where=u > 0)), 0, 63).astype(np.uint8)
+
+
+def _fit_sub_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [m, 32] -> per row (scale >= 0, offset <= 0) with x ~ scale * q + offset, q in 0..15 (see quantize_q4_k)."""
+    lo = np.minimum(x.min(1), 0)[:, None]
+    span = x.max(1)[:, None] - lo
+    inv = np.divide(_LEVELS[:, None, None], span, out=np.zeros((len(_LEVELS), *span.shape), np.float32),
+                    where=span > 0)  # [C, m, 1]
+    q = (x - lo) * inv  # [C, m, 32]
+    np.rint(q, out=q)
+    np.clip(q, 0, 15, out=q)
+    k = x.shape[1]
+    sq = q.sum(-1)
+    sqx = np.einsum("cmk,mk->cm", q, x)
+    sqq = np.einsum("cmk,cmk->cm", q, q)
+    sx, sxx = x.sum(-1), (x * x).sum(-1)
+    det = k * sqq - sq * sq
+    ok = det > 0  # all q equal (a constant sub-block): the least-squares fit is not unique; keep the grid's own
+    grid_scale = np.divide(1, inv[..., 0], out=np.zeros_like(sq), where=inv[..., 0] > 0)
+    scale = np.where(ok, (k * sqx - sq * sx) / np.where(ok, det, 1), grid_scale)
+    offset = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1), np.broadcast_to(lo[:, 0], sq.shape))
+    pos = offset > 0  # the best offset is above 0, which Q4_K cannot hold: refit the scale alone with offset 0
+    scale = np.where(pos, np.divide(sqx, sqq, out=np.zeros_like(sqx), where=sqq > 0), scale)
+    offset = np.where(pos, 0, offset)
+    scale = np.maximum(scale, 0)
+    # sum((scale * q + offset - x)^2), expanded into the sums above (no [C, m, 32] temporary)
+    err = (scale * scale * sqq + 2 * scale * offset * sq + k * offset * offset - 2 * scale * sqx - 2 * offset * sx
+           + sxx)
+    best = err.argmin(0)
+    rows = np.arange(x.shape[0])
+    return scale[best, rows].astype(np.float32), offset[best, rows].astype(np.float32)
 
 
 def _add_kv(w: GGUFWriter, key: str, value: Any) -> None:

@@ -3,7 +3,9 @@
 The model is built on the meta device, given empty storage in the compute dtype, and each checkpoint
 tensor is read (plain reads, not a memory map, so no file pages pile up in the process) into a buffer,
 copied into its place and dropped: peak memory stays at the weights plus one tensor.
-FP8 (e4m3) weights are dequantized per 128x128 block with their `weight_scale_inv` on the way in.
+FP8 (e4m3) weights stay FP8 with their `weight_scale_inv` (V4: `scale`) on a CPU (models/quant.py pack_fp8, run by
+the kernels), and so do V4's FP4 experts (int8 e2m1 pairs with ue8m0 `scale`s per 32, pack_fp4); elsewhere, or
+sharded, they are dequantized on the way in.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from selfseek import kernels
 from selfseek.config import ModelConfig
+from selfseek.models import deepseek_v4
 from selfseek.models.model import CausalLM
 from selfseek.models.quant import (
     QuantEmbedding,
@@ -25,6 +29,8 @@ from selfseek.models.quant import (
     QuantStack,
     compute_dtype_for,
     keep_16bit_storage,
+    pack_fp4,
+    pack_fp8,
     quantize_model,
 )
 
@@ -131,6 +137,10 @@ def _open(f: Path) -> SafetensorsFile:
 
 def target_of(name: str, cfg: ModelConfig) -> Target | None:
     """Map a Hugging Face tensor name onto our parameter names (None: not stored by us)."""
+    if cfg.v4 is not None:  # released V4 names (and transformers' saved mix of both) -> transformers' module names
+        name = deepseek_v4.checkpoint_name(name)
+        if name is None:
+            return None
     m = _LAYER.match(name)
     if m and int(m.group(1)) >= cfg.num_hidden_layers:  # MTP: model.layers.{L + k}.*
         k, rest = int(m.group(1)) - cfg.num_hidden_layers, m.group(2)
@@ -152,6 +162,79 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     s = scale_inv.float()
     s = s.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
     return w.float() * s
+
+
+def scale_name(name: str, files) -> str | None:
+    """The block scales of weight `name` in the checkpoint: `X.weight_scale_inv` (V3, transformers) or `X.scale`
+    (the released V4 checkpoints: FP8 and FP4 alike; multiplied, as transformers' FP8 quantizer renames it)."""
+    if name + "_scale_inv" in files:
+        return name + "_scale_inv"
+    if name.endswith(".weight") and (s := name.removesuffix("weight") + "scale") in files:
+        return s
+    return None
+
+
+# Packed FP4 (e2m1 pairs) as the released V4 experts store it: int8 in the file (transformers' FP4 dtype too)
+_FP4_DTYPES = (torch.int8, torch.uint8, getattr(torch, "float4_e2m1fn_x2", torch.int8))
+_FP4_ST_DTYPES = ("I8", "U8")
+
+
+def fp8_packed_bits(files: dict[str, Path], cfg: ModelConfig):
+    """For quantize_model (and deepseek_v4.pack_experts): our parameter name -> "fp8" / "fp4" for the checkpoint's
+    FP8 / FP4 weights (those with a scale, see `scale_name`), so they are kept packed (models/quant.py pack_fp8,
+    pack_fp4) and not dequantized; None if none. FP4 is told by the weight's dtype in the file's header."""
+    packed: dict[str, str] = {}
+    headers: dict[Path, dict] = {}
+    fp8_packs = (cfg.fp8.block_size if cfg.fp8 else (128, 128))[1] == 128  # the kernels' scale blocks: 128 columns
+    for name in files:
+        target = target_of(name, cfg) if scale_name(name, files) else None
+        if target is None or target.half is not None:  # fused gate_up stacks: dequantized (not split here)
+            continue
+        f = files[name]
+        if f not in headers:
+            h = _open(f)
+            headers[f] = h.entries
+            h.close()
+        if headers[f][name]["dtype"] in _FP4_ST_DTYPES:
+            packed[target.param] = "fp4"
+        elif fp8_packs:
+            packed[target.param] = "fp8"
+    return packed.get if packed else None
+
+
+def _pack(fmt: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> kernels.Packed:
+    return pack_fp8(w, scale, block) if fmt == "fp8" else pack_fp4(w, scale)
+
+
+def _put_packed(dest: tuple[str, object], target: Target, fmt: str, w: torch.Tensor, scale: torch.Tensor,
+                block: tuple[int, int], loaded: set[str]) -> bool:
+    """An FP8 / FP4 weight into a layer that keeps that format (its bytes and scales as they are); False for a
+    float layer."""
+    kind, obj = dest
+    if getattr(obj, "bits", None) != fmt:
+        return False
+    with torch.no_grad():
+        if kind == "quant":
+            obj.set_packed(_pack(fmt, w, scale, block))
+            loaded.add(target.param)
+        elif target.index is not None:
+            obj.set_packed(target.index, _pack(fmt, w, scale, block))
+            loaded.add(f"{target.param}[{target.index}]")
+        else:  # a whole [E, out, in] stack with [E, ...] scales
+            for e in range(w.shape[0]):
+                obj.set_packed(e, _pack(fmt, w[e], scale[e], block))
+                loaded.add(f"{target.param}[{e}]")
+    return True
+
+
+def _check_scale(f: Path, name: str, scale: str, fmt: str, w: torch.Size, got: torch.Size,
+                 block: tuple[int, int]) -> None:
+    """FP8: one scale per block[0] x block[1] block; FP4 ([out, in / 2] bytes): one per 32 values of a row."""
+    rows, cols = w[-2], w[-1]
+    want = (*w[:-2], -(-rows // block[0]), -(-cols // block[1])) if fmt == "fp8" else (*w[:-2], rows, cols // 16)
+    if tuple(got) != want:
+        raise CheckpointError(f"{f}: scale {scale!r} of {fmt} tensor {name!r} {list(w)} has shape {list(got)}, "
+                              f"expected {list(want)}")
 
 
 def destinations(model: CausalLM) -> dict[str, tuple[str, object]]:
@@ -187,8 +270,9 @@ def load_weights(model: CausalLM, path: Path, progress: bool = True) -> None:
 
     # One shard at a time, closing each when done, so at most one shard's pages stay mapped.
     by_file: dict[Path, list[str]] = {}
+    scales = {s for n in files if (s := scale_name(n, files))}  # read with their weights
     for n in files:
-        if not n.endswith("_scale_inv") and not _SKIPPED.match(n):
+        if n not in scales and not _SKIPPED.match(n):
             by_file.setdefault(files[n], []).append(n)
     bar = tqdm(total=sum(map(len, by_file.values())), desc="Loading weights", unit="tensor",
                disable=not progress, leave=False)
@@ -214,13 +298,28 @@ def _load_one(name: str, model: CausalLM, dest: dict, files: dict, read, loaded:
         return
     if target.param not in dest:
         raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a {cfg.model_type} model")
+    shard = getattr(model, "shard", None)  # selfseek/distributed: this rank keeps only its slice
+    if shard is not None and not shard.owns(target.param, target.index):
+        return
     t = read(name)
-    if t.dtype == torch.float8_e4m3fn:
-        scale_name = name + "_scale_inv"
-        if scale_name not in files:
-            raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {scale_name!r}")
+    s_name = scale_name(name, files)
+    if t.dtype == torch.float8_e4m3fn or (s_name is not None and t.dtype in _FP4_DTYPES):
+        if s_name is None:
+            raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {name + '_scale_inv'!r} (or "
+                                  f"{name.removesuffix('weight') + 'scale'!r})")
+        fmt = "fp8" if t.dtype == torch.float8_e4m3fn else "fp4"
         block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
-        t = dequantize_fp8(t, read(scale_name), block)
+        scale = read(s_name)
+        _check_scale(files[name], name, s_name, fmt, t.shape, scale.shape, block)
+        if _put_packed(dest[target.param], target, fmt, t, scale, block, loaded):
+            return
+        if fmt == "fp8":
+            t = dequantize_fp8(t, scale, block)
+        else:  # a float layer (sharded, or not CPU): the e2m1 values times their scales, in fp32
+            t = torch.stack([kernels.to_float(pack_fp4(w, s)) for w, s in zip(t.view(-1, *t.shape[-2:]),
+                            scale.view(-1, *scale.shape[-2:]), strict=True)]).view(*t.shape[:-1], -1)
+    if shard is not None:
+        t, target.index = shard.narrow(target.param, target.index, target.half, t)
     f = files[name]
     kind, obj = dest[target.param]
     with torch.no_grad():
@@ -318,18 +417,24 @@ def resolve_dtypes(dtype: str | torch.dtype, cfg: ModelConfig,
 
 
 def build_empty(
-    cfg: ModelConfig, dtype: str | torch.dtype, device: str | torch.device = "cpu", bits: int | None = None
+    cfg: ModelConfig, dtype: str | torch.dtype, device: str | torch.device = "cpu", bits: int | None = None,
+    shard=None,
 ) -> CausalLM:
     """The model with uninitialised storage: parameters in the compute dtype (`resolve_dtypes`), the big float
     weights in the storage dtype when it differs, the MoE router kept in fp32, and with `bits` (8 or 4) the linear
     layers, experts and embedding quantized (models/quant.py)."""
     storage, compute = resolve_dtypes(dtype, cfg, device)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = deepseek_v4.DeepseekV4LM(cfg) if cfg.v4 is not None else CausalLM(cfg)
         if bits:
             quantize_model(model, bits)
+            if cfg.v4 is not None and callable(bits):  # V4's clamped experts: packed FP4 / FP8 stacks
+                deepseek_v4.pack_experts(model, bits)
+        if shard is not None:  # a distributed.parallel.Sharding: this rank's part of each layer
+            shard.apply(model)
+    keep_fp32 = getattr(model, "KEEP_FP32", None)  # DeepSeek-V4: hyper-connection mixers, sinks, ... as its reference
     for name, p in model.named_parameters():
-        if ".mlp.gate." not in name:
+        if ".mlp.gate." not in name and not (keep_fp32 and keep_fp32.search(name)):
             p.data = p.data.to(compute)
     if storage != compute:
         keep_16bit_storage(model, storage)
@@ -348,14 +453,18 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize: int | None = None,
+    shard=None,
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder (config.json + safetensors) into a CausalLM; with `quantize`
-    (8 or 4) each weight is quantized as it streams in, so the float model never exists in memory."""
+    (8 or 4) each weight is quantized as it streams in, so the float model never exists in memory; with `shard`
+    (distributed.parallel.Sharding) only this rank's slices are built and read."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     cfg = ModelConfig.from_file(path)
     bits = cfg.weight_bits or quantize
-    model = build_empty(cfg, dtype, device, bits)
+    if not bits and cfg.fp8 is not None and shard is None and torch.device(device).type == "cpu":
+        bits = fp8_packed_bits(checkpoint_files(path), cfg)  # FP8 layers stay FP8 for the CPU kernels
+    model = build_empty(cfg, dtype, device, bits, shard)
     load_weights(model, path, progress)
     return model
