@@ -3,13 +3,12 @@ reference for the block layout), and a merged Q4_K export loaded by selfseek (an
 
 from __future__ import annotations
 
-import sys
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from checkpoints import VOCAB, add_tokenizer  # tests/ is on sys.path (conftest.py)
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import Q4_K, dequantize, quantize
@@ -19,9 +18,6 @@ from selfseek.models.model import CausalLM
 from selfseek.train.export import export_gguf, tokenizer_metadata_of
 from selfseek.weights.gguf import load_gguf
 from selfseek.weights.gguf_writer import quantize_q4_k
-
-sys.path.insert(0, str(Path(__file__).parent))
-from checkpoints import VOCAB, add_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
