@@ -29,10 +29,10 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
     torch.set_num_threads(1)
     model, tok = load_model(src, "auto", "cpu", progress=False)
-    lib, fused_stack = fused_ops._load(), CausalLM._fused_residuals
+    kernel, fused_stack = fused_ops._load, CausalLM._fused_residuals
 
     def use_fused(on: bool) -> None:
-        fused_ops._lib = lib if on else None
+        fused_ops._load = kernel if on else (lambda: None)  # the wrappers' torch path, quant kernels kept
         CausalLM._fused_residuals = fused_stack if on else (lambda self: False)
 
     eng = LLMEngine(model, tok, EngineArgs(max_num_seqs=4, kv_cache_memory=1 << 26, max_num_batched_tokens=512))

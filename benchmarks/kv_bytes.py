@@ -4,18 +4,24 @@
 
 "reference layout" is the one DeepSeek's V4 inference keeps (models/deepseek_v4.kv_bytes_per_token: a ring of the
 last sliding_window KV rows per layer plus the compressed entries and CSA's indexer keys); V3 / V3.2 keep the MLA
-latent (+ the V3.2 indexer key) for every token. "selfseek now" is the pool row selfseek's engine keeps per token
-for V4 today, independent of context: every layer the token's KV; CSA / HCA layers also the compressors' raw inputs
-(C, Z; CSA: overlapping 2m-wide, plus the indexer's) and a share of the compressed entries packed per 16 aligned
-rows (ceil(16 / m) entries of D (+ D^I) values per 16 rows, models/deepseek_v4.V4Attention.ENTRY_GROUP).
+latent (+ the V3.2 indexer key) for every token. "selfseek's pool now" is measured from selfseek's own allocator
+(engine/kv_cache.BlockManager with window storage, blocks of 64): a sequence of that length is prefilled in
+8192-token chunks (no pool allocated), then the bytes it holds are counted: its blocks' entries (compressed
+entries + indexer keys, ceil(16 / m) per 16 slots, models/deepseek_v4.V4Attention) and the window blocks it still
+holds (per token: KV + the compressors' raw inputs C, Z), divided by its length.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 from selfseek.config import ModelConfig
+from selfseek.engine.kv_cache import BlockManager
+from selfseek.engine.sequence import Sequence
 from selfseek.models import deepseek_v4
+from selfseek.sampling_params import SamplingParams
 
 V3 = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
           num_hidden_layers=61, num_attention_heads=128, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
@@ -28,21 +34,26 @@ V4_PRO = dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=7168, num
 CONTEXTS = {"4K": 4096, "128K": 131072, "1M": 1048576}
 
 
-GROUP = 16  # rows sharing their spare columns for compressed entries
-
-
-def selfseek_row_values(cfg: ModelConfig, layer_types: tuple[str, ...] | None = None) -> int:
-    """Values per token in selfseek's current V4 pool rows (all `layer_types`; default the model's layers)."""
-    d, di, total = cfg.head_dim, cfg.index_head_dim, 0
-    for lt in cfg.v4.layer_types if layer_types is None else layer_types:
-        total += d
-        if lt == deepseek_v4.CSA:
-            entries = -(-GROUP // cfg.v4.compress_rate_csa)
-            total += 4 * d + 4 * di + -(-entries * (d + di) // GROUP)
-        elif lt == deepseek_v4.HCA:
-            entries = -(-GROUP // cfg.v4.compress_rate_hca)
-            total += 2 * d + -(-entries * d // GROUP)
-    return total
+def selfseek_pool_bytes(cfg: ModelConfig, context: int, bytes_per_value: float = 1.0, block_size: int = 64,
+                        chunk: int = 8192) -> float:
+    """Mean bytes per token a `context`-token sequence holds in selfseek's V4 pools, counted from the block manager's
+    allocation (as the engine makes it: window storage for one sequence, chunked prefill)."""
+    with torch.device("meta"):
+        attn = [deepseek_v4.V4Attention(cfg, lt) for lt in cfg.v4.layer_types]
+    pools = [a.new_pool(block_size, torch.uint8, "meta") for a in attn]  # one block, unbound: one window row a slot
+    entry_bytes = sum(0 if p.entries is None else p.entries.nbytes for p in pools)
+    window_bytes = sum(p.window.nbytes for p in pools)
+    blocks = BlockManager(-(-context // block_size), block_size, enable_prefix_caching=False)
+    blocks.enable_windows(max(a.lookback for a in attn), 1, chunk)
+    seq = Sequence("bench", 0, list(range(context)), SamplingParams(max_tokens=1), arrival=0)
+    while seq.num_computed < context:
+        blocks.release_windows(seq)
+        n = min(chunk, context - seq.num_computed)
+        blocks.allocate(seq, n)
+        seq.num_computed += n
+    blocks.release_windows(seq)  # as the next step (the first decode) starts
+    held_windows = sum(1 for b in seq.block_table if blocks.window_ref[b])
+    return (len(seq.block_table) * entry_bytes + held_windows * window_bytes) * bytes_per_value / context
 
 
 def table(bytes_per_value: float) -> list[str]:
@@ -55,8 +66,9 @@ def table(bytes_per_value: float) -> list[str]:
         vals = [deepseek_v4.kv_bytes_per_token(cfg, n, bytes_per_value) for n in CONTEXTS.values()]
         rows.append(f"{name:<26}" + "".join(f"{v:>12.0f}" for v in vals) + f"{vals[-1] / base:>11.1%}")
     for name, d in (("V4-Flash selfseek now", V4_FLASH), ("V4-Pro selfseek now", V4_PRO)):
-        v = selfseek_row_values(ModelConfig.from_dict(d)) * bytes_per_value
-        rows.append(f"{name:<26}" + f"{v:>12.0f}" * len(CONTEXTS) + f"{v / base:>11.1%}")
+        cfg = ModelConfig.from_dict(d)
+        vals = [selfseek_pool_bytes(cfg, n, bytes_per_value) for n in CONTEXTS.values()]
+        rows.append(f"{name:<26}" + "".join(f"{v:>12.0f}" for v in vals) + f"{vals[-1] / base:>11.1%}")
     return rows
 
 

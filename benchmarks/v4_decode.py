@@ -1,7 +1,10 @@
 """Decode tokens/s of a small random DeepSeek-V4-shaped model against a V3-shaped one of about the same size, through
 the engine (one sequence, greedy), fp32 on the CPU.
 
-    .venv/bin/python benchmarks/v4_decode.py [--prompt 512] [--new 64] [--threads N]
+    .venv/bin/python benchmarks/v4_decode.py [--prompt 512] [--new 64] [--threads N] [--rounds 3]
+
+The two models are timed in alternation (`--rounds` times each) and the median printed with every round's figure:
+on a shared machine a single run of one model after the other mostly measures the load.
 """
 
 from __future__ import annotations
@@ -38,10 +41,8 @@ def _save(kind: str, folder: Path) -> Path:
     return out
 
 
-def decode_tps(path: Path, prompt: int, new: int) -> float:
-    llm = LLM(path, dtype="float32", device="cpu", progress=False)
+def decode_tps(llm: LLM, prompt: int, new: int) -> float:
     ids = torch.randint(2, 4096, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm.generate([ids], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm up
     t0 = time.perf_counter()
     llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     t1 = time.perf_counter()
@@ -55,15 +56,24 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("v3", "v4"):
-            path = _save(kind, Path(tmp))
-            params = sum(t.numel() for t in LLM(path, dtype="float32", progress=False).model.parameters())
-            print(f"{kind}: {params / 1e6:.1f}M parameters, decode {decode_tps(path, args.prompt, args.new):.1f} tok/s "
-                  f"after a {args.prompt}-token prompt")
+        llms = {kind: LLM(_save(kind, Path(tmp)), dtype="float32", device="cpu", progress=False)
+                for kind in ("v3", "v4")}
+        for llm in llms.values():  # warm up (and fill the prefix cache)
+            decode_tps(llm, args.prompt, 2)
+        rates: dict[str, list[float]] = {kind: [] for kind in llms}
+        for _ in range(args.rounds):
+            for kind, llm in llms.items():
+                rates[kind].append(decode_tps(llm, args.prompt, args.new))
+        for kind, llm in llms.items():
+            params = sum(t.numel() for t in llm.model.parameters())
+            r = sorted(rates[kind])
+            print(f"{kind}: {params / 1e6:.1f}M parameters, decode {r[len(r) // 2]:.1f} tok/s (median; rounds "
+                  f"{' '.join(f'{x:.1f}' for x in rates[kind])}) after a {args.prompt}-token prompt")
 
 
 if __name__ == "__main__":

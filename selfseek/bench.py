@@ -184,13 +184,17 @@ def cpu_flags() -> set[str]:
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Bytes/s a torch sum streams from memory (a STREAM-style read probe): best of `repeats` over `nbytes`."""
+    """Bytes/s streamed from memory (a STREAM-style read probe): the best of a torch sum and a BLAS
+    matrix-vector product over `nbytes` of fp32, best of `repeats` each. A sum alone is bound by its reduction
+    on one thread (measured 5.5 vs 9.5 GB/s for the product here), which would understate the bound."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
+    m, v = x.view(-1, 1024), torch.ones(1024)
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
+    for probe in (x.sum, lambda: torch.mv(m, v)):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
 
@@ -584,7 +588,10 @@ def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: i
     def engine():
         from selfseek.engine.runner import kv_bytes_per_token
 
-        memory = args.kv_cache_memory or longest * kv_bytes_per_token(model)  # what the scenarios need, no more
+        per_token = kv_bytes_per_token(model)
+        if hasattr(model, "window_values_per_token"):  # DeepSeek-V4: window rows are held besides (at most this)
+            per_token += model.window_values_per_token() * torch.empty((), dtype=model.dtype).element_size()
+        memory = args.kv_cache_memory or longest * per_token  # what the scenarios need, no more
         return LLMEngine(model, tokenizer, EngineArgs(max_num_seqs=max_seqs, kv_cache_memory=memory,
                                                       max_num_batched_tokens=args.max_num_batched_tokens))
 

@@ -39,14 +39,15 @@ class LLM:
         quantize: 8 or 4 to keep linear weights in int8 / int4 blocks.
         generation_config: "auto" (the model's sampling defaults), "none"/"vllm", or a folder with one.
         engine_args: fields of EngineArgs (kv_cache_memory, block_size, max_num_seqs, ..., lora: {name: PEFT
-        adapter folder} to serve adapters a request picks with generate(lora_name=...))."""
+        adapter folder} to serve adapters a request picks with generate(lora_name=...)), and the parallel sizes
+        tensor_parallel_size, expert_parallel_size, data_parallel_size (selfseek/distributed: worker processes)."""
         self.device = torch.device(device or default_device())
         parallel = {k: engine_args.pop(k) for k in ("tensor_parallel_size", "expert_parallel_size",
                                                      "data_parallel_size") if k in engine_args}
         if any(v > 1 for v in parallel.values()):  # ranks in other processes (selfseek/distributed)
             from selfseek.distributed.launch import check_engine_args, load_parallel
 
-            check_engine_args(engine_args)
+            check_engine_args(engine_args, parallel.get("data_parallel_size", 1))
             self.model, self.tokenizer = load_parallel(model, dtype, self.device, progress, quantize,
                                                        generation_config, **parallel)
         else:

@@ -15,3 +15,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+    """kernel_env(SELFSEEK_ISA="avx2") / kernel_env(SELFSEEK_NO_KERNELS="1") (None: unset): the kernel switches for the
+    rest of the test; every kernel library loads again under them, and again under the old ones after the test."""
+    from selfseek.kernels import build
+
+    def switch(**env: str | None) -> None:
+        for name, value in env.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        build.reset()
+
+    yield switch
+    build.reset()  # monkeypatch restores the variables after this; the next load reads them

@@ -444,6 +444,10 @@ def test_reasoning_streams_into_the_fold(context, tmp_path):
         page.goto(server.url + "/")
         wait_until(page, MODELS_LOADED)
         assert page.input_value("#model") == "deepseek-reasoner"
+        # the tiny model can finish its 200 tokens within two frames of a busy browser: a 20 kB/s link makes the
+        # stream's tens of kB arrive over a second or more, so the fold is seen growing however fast the engine is
+        context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": 20_000, "uploadThroughput": -1})
         page.evaluate("""() => {
             window.__fold = [];
             new MutationObserver(() => {

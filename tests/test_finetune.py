@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from selfseek.train.data import IGNORE, ChatExamples, collate, encode_chat, read
 from selfseek.train.export import dequantize_model, export_gguf, export_hf, read_config, tokenizer_metadata_of
 from selfseek.train.lora import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     LoRAExperts,
     LoRALinear,
     apply_lora,
@@ -357,6 +359,28 @@ def test_an_adapter_for_another_base_is_refused_by_file_and_tensor(base, tmp_pat
     where = tmp_path / "qwen3_adapter" / "adapter_model.safetensors"
     with pytest.raises(TrainConfigError, match=rf"{where}: tensor '.*' has shape .* another base model"):
         load_adapter(qwen, tmp_path / "qwen3_adapter")
+
+
+def test_an_adapter_folder_it_cannot_load_names_file_and_field(base, tmp_path):
+    """The reader shared with serving (models/lora_serving.read_peft_folder) plus training's own limits."""
+    model, _ = _adapted(base("qwen2"), "qwen2")
+    save_adapter(model, tmp_path / "a")
+    cfg_file, weights = tmp_path / "a" / ADAPTER_CONFIG, tmp_path / "a" / ADAPTER_WEIGHTS
+    cfg = json.loads(cfg_file.read_text())
+    fresh, _ = load_model(base("qwen2"), "float32", progress=False)
+    for field, value in [("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"), ("lora_alpha", "8"),
+                         ("use_rslora", True), ("alpha_pattern", {"q_proj": 2}), ("r", 0)]:
+        cfg_file.write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(TrainConfigError, match=rf"^{re.escape(str(cfg_file))}: field '{field}'"):
+            load_adapter(fresh, tmp_path / "a")
+    cfg_file.write_text(json.dumps(cfg))
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(TrainConfigError, match=rf"^{re.escape(str(weights))}: cannot read it as safetensors"):
+        load_adapter(fresh, tmp_path / "a")
+    weights.unlink()
+    with pytest.raises(TrainConfigError, match=r"no adapter_model\.safetensors"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in fresh.modules())  # refused before wrapping anything
 
 
 def test_nothing_is_written_half_way(base, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ every instruction-set level this CPU runs, and the fused decoder stack against t
 
 from __future__ import annotations
 
-import ctypes
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from selfseek.config import RopeConfig
 from selfseek.kernels import build, fused_ops
 from selfseek.models.layers import Rotary
 
-needs_kernels = pytest.mark.skipif(fused_ops._load() is None, reason="fused_ops kernels unavailable")
+needs_kernels = pytest.mark.skipif(build.library("fused_ops") is None, reason="fused_ops kernels unavailable")
 
 
 def _reference_add_norm(x, residual, w, eps):
@@ -42,7 +42,7 @@ def test_add_rms_norm_matches_reference(rows, dim, with_x):
 
 
 @needs_kernels
-def test_add_rms_norm_strided_rows_and_fallback_agree(monkeypatch):
+def test_add_rms_norm_strided_rows_and_fallback_agree(kernel_env):
     g = torch.Generator().manual_seed(1)
     big = torch.randn(4, 64, generator=g)
     residual, x = big[:, :32], big[:, 32:]  # rows with stride 64
@@ -52,7 +52,7 @@ def test_add_rms_norm_strided_rows_and_fallback_agree(monkeypatch):
     got = fused_ops.add_rms_norm(x, residual, w, 1e-6)  # writes the strided view in place
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(residual, kernel_res + x, rtol=0, atol=0)
-    monkeypatch.setattr(fused_ops, "_lib", None)
+    kernel_env(SELFSEEK_NO_KERNELS="1")
     r2 = kernel_res.clone()
     torch.testing.assert_close(fused_ops.add_rms_norm(x, r2, w, 1e-6), want, rtol=0, atol=0)  # torch fallback
     assert torch.equal(r2, residual)
@@ -71,7 +71,7 @@ def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inter
 @needs_kernels
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("rows,heads,d", [(1, 12, 64), (5, 3, 128), (17, 2, 6)])
-def test_rope_is_bitwise_the_torch_rotary(rows, heads, d, interleaved):
+def test_rope_is_bitwise_the_torch_rotary(rows, heads, d, interleaved, kernel_env):
     rot = Rotary(RopeConfig(theta=10000.0), d, interleaved=interleaved)
     g = torch.Generator().manual_seed(d)
     cos, sin = rot.cos_sin(torch.randint(0, 4000, (rows,), generator=g))
@@ -79,12 +79,9 @@ def test_rope_is_bitwise_the_torch_rotary(rows, heads, d, interleaved):
     whole = torch.randn(rows, heads, d + 5, generator=g)
     x, tail = whole[..., :d], whole[..., d:].clone()
     with torch.no_grad():
-        monkey = fused_ops._lib
-        fused_ops._lib = None  # Rotary.forward's torch formula: what the kernel must equal
-        try:
-            want = rot(x, cos, sin)
-        finally:
-            fused_ops._lib = monkey
+        kernel_env(SELFSEEK_NO_KERNELS="1")
+        want = rot(x, cos, sin)  # Rotary.forward's torch formula: what the kernel must equal
+        kernel_env(SELFSEEK_NO_KERNELS=None)
         got = fused_ops.rope(x, cos, sin, interleaved)
         assert got is not None and got.is_contiguous()
         assert torch.equal(got, want)
@@ -105,7 +102,7 @@ def test_rope_declines_what_it_cannot_take():
 
 
 @needs_kernels
-def test_every_isa_level_gives_the_same_bits(monkeypatch):
+def test_every_isa_level_gives_the_same_bits(kernel_env):
     """The library of each level this CPU runs (as SELFSEEK_ISA would pick it): bitwise equal outputs."""
     g = torch.Generator().manual_seed(0)
     r, x, w = torch.randn(3, 300, generator=g), torch.randn(3, 300, generator=g), torch.randn(300, generator=g)
@@ -113,14 +110,129 @@ def test_every_isa_level_gives_the_same_bits(monkeypatch):
     cos, sin = Rotary(RopeConfig(theta=10000.0), 64, interleaved=False).cos_sin(positions)
     outs = {}
     for isa in build.supported_isas():
-        monkeypatch.setattr(fused_ops, "_lib", fused_ops.bind(ctypes.CDLL(str(build.build("fused_ops", isa)))))
+        kernel_env(SELFSEEK_ISA=isa)
         res, qr = r.clone(), q.clone()
         out = fused_ops.add_rms_norm(x, res, w, 1e-6)
         assert fused_ops.rope(qr, cos, sin, False, out=qr) is qr
-        outs[isa] = (out, res, qr, fused_ops.rope(q, cos, sin, True))
+        streams, fn, base, scale, y = _hc_case(3, 4, 40, 1)
+        hc = fused_ops.hc_pre(streams.flatten(1) @ fn.T, streams, base, scale, 1e-6, 1e-6, 20)
+        att = fused_ops.sink_attention(q, r[:, :64].contiguous(), r[:2, :3] > 0, w[:3].contiguous(), 0.1,
+                                       (x[:, :128].reshape(2, 3, 64), x[:2, :3] > 0))
+        outs[isa] = (out, res, qr, fused_ops.rope(q, cos, sin, True), *hc, fused_ops.hc_post(hc[0], hc[1], streams, y),
+                     att)
     first = next(iter(outs.values()))
     for isa, got in outs.items():
         assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True)), isa
+
+
+def _hc_reference(streams, fn, base, scale, norm_eps, hc_eps, iters):
+    """DeepSeek-V4's mHC weights as transformers writes them, in float64: pre / post / Sinkhorn-projected comb, then
+    the block input sum_j pre_j X_j."""
+    x, n = streams.double(), streams.shape[1]
+    flat = x.flatten(1)
+    mix = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + norm_eps)) @ fn.double().T
+    b, s = base.double(), scale.double()
+    pre = torch.sigmoid(mix[:, :n] * s[0] + b[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mix[:, n : 2 * n] * s[1] + b[n : 2 * n])
+    comb = torch.softmax((mix[:, 2 * n :] * s[2] + b[2 * n :]).view(-1, n, n), dim=-1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    return post, comb, (pre[..., None] * x).sum(1)
+
+
+def _hc_case(rows, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    streams = torch.randn(rows, n, m, generator=g) * 2
+    fn = torch.randn((2 + n) * n, n * m, generator=g) * 0.1
+    base, scale = torch.randn((2 + n) * n, generator=g), torch.rand(3, generator=g) * 2
+    return streams, fn, base, scale, torch.randn(rows, m, generator=g)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,n,m,iters", [(1, 4, 512, 20), (3, 3, 100, 1), (20, 4, 64, 20), (2, 1, 7, 0)])
+def test_hyper_connection_matches_reference(rows, n, m, iters, kernel_env):
+    """The mHC kernels against the float64 formula, no further from it than the torch path (deepseek_v4's fallback)."""
+    from selfseek.config import V4Config
+    from selfseek.models.deepseek_v4 import HyperConnection
+
+    streams, fn, base, scale, y = _hc_case(rows, n, m, rows * m)
+    want = _hc_reference(streams, fn, base, scale, 1e-6, 1e-6, iters)
+    want_out = want[0][..., None] * y.double()[:, None] + torch.einsum("tjk,tjm->tkm", want[1], streams.double())
+    mix = streams.flatten(1) @ fn.T
+    got = fused_ops.hc_pre(mix, streams, base, scale, 1e-6, 1e-6, iters)
+    assert got is not None
+    out = fused_ops.hc_post(got[0], got[1], streams, y)
+    v4 = V4Config([], [], hc_mult=n, hc_sinkhorn_iters=iters, hc_eps=1e-6)
+    cfg = SimpleNamespace(v4=v4, rms_norm_eps=1e-6, hidden_size=m)
+    hc = HyperConnection(cfg)
+    with torch.no_grad():
+        hc.fn.copy_(fn), hc.base.copy_(base), hc.scale.copy_(scale)
+        kernel_env(SELFSEEK_NO_KERNELS="1")
+        post, comb, block_input = hc(streams)
+        eager = (post, comb, block_input, HyperConnection.merge(post, comb, streams, y))
+    for a, e, w in zip((*got, out), eager, (*want, want_out), strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=2e-6, atol=2e-6)
+        assert (a.double() - w).abs().max() <= 2 * (e.double() - w).abs().max() + 1e-6
+    assert torch.allclose(got[1].sum(-2), torch.ones(rows, n), atol=1e-5)  # Sinkhorn's last step: columns sum to 1
+
+
+def test_hyper_connection_declines_what_it_cannot_take():
+    streams, fn, base, scale, y = _hc_case(2, 4, 16, 0)
+    mix = streams.flatten(1) @ fn.T
+    assert fused_ops.hc_pre(mix, streams.double(), base, scale, 1e-6, 1e-6, 20) is None
+    assert fused_ops.hc_pre(mix, streams.transpose(1, 2).contiguous().transpose(1, 2), base, scale, 1e-6, 1e-6,
+                            20) is None  # non-contiguous streams
+    assert fused_ops.hc_pre(mix[:, :-1], streams, base, scale, 1e-6, 1e-6, 20) is None  # wrong mix width
+    assert fused_ops.hc_pre(mix, streams.requires_grad_(), base, scale, 1e-6, 1e-6, 20) is None  # autograd
+    assert fused_ops.hc_post(torch.ones(2, 4), torch.ones(2, 4, 4), torch.ones(2, 4, 16), y[:, :8]) is None
+
+
+def _sink_attention_reference(q, kv, visible, sinks, scale, own, valid):
+    """DeepSeek-V4's attention with sinks in float64, row by row: softmax over the row's visible shared keys, its
+    valid own keys and the head's sink, then the weighted values (K = V)."""
+    s, h, d = q.shape
+    out = torch.zeros(s, h, d, dtype=torch.float64)
+    for r in range(s):
+        keys = kv.double()[visible[r]] if visible is not None else kv.double()
+        if own is not None:
+            keys = torch.cat([keys, own[r].double()[valid[r]]])
+        for head in range(h):
+            z = torch.cat([keys @ q[r, head].double() * scale, sinks[head : head + 1].double()])
+            out[r, head] = torch.softmax(z, 0)[:-1] @ keys
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("s,t,k,masked", [(1, 20, 0, False), (1, 9, 3, False), (5, 12, 4, True), (4, 7, 0, True)])
+def test_sink_attention_matches_reference(s, t, k, masked, kernel_env):
+    from selfseek.models import deepseek_v4
+
+    g = torch.Generator().manual_seed(s * 100 + t)
+    h, d = 4, 40
+    q, kv, sinks = torch.randn(s, h, d, generator=g), torch.randn(t, d, generator=g), torch.randn(h, generator=g)
+    visible = torch.rand(s, t, generator=g) < 0.6 if masked else None
+    if masked:
+        visible[0] = False  # a row seeing no shared key: the sink (and its own keys) only
+    per_row = (torch.randn(s, k, d, generator=g), torch.rand(s, k, generator=g) < 0.7) if k else None
+    want = _sink_attention_reference(q, kv, visible, sinks, d**-0.5, *(per_row or (None, None)))
+    got = fused_ops.sink_attention(q, kv, visible, sinks, d**-0.5, per_row)
+    assert got is not None
+    assert torch.equal(deepseek_v4.sink_attention(q, kv, visible, sinks, d**-0.5, per_row), got)  # the model's path
+    kernel_env(SELFSEEK_NO_KERNELS="1")
+    eager = deepseek_v4.sink_attention(q, kv, visible, sinks, d**-0.5, per_row)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+    assert (got.double() - want).abs().max() <= 2 * (eager.double() - want).abs().max() + 1e-6
+
+
+def test_sink_attention_declines_what_it_cannot_take():
+    q, kv, sinks = torch.randn(2, 3, 8), torch.randn(5, 8), torch.randn(3)
+    assert fused_ops.sink_attention(q.double(), kv.double(), None, sinks.double(), 1.0) is None
+    assert fused_ops.sink_attention(q, kv, torch.ones(2, 4, dtype=torch.bool), sinks, 1.0) is None  # mask shape
+    assert fused_ops.sink_attention(q, kv, torch.ones(2, 5), sinks, 1.0) is None  # a float mask
+    assert fused_ops.sink_attention(q.transpose(0, 1).contiguous().transpose(0, 1), kv, None, sinks, 1.0) is None
+    assert fused_ops.sink_attention(q.requires_grad_(), kv, None, sinks, 1.0) is None  # autograd
 
 
 @pytest.mark.parametrize("family,model_type", [("llama_linear", "llama"), ("v3_noaux", "deepseek_v3")])

@@ -6,7 +6,6 @@ agree up to fp32 summation order. Timings: `python -m selfseek.kernels.bench` (n
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -62,9 +61,9 @@ def close(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) -> None:
 
 
 @pytest.fixture
-def torch_fallback(monkeypatch):
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_loaded", True)
+def torch_fallback(kernel_env):
+    kernel_env(SELFSEEK_NO_KERNELS="1")
+    assert not kernels.available()
 
 
 @needs_native
@@ -78,6 +77,20 @@ def test_linear_matches_the_reference_for_every_batch_size(kind):
         close(kernels.linear(x, w), x @ ref.T, scale=k**0.5)
     x = torch.randn(2, 3, k)  # leading dims are kept
     assert kernels.linear(x, w).shape == (2, 3, 37)
+
+
+@needs_native
+def test_long_rows_match_the_reference_on_every_level(kernel_env):
+    """Rows longer than one chunk of scales (64 blocks) with a partial last chunk: decode's one-row stream (several
+    accumulators, prefetch) and the row tiles, on every level this CPU runs."""
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        for kind in KINDS:
+            k = 32 * 70 + (5 if kind in ("f32", "bf16", "f16") else 0)
+            w, ref = make_weight(kind, 9, k)
+            x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+            for rows in (1, 3):
+                close(kernels.linear(x[:rows], w), x[:rows] @ ref.T, scale=k**0.5)
 
 
 @needs_native
@@ -176,10 +189,10 @@ def _same(got: dict, want: dict) -> None:
 
 
 @needs_native
-def test_every_level_this_cpu_runs_gives_the_same_results(monkeypatch):
+def test_every_level_this_cpu_runs_gives_the_same_results(kernel_env):
     want = _isa_results()
     for isa in build.supported_isas():
-        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        kernel_env(SELFSEEK_ISA=isa)
         _same(_isa_results(), want)
 
 
@@ -255,14 +268,14 @@ def ref_linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins
 
 
 @needs_native
-def test_int8_activations_match_their_reference_on_every_level(monkeypatch):
+def test_int8_activations_match_their_reference_on_every_level(monkeypatch, kernel_env):
     monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
     g = torch.Generator().manual_seed(5)
     for isa in build.supported_isas():
-        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        kernel_env(SELFSEEK_ISA=isa)
         for kind in ("q8", "q8_mins", "q4"):
-            w, ref = make_weight(kind, 37, 256, seed=6)
-            for rows in (1, 2, 3, 4):
+            w, ref = make_weight(kind, 37, 256, seed=6)  # 37: two 16-row tiles and a tail of 5
+            for rows in [*range(1, 18), 31, kernels.INT8_MAX_ROWS]:  # every 16-row pass size, tails past 16 and 32
                 x = torch.randn(rows, 256, generator=g)
                 x[0, 32:64] = 0  # an all-zero block: scale 0
                 want = ref_linear_int8(x, *w)
@@ -339,7 +352,7 @@ def _packed_cols(fmt: str) -> int:
 
 @needs_native
 @pytest.mark.parametrize("fmt", PACKED)
-def test_packed_formats_match_their_reference_on_every_level(fmt, monkeypatch):
+def test_packed_formats_match_their_reference_on_every_level(fmt, kernel_env):
     """Every row count (one-row decode, small batches, the dequantized-tile path from GEMM_MIN_ROWS) on every level
     this CPU runs: the product equals the reference's float weight times x up to summation order, and the
     dequantized rows are the reference's values exactly (K-quants: gguf.quants.dequantize, bit for bit)."""
@@ -349,7 +362,7 @@ def test_packed_formats_match_their_reference_on_every_level(fmt, monkeypatch):
     xs = [torch.randn(m, cols, generator=g) for m in (1, 2, 3, 5, 9, kernels.GEMM_MIN_ROWS + 3)]
     scale = (ref.abs().max() * cols**0.5).item()
     for isa in build.supported_isas():
-        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        kernel_env(SELFSEEK_ISA=isa)
         assert torch.equal(kernels.to_float(w), ref), isa
         ids = torch.tensor([[130, 0], [7, 7]])
         assert torch.equal(kernels.gather_rows(w, ids), ref[ids]), isa
@@ -378,12 +391,12 @@ def _every_code(fmt: str, rows: int, cols: int) -> tuple[kernels.Packed, torch.T
 
 @needs_native
 @pytest.mark.parametrize("fmt", PACKED)
-def test_packed_products_are_exact_per_weight_on_every_level(fmt, monkeypatch):
+def test_packed_products_are_exact_per_weight_on_every_level(fmt, kernel_env):
     """One-hot rows of x pick single weights out of the product's register-unpacked path (fewer rows than
     GEMM_MIN_ROWS): each must be the reference's value bit for bit, on every level this CPU runs."""
     w, ref = _every_code(fmt, 9, 512)
     for isa in build.supported_isas():
-        monkeypatch.setattr(kernels, "_lib", kernels.bind(ctypes.CDLL(str(build.build("quant", isa)))))
+        kernel_env(SELFSEEK_ISA=isa)
         for k0 in range(0, 512, 32):
             x = torch.eye(512)[k0 : k0 + 32 - (k0 // 32) % 3]  # 30 to 32 rows: the MR tile and its tails
             assert torch.equal(kernels.linear(x, w), ref.T[k0 : k0 + x.shape[0]]), (isa, k0)

@@ -246,3 +246,48 @@ def test_token_slice_equals_slicing_the_whole_token_list():
             for start in range(n_prompt + n_out + 2):
                 for end in [*range(start, n_prompt + n_out + 3), None]:
                     assert seq.token_slice(start, end) == seq.tokens[start:end]
+
+
+# ---- window storage (DeepSeek-V4) ----------------------------------------------------------------------
+def test_window_storage_is_released_behind_the_lookback_and_bounds_prefix_hits():
+    bm = BlockManager(16, BS)
+    assert bm.enable_windows(3, 1, 4)[1:] == (4, BS)  # the tail (lookback 3 + the token: 1 block) + 2, + 1 a step
+    a = _seq(list(range(12)))
+    bm.take_hits(a, [])
+    bm.allocate(a, 12)
+    a.num_computed = 12
+    bm.commit_full_blocks(a)
+    assert [bm.window_ref[b] for b in a.block_table] == [1, 1, 1] and bm.num_free_windows == 1
+    bm.release_windows(a)  # the next step reads positions 9.. (block 2) only
+    assert [bm.window_ref[b] for b in a.block_table] == [0, 0, 1] and bm.num_free_windows == 3
+    table = list(a.block_table)
+    bm.free_blocks(a)
+    assert bm.num_free_windows == 4 and not bm.window_start
+    # released window rows stay attached until reused: hits may end where a step's lookback finds them all
+    assert bm.match_prefix(list(range(12)) + [99]) == table
+    assert bm.match_prefix(list(range(9)) + [5, 6, 7, 8]) == table[:2]
+    d = _seq(list(range(50, 66)), rid="d")
+    bm.take_hits(d, [])
+    bm.allocate(d, 16)  # takes every window block: a's blocks keep their keys but lose their window rows
+    d.num_computed = 16
+    assert all(bm.key_of[b] is not None for b in table)
+    assert bm.match_prefix(list(range(12)) + [99]) == [] and bm.num_free_windows == 0
+    assert not bm.can_allocate(d, 1) and bm.num_free > 0  # blocks to spare, no window block
+
+
+def test_scheduler_admits_and_preempts_by_window_blocks():
+    bm = BlockManager(32, BS, enable_prefix_caching=False)
+    assert bm.enable_windows(7, 1, 4)[1] == 5
+    sch = Scheduler(bm, 12, 4)
+    a, b, c = _seq(list(range(4)), 0, rid="a"), _seq(list(range(20, 40)), 1, rid="b"), _seq([1] * 8, 2, rid="c")
+    for s in (a, b, c):
+        sch.add(s)
+    out = sch.schedule()
+    assert [(s.seq.request_id, s.num_new) for s in out] == [("a", 4), ("b", 8)] and bm.num_free_windows == 2
+    _finish_step(sch, out)
+    out = sch.schedule()  # b's next 11 tokens need 3 more window blocks, 1 is left: b (newest) is preempted
+    assert [(s.seq.request_id, s.num_new) for s in out] == [("a", 1)]
+    assert sch.num_preemptions == 1 and b.block_table == [] and bm.num_free_windows == 3 and bm.num_free == 30
+    assert list(sch.waiting) == [b, c]
+    sch.finish(a)
+    assert bm.num_free_windows == 5 and not any(bm.window_ref)

@@ -17,7 +17,7 @@ from selfseek.weights.safetensors import load_checkpoint
 MAX_NEW = 10
 
 
-def _with_mtp(folder, out, seed: int):
+def with_mtp(folder, out, seed: int):
     """The checkpoint in `folder` plus a random MTP layer (transformers drops it when saving)."""
     state = load_file(folder / "model.safetensors")
     cfg = (folder / "config.json").read_text()
@@ -44,7 +44,7 @@ def _with_mtp(folder, out, seed: int):
 def folder(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"v3_long_{request.param}")
     build_hf_model("v3_long", seed=request.param).save_pretrained(base)
-    out = _with_mtp(base, base / "mtp", request.param)
+    out = with_mtp(base, base / "mtp", request.param)
     add_tokenizer(out)
     return out
 
@@ -70,9 +70,11 @@ PROMPTS = [_prompt(5, 1), PREFIX + _prompt(7, 2), _prompt(150, 3), PREFIX + _pro
            _prompt(33, 6)]
 
 
-def _oracle(engine: LLMEngine, reference: dict[str, list[int]], right: callable) -> list[bool]:
+def oracle(engine: LLMEngine, reference: dict[str, list[int]], right: callable,
+           seen: list | None = None) -> list[bool]:
     """Replace each draft to verify with the true next token (right(seq, j) true) or a wrong one; -> whether
-    each draft made was right. Exercises acceptance, which random MTP weights rarely reach."""
+    each draft made was right. Exercises acceptance, which random MTP weights rarely reach. `seen` gets each
+    sequence's drafts as the MTP module made them: (request id, tokens generated, drafts)."""
     runner, made = engine.speculative, []
     schedule = runner.schedule_drafts
 
@@ -83,6 +85,8 @@ def _oracle(engine: LLMEngine, reference: dict[str, list[int]], right: callable)
         schedule(scheduled)
         for seq, draft in runner.verifying.items():
             ref, k = reference[seq.request_id], len(seq.output_ids)
+            if seen is not None:
+                seen.append((seq.request_id, k, list(draft.tokens)))
             for j in range(min(len(draft.tokens), len(ref) - k)):
                 ok = right(seq, j)
                 draft.tokens[j] = ref[k + j] if ok else (ref[k + j] + 1) % VOCAB
@@ -116,7 +120,7 @@ def test_accepted_drafts_give_the_same_tokens_and_fewer_steps(model, k):
     plain = _engine(model, max_num_batched_tokens=64)
     want = run_to_end(plain, prompts, params)
     engine = _engine(model, max_num_batched_tokens=64, speculative_tokens=k)
-    made = _oracle(engine, want, right=lambda seq, j: (len(seq.output_ids) + j) % 4 != 3)
+    made = oracle(engine, want, right=lambda seq, j: (len(seq.output_ids) + j) % 4 != 3)
     assert run_to_end(engine, prompts, params) == want
     stats = engine.stats()
     assert stats["spec_accepted_tokens"] > 0 and stats["spec_tokens_per_step"] > 1.5
@@ -196,7 +200,7 @@ def test_acceptance_counters_reach_metrics(model):
 
     engine = _engine(model, max_num_batched_tokens=64, speculative_tokens=1)
     want = run_to_end(_engine(model, max_num_batched_tokens=64), PROMPTS[:2], [GREEDY] * 2)
-    made = _oracle(engine, want, right=lambda seq, j: True)
+    made = oracle(engine, want, right=lambda seq, j: True)
     run_to_end(engine, PROMPTS[:2], [GREEDY] * 2)
     stats = engine.stats()
     assert stats["spec_accepted_per_position"] == [stats["spec_accepted_tokens"]] and sum(made) > 0
@@ -216,7 +220,7 @@ def test_preemption_with_drafts_loses_nothing(model, k):
     want = run_to_end(_engine(model, max_num_batched_tokens=64), prompts, params)
     engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=14 * per_block, block_size=16,
                                                max_num_batched_tokens=64, speculative_tokens=k))
-    made = _oracle(engine, want, right=lambda seq, j: True)
+    made = oracle(engine, want, right=lambda seq, j: True)
     assert run_to_end(engine, prompts, params) == want
     assert engine.scheduler.num_preemptions > 0 and sum(made) > 0 and engine.stats()["spec_accepted_tokens"] > 0
     assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -329,6 +333,6 @@ def test_blocks_only_rejected_drafts_reached_are_freed(model):
     prompt = [_prompt(14, 7)]
     want = run_to_end(_engine(model), prompt, GREEDY)
     engine = _engine(model, speculative_tokens=3)
-    made = _oracle(engine, want, right=lambda seq, j: False)
+    made = oracle(engine, want, right=lambda seq, j: False)
     assert run_to_end(engine, prompt, GREEDY) == want
     assert len(made) >= 3 and not any(made) and engine.stats()["spec_accepted_tokens"] == 0

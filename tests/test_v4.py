@@ -1,6 +1,7 @@
 """DeepSeek-V4: config (current and legacy names), logit parity with transformers' DeepseekV4ForCausalLM in fp32 in
 prefill, chunked prefill and decode (every layer type, prompts longer than the window, indexer top-k 3 of many
-compressed entries), released tensor names, the engine end to end (prefix cache, preemption) and the KV arithmetic."""
+compressed entries), released tensor names, the engine end to end (prefix cache, preemption, MTP drafts; window
+rows held only for each sequence's last blocks, released rows poisoned) and the KV arithmetic."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checkpoints import run_to_end
 from safetensors.torch import load_file, save_file
 
@@ -164,6 +166,31 @@ def test_every_branch_counts(v4):
             a.window = WINDOW
     assert (dense - base).abs().max().item() > 1e-2 and (wide - base).abs().max().item() > 1e-2
     assert (dense - base)[:, : 4 * (TOPK + 1) - 1].abs().max().item() <= 1e-5  # rows seeing <= top-k entries
+
+
+def test_experts_one_row_path_matches_the_formula(v4):
+    """V4Experts' decode path (one row, routing read as Python numbers) equals its grouped path (up to the matmuls'
+    summation order over 1 or more rows) and the plain formula, with an expert picked twice by one row and the
+    swiglu clamp reached."""
+    _, _, ours = v4
+    experts = next(m for m in ours.modules() if isinstance(m, deepseek_v4.V4Experts))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 32, generator=g) * 4
+    w, ids = torch.rand(3, 2, generator=g), torch.tensor([[2, 2], [0, 3], [3, 1]])
+    lim = experts.limit
+    want = torch.zeros(3, 32)
+    for n in range(3):
+        for j in range(2):
+            e = ids[n, j]
+            gate, up = experts.gate_proj[e] @ x[n], experts.up_proj[e] @ x[n]
+            assert lim and gate.max() > lim and up.abs().max() > lim  # the clamp matters
+            want[n] += w[n, j] * (experts.down_proj[e] @ (F.silu(gate.clamp(max=lim)) * up.clamp(-lim, lim)))
+    with torch.no_grad():
+        grouped = experts(x, w, ids)
+        for n in range(3):
+            one = experts(x[n : n + 1], w[n : n + 1], ids[n : n + 1])
+            torch.testing.assert_close(one, grouped[n : n + 1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_and_decode_match_transformers(v4):
@@ -389,10 +416,11 @@ def test_preemption_under_a_tiny_pool_loses_nothing(v4):
     prompts = [_ids(n, seed=300 + n).tolist() for n in (30, 28, 31)]
     roomy = EngineArgs(enable_prefix_caching=False, kv_cache_memory=1 << 24)
     alone = {f"r{i}": run_to_end(LLMEngine(ours, None, roomy), [p], greedy)["r0"] for i, p in enumerate(prompts)}
-    block_bytes = 16 * ours.kv_values_per_token() * 4
+    block_bytes = 16 * (ours.kv_values_per_token() + ours.window_values_per_token()) * 4  # a block + its window
     engine = LLMEngine(ours, None, EngineArgs(block_size=16, max_num_batched_tokens=32,
                                               kv_cache_memory=5 * block_bytes))
-    assert engine.blocks.num_blocks == 5
+    assert engine.blocks.num_blocks == engine.blocks.num_window_blocks == 5
+    _poison_free_windows(engine)
     assert run_to_end(engine, prompts, greedy) == alone
     assert engine.scheduler.num_preemptions > 0
 
@@ -412,21 +440,92 @@ def _kv_bytes_module():
 
 
 def test_engine_pool_bytes_are_what_kv_bytes_predicts(v4):
-    """The engine's allocated pools (fp32) and V4-Flash's layer rows equal benchmarks/kv_bytes.py's arithmetic of
-    selfseek's layout; rows off the 16-aligned layout are refused."""
+    """The engine's allocated pools (fp32): entries for every block (what kv_bytes_per_token counts) plus window rows
+    for its window blocks only; V4-Flash's per-token widths and benchmarks/kv_bytes.py's figure from the allocator at
+    1M tokens equal their arithmetic; rows off the 16-aligned layout are refused."""
     _, _, ours = v4
-    kv_bytes = _kv_bytes_module()
-    per_token = kv_bytes.selfseek_row_values(ours.config) * 4
     engine = LLMEngine(ours, None, EngineArgs(block_size=32, kv_cache_memory=1 << 22))
-    slots = engine.blocks.num_blocks * engine.blocks.block_size
-    assert sum(p.nbytes for p in engine.runner.pools) == slots * per_token == slots * engine.kv_bytes_per_token
-    flash = ModelConfig.from_dict(kv_bytes.V4_FLASH)
+    b = engine.blocks
+    assert engine.kv_bytes_per_token == ours.kv_values_per_token() * 4 == (2 * 4 * (32 + 16) + 2 * 32) // 16 * 4
+    # window blocks: each sequence's tail + a step's 512 tokens (64 * 3 + 16), within what the budget gives a block
+    # and its window together; the blocks get the rest, and both pools together stay within kv_cache_memory
+    block, window = 32 * engine.kv_bytes_per_token, 32 * ours.window_values_per_token() * 4
+    assert b.num_window_blocks == min(64 * 3 + 16, (1 << 22) // (block + window)) < b.num_blocks
+    window_bytes = b.num_window_blocks * window
+    assert b.num_blocks == ((1 << 22) - window_bytes) // block
+    assert sum(p.nbytes for p in engine.runner.pools) == b.num_blocks * block + window_bytes <= 1 << 22
+    roomy = LLMEngine(ours, None, EngineArgs(block_size=32, kv_cache_memory=1 << 25)).blocks
+    assert roomy.num_window_blocks == 64 * 3 + 16 < roomy.num_blocks
+    with pytest.raises(ValueError, match="too small for DeepSeek-V4"):
+        LLMEngine(ours, None, EngineArgs(block_size=32, kv_cache_memory=2 * block))
+    flash = ModelConfig.from_dict(_kv_bytes_module().V4_FLASH)
     with torch.device("meta"):
-        rows = {lt: deepseek_v4.V4Attention(flash, lt).row_width for lt in set(flash.v4.layer_types)}
-    assert sum(rows[lt] for lt in flash.v4.layer_types) == kv_bytes.selfseek_row_values(flash) == 100256
+        attn = {lt: deepseek_v4.V4Attention(flash, lt) for lt in set(flash.v4.layer_types)}
+    # per token: window rows (KV | C, Z | indexer C, Z) and entries (ceil(16 / m) per 16 slots); lookback 127
+    assert sum(attn[lt].token_width for lt in flash.v4.layer_types) == 2 * 512 + 21 * 3072 + 20 * 1536 == 96256
+    assert sum(attn[lt].group_cols for lt in flash.v4.layer_types) == 21 * 4 * 640 / 16 + 20 * 512 / 16 == 4000
+    assert max(a.lookback for a in attn.values()) == 127
+    n = 1 << 20  # blocks of 64: the last two hold positions n - 127 .. n - 1
+    assert _kv_bytes_module().selfseek_pool_bytes(flash, n) == pytest.approx(4000 + 2 * 64 * 96256 / n)
     pools = ours.new_kv_pools(64)
     with pytest.raises(ValueError, match="block_size"):
         ours.hidden_states(_ids(20, seed=1), build_batch([(torch.arange(20) + 8, 0, 20)]), pools)
+
+
+def _poison_free_windows(engine: LLMEngine) -> list:
+    """After every step, NaN in every window block no sequence holds (a read of a released row shows in the tokens),
+    but those of blocks in the prefix cache (a hit may read them); -> [(scheduled sequence, its num_computed, its
+    blocks, window-holding block-table indices)] per step, as scheduled."""
+    b, steps = engine.blocks, []
+    pools = engine.runner.pools + ([engine.speculative.mtp_pool] if engine.speculative else [])
+    schedule, step = engine.scheduler.schedule, engine.step
+
+    def scheduled():
+        out = schedule()
+        steps.append([(s.seq, s.seq.num_computed, len(s.seq.block_table),
+                       [i for i, blk in enumerate(s.seq.block_table) if b.window_ref[blk]]) for s in out])
+        return out
+
+    def poisoned():
+        deltas = step()
+        free = torch.tensor([w for w in b.free_windows if b.window_owner[w] < 0 or
+                             b.key_of[b.window_owner[w]] is None], dtype=torch.long)
+        rows = (free[:, None] * b.block_size + torch.arange(b.block_size)).flatten()
+        for pool in pools:
+            pool.window[rows] = float("nan")
+        return deltas
+
+    engine.scheduler.schedule, engine.step = scheduled, poisoned
+    return steps
+
+
+def test_window_blocks_only_for_the_last_positions(v4):
+    """Prompts of several sliding windows in a window pool of 7 blocks (reused many times over, released rows
+    poisoned): greedy tokens equal transformers', each step holds window rows only from the block of position
+    num_computed - lookback (7) on, and a finished sequence holds none."""
+    folder, hf, ours = v4
+    prompts = [_ids(100, seed=21).tolist(), _ids(70, seed=22).tolist()]
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        refs = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, min_new_tokens=12)[0, len(p):]
+                .tolist() for p in prompts]
+    engine = LLMEngine(ours, None, EngineArgs(block_size=16, max_num_seqs=2, max_num_batched_tokens=16,
+                                              enable_prefix_caching=False, kv_cache_memory=1 << 22))
+    b = engine.blocks
+    assert ours.lookback == 7 and b.num_window_blocks == 2 * (1 + 2) + 1 < b.num_blocks
+    steps = _poison_free_windows(engine)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert run_to_end(engine, prompts, greedy) == {"r0": refs[0], "r1": refs[1]}
+    decodes = 0
+    for seq, computed, n_blocks, held in (x for step in steps for x in step):
+        assert held == list(range(max(0, computed - 7) // 16, n_blocks))
+        if computed >= len(seq.prompt_ids):  # decoding: one block, or two when the lookback crosses a block boundary
+            decodes += 1
+            assert len(held) == 1 + (computed % 16 < 7)
+    assert decodes == 2 * 11
+    assert len(b.free_windows) == b.num_window_blocks and not any(b.window_ref) and not b.window_start
+    stats = engine.stats()
+    assert [stats[f"kv_window_blocks_{k}"] for k in ("total", "used", "free")] == [7, 0, 7]
 
 
 def test_kv_bytes_per_token_arithmetic():
@@ -544,12 +643,15 @@ def test_mtp_matches_the_formulas(v4, v4_mtp):
 
 
 def test_speculative_decoding_with_the_mtp_module_is_exact(v4_mtp):
-    """Drafts from V4's MTP module, verified in the main forward, leave greedy tokens as they are without them."""
+    """Drafts from V4's MTP module, verified in the main forward, leave greedy tokens as they are without them, with
+    released window rows (main and MTP pools) poisoned."""
     _, model = v4_mtp
-    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    prompts = [_ids(n, seed=400 + n).tolist() for n in (21, 6)]
-    args = dict(kv_cache_memory=1 << 24, block_size=16, max_num_batched_tokens=32)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [_ids(n, seed=400 + n).tolist() for n in (37, 6)]
+    args = dict(kv_cache_memory=1 << 24, block_size=16, max_num_batched_tokens=32, max_num_seqs=2)
     want = run_to_end(LLMEngine(model, None, EngineArgs(**args)), prompts, greedy)
     engine = LLMEngine(model, None, EngineArgs(**args, speculative_tokens=2))
+    assert engine.blocks.num_window_blocks == 2 * (1 + 2) + 2
+    _poison_free_windows(engine)
     assert run_to_end(engine, prompts, greedy) == want
     assert engine.stats()["spec_verify_steps"] > 0

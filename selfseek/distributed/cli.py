@@ -11,7 +11,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    "the vocabulary")
     g.add_argument("--expert-parallel-size", type=int, default=1, help="ranks splitting the routed experts "
                    "(all-to-all dispatch and combine)")
-    g.add_argument("--data-parallel-size", type=int, default=1, help="data-parallel attention groups (not yet)")
+    g.add_argument("--data-parallel-size", type=int, default=1, help="data-parallel attention: ranks each serving "
+                   "their own sequences from their own KV cache, MoE layers shared through expert parallelism "
+                   "(with --expert-parallel-size equal to it); --kv-cache-memory is each rank's")
     g.add_argument("--nnodes", type=int, default=1, help="machines in the run (each runs this same command)")
     g.add_argument("--node-rank", type=int, default=0, help="this machine's index; node 0 serves HTTP")
     g.add_argument("--master-addr", default=None, help="node 0's address every node can reach (default 127.0.0.1)")

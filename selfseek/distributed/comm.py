@@ -8,7 +8,8 @@ third gloo group answers "which rank is missing" (monitored_barrier) after a fai
 
 Bytes are counted per rank as what this rank puts on the wire under the usual algorithms: a ring all-reduce of B
 bytes sends 2 (W-1)/W B, an all-gather of B local bytes (W-1) B, an all-to-all the rows it sends to other ranks,
-a broadcast (W-1) B from the root; plan.py predicts the same quantities from a config.
+a broadcast (W-1) B from the root, a gather to rank 0 the B bytes each other rank sends; plan.py predicts the
+same quantities from a config.
 """
 
 from __future__ import annotations
@@ -101,6 +102,24 @@ class Comm:
         self._count("all_to_all", send_counts.element_size() * (self.world - 1))
         _run(dist.all_to_all_single, out, send_counts.contiguous(), group=self.compute)
         return out
+
+    def gather_rows(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+        """Every rank's rows (counts[r] of them on rank r, the same trailing shape) concatenated in rank order on
+        rank 0 (-> that tensor; None on the other ranks). Sent padded to max(counts) rows: one gather call."""
+        if not self.active:
+            return t
+        width = max(counts)
+        if width == 0:
+            return t if self.rank == 0 else None
+        padded = t.new_zeros(width, *t.shape[1:])
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+        if self.rank:
+            self._count("gather", padded.numel() * padded.element_size())
+        _run(dist.gather, padded.contiguous(), parts, dst=0, group=self.compute)
+        if self.rank:
+            return None
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
     def broadcast_command(self, obj: object) -> object:
         """Rank 0's `obj` (pickled) to every rank, on the command group: -> the object."""

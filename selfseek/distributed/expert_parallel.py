@@ -79,15 +79,20 @@ class EPMoE(MoE):
         flat = x.reshape(-1, shape[-1])
         n = flat.shape[0]
         chunk = -(-n // comm.world)
-        mine = flat[comm.rank * chunk : (comm.rank + 1) * chunk]
-        if mine.shape[0]:
-            weights, ids = self.gate(mine)
-        else:  # no rows for this rank: it still takes part in the exchanges
-            k = self.gate.top_k
-            weights, ids = mine.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long)
-        y = dispatch_combine(mine, weights, ids.to(mine.device), self.experts, comm)
-        if self.shared_experts is not None and mine.shape[0]:
-            y = y + self.shared_experts(mine)
+        y = self.route_and_dispatch(flat[comm.rank * chunk : (comm.rank + 1) * chunk], comm)
         if y.shape[0] < chunk:  # the last ranks' chunks may be short or empty: gathered at one size
             y = torch.cat([y, y.new_zeros(chunk - y.shape[0], y.shape[1])])
         return comm.all_gather(y, dim=0)[:n].view(shape)
+
+    def route_and_dispatch(self, rows: torch.Tensor, comm: comm_mod.Comm) -> torch.Tensor:
+        """The MoE output of `rows` [n, m] (this rank's to route; n may be 0: the rank still takes part in the
+        exchanges): routed experts through dispatch_combine, shared experts here."""
+        if rows.shape[0]:
+            weights, ids = self.gate(rows)
+        else:
+            k = self.gate.top_k
+            weights, ids = rows.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long)
+        y = dispatch_combine(rows, weights, ids.to(rows.device), self.experts, comm)
+        if self.shared_experts is not None and rows.shape[0]:
+            y = y + self.shared_experts(rows)
+        return y

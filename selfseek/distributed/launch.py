@@ -3,7 +3,12 @@
 Rank 0 is the process that serves (LLM(...) or `selfseek serve`): it runs the scheduler and the engine as with one
 process, and its model is a `LeaderLM`: every top-level model call (new_kv_pools, hidden_states, logits, forward)
 is first broadcast to the other ranks, which make the same call on their shard of the model (`follow`), so the
-collectives inside the layers meet. Workers keep their own KV pools, indexed by the block tables rank 0 sends.
+collectives inside the layers meet. Workers keep their own KV pools, indexed by the block tables rank 0 sends,
+and the last hidden states (`Made`: later commands name them instead of sending them). Speculative decoding's MTP
+calls (the MTP module is sharded like a decoder layer) and the prefix cache's disk tier (each rank its own files,
+lockstep_disk.py) are lockstep commands too.
+With data-parallel attention the step is one call, forward_ranks, carrying each rank's own batch
+(data_parallel.py).
 
 Where the ranks come from:
 - one machine: rank 0 spawns ranks 1..W-1 itself (`load_parallel`);
@@ -29,14 +34,18 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from selfseek.distributed import comm as comm_mod
+from selfseek.distributed.data_parallel import DataParallel, check_data_parallel_engine_args, forward_ranks
+from selfseek.distributed.lockstep_disk import DISK_CALLS, LockstepDiskCache
 from selfseek.distributed.parallel import Layout, Sharding
 from selfseek.engine.errors import EngineDead
+from selfseek.engine.speculative import MTP_CALLS
 from selfseek.models.model import CausalLM
 
 log = logging.getLogger("selfseek.distributed")
@@ -91,12 +100,80 @@ def _device_for(spec: LaunchSpec, local_rank: int) -> torch.device:
 def _load_shard(spec: LaunchSpec, rank: int, device: torch.device, progress: bool, generation_config="auto"):
     from selfseek.weights import load_model, resolve_source
 
-    path = resolve_source(spec.source)
-    if not path.is_dir():
-        raise ValueError(f"{path}: tensor / expert parallel runs load a safetensors checkpoint folder; "
-                         "sharding a GGUF file is not implemented")
+    path = resolve_source(spec.source)  # a safetensors folder or a GGUF file: each reads only this rank's slices
     return load_model(str(path), spec.dtype, device, progress, spec.quantize, generation_config,
                       shard=Sharding(spec.layout, rank))
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """In a command: what an earlier command made (`Made.items[index]`, element `item` of it when a list), which
+    every rank keeps its own copy of."""
+
+    index: int
+    item: int | None = None
+
+
+class Made:
+    """What earlier commands made, kept alike on every rank and named by _Ref in later commands instead of being
+    sent: the KV pools (for the whole run) and, once there is an MTP pool (speculative decoding), the last hidden
+    states (the MTP pass after sampling reads them again)."""
+
+    KEEP = ("new_kv_pools", "new_mtp_pool")
+    RECENT = ("hidden_states",)
+    RECENT_KEPT = 1  # one forward per engine step
+
+    def __init__(self):
+        self.items: dict[int, object] = {}
+        self.count = 0
+        self.recent: deque[int] = deque()
+        self.drafting = False  # every rank sees the same commands: the same decision everywhere
+
+    def record(self, name: str, out: object) -> None:
+        self.drafting |= name == "new_mtp_pool"
+        if name not in self.KEEP and not (name in self.RECENT and self.drafting):
+            return
+        self.items[self.count] = out
+        if name in self.RECENT:
+            self.recent.append(self.count)
+            if len(self.recent) > self.RECENT_KEPT:
+                del self.items[self.recent.popleft()]
+        self.count += 1
+
+    def _find(self, obj: object) -> _Ref | None:
+        for i, made in self.items.items():
+            if made is obj:
+                return _Ref(i)
+            if isinstance(made, list) and isinstance(obj, torch.Tensor):
+                for j, t in enumerate(made):
+                    if t is obj:
+                        return _Ref(i, j)
+        return None
+
+    def to_refs(self, args: tuple) -> tuple:
+        """Rank 0's arguments with what the ranks already hold replaced by _Ref; a list of tensors must be (of) KV
+        pools."""
+        out = []
+        for a in args:
+            ref = self._find(a) if isinstance(a, list | torch.Tensor) else None
+            if ref is None and isinstance(a, list) and a and all(isinstance(t, torch.Tensor) for t in a):
+                refs = [self._find(t) for t in a]
+                if any(r is None for r in refs):
+                    raise ValueError("a parallel model runs only on the KV pools it made (new_kv_pools)")
+                ref = refs
+            out.append(a if ref is None else ref)
+        return tuple(out)
+
+    def resolve(self, args: tuple) -> tuple:
+        """A received command's arguments with each _Ref replaced by this rank's own object."""
+        def one(a):
+            if isinstance(a, list) and a and all(isinstance(r, _Ref) for r in a):
+                return [one(r) for r in a]
+            if not isinstance(a, _Ref):
+                return a
+            made = self.items[a.index]
+            return made if a.item is None else made[a.item]
+        return tuple(one(a) for a in args)
 
 
 # ---- rank 0 -------------------------------------------------------------------------------------------------
@@ -107,7 +184,7 @@ class Lockstep:
                  on_failure: Callable[[str], None] | None = None):
         self.comm, self.workers, self.spec = comm, workers, spec  # workers: (rank, _Worker) started here
         self.on_failure = on_failure
-        self.pools: list[list[torch.Tensor]] = []
+        self.made = Made()
         self.broken: str | None = None
         self.depth = 0
         self.lock = threading.Lock()
@@ -116,13 +193,13 @@ class Lockstep:
         self._watchdog.start()
 
     def call(self, model: CausalLM, name: str, *args):
-        base = getattr(CausalLM, name)
+        base = _command(name)
         if self.depth:  # a call made inside another (forward -> hidden_states): the workers make it too
             return base(model, *args)
         with self.lock:
             if self.broken:
                 raise EngineDead(self.broken)
-            sent = tuple(("pools", self._pool_index(a)) if isinstance(a, list) else a for a in args)
+            sent = self.made.to_refs(args)
             self.depth += 1
             try:
                 self.comm.broadcast_command((name, sent))
@@ -131,15 +208,8 @@ class Lockstep:
                 raise EngineDead(self.fail(e)) from e
             finally:
                 self.depth -= 1
-            if name == "new_kv_pools":
-                self.pools.append(out)
+            self.made.record(name, out)
             return out
-
-    def _pool_index(self, pools: list) -> int:
-        for i, p in enumerate(self.pools):
-            if p is pools:
-                return i
-        raise ValueError("a parallel model runs only on the KV pools it made (new_kv_pools)")
 
     def fail(self, error: BaseException | str) -> str:
         """Mark the group broken: -> a message naming the rank at fault where it can be found."""
@@ -209,9 +279,39 @@ class LeaderLM(CausalLM):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lockstep.call(self, "forward", tokens)
 
+    def forward_ranks(self, work: tuple, pools: list[torch.Tensor]) -> torch.Tensor:
+        """A data-parallel step: each rank its own batch (data_parallel.forward_ranks)."""
+        return self.lockstep.call(self, "forward_ranks", work, pools)
 
-def _parallel_only(*_a, **_k):
-    raise ValueError("multi-token prediction (speculative decoding) does not run on a parallel model yet")
+    # speculative decoding (engine/speculative.py): the MTP module, sharded like a decoder layer
+    def new_mtp_pool(self, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.lockstep.call(self, "new_mtp_pool", num_slots, dtype)
+
+    def mtp_hidden(self, hidden, next_tokens, batch, pool=None) -> torch.Tensor:
+        return self.lockstep.call(self, "mtp_hidden", hidden, next_tokens, batch, pool)
+
+    def mtp_chain(self, hidden, tokens, batch, pool) -> torch.Tensor:
+        return self.lockstep.call(self, "mtp_chain", hidden, tokens, batch, pool)
+
+    def draft_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lockstep.call(self, "draft_logits", x)
+
+    def mtp_logits(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        return self.lockstep.call(self, "mtp_logits", hidden, next_tokens)
+
+    def open_disk_cache(self, directory, max_bytes: int, fingerprint: str, block_size: int,
+                        pools: list[torch.Tensor], defer_writes: bool = False) -> LockstepDiskCache:
+        """The prefix cache's disk tier: each rank its own shard's files (distributed/lockstep_disk.py)."""
+        return LockstepDiskCache(self, directory, max_bytes, fingerprint, block_size, pools, defer_writes)
+
+
+_COMMANDS = {"forward_ranks": forward_ranks, **MTP_CALLS, **DISK_CALLS}
+
+
+def _command(name: str):
+    """The function a lockstep command names: a CausalLM method, forward_ranks (data-parallel steps), an MTP
+    drafting call (engine/speculative.py) or a disk-tier call (lockstep_disk.py)."""
+    return _COMMANDS.get(name) or getattr(CausalLM, name)
 
 
 def load_parallel(source, dtype: str = "float32", device: str | torch.device = "cpu", progress: bool = True,
@@ -242,13 +342,11 @@ def load_parallel(source, dtype: str = "float32", device: str | torch.device = "
     return _join_as_leader(spec, workers, progress, generation_config, on_failure)
 
 
-def check_engine_args(engine_args: dict) -> None:
-    """Engine features that touch the KV pools or the model outside the lockstep, refused on a parallel model."""
-    if engine_args.get("prefix_cache_dir"):
-        raise ValueError("prefix_cache_dir: the disk tier of the prefix cache does not run on a parallel model yet "
-                         "(it would fill rank 0's KV pools only)")
-    if engine_args.get("speculative_tokens"):
-        raise ValueError("speculative_tokens: MTP drafts do not run on a parallel model yet")
+def check_engine_args(engine_args: dict, data_parallel_size: int = 1) -> None:
+    """Engine features refused on a parallel model of this layout, before any rank starts (DataParallel refuses
+    them again when the engine is built)."""
+    if data_parallel_size > 1:
+        check_data_parallel_engine_args(engine_args)
 
 
 def reload_parallel(model: CausalLM, source, dtype: str = "float32", quantize: int | None = None,
@@ -267,7 +365,7 @@ def reload_parallel(model: CausalLM, source, dtype: str = "float32", quantize: i
         if lockstep.broken:
             raise EngineDead(lockstep.broken)
         lockstep.comm.broadcast_command(("load", (spec,)))
-        lockstep.pools.clear()
+        lockstep.made = Made()
         new, tokenizer = _load_shard(spec, 0, lockstep.comm.device, progress, generation_config)
     _lead(new, lockstep)
     del model.lockstep
@@ -277,7 +375,8 @@ def reload_parallel(model: CausalLM, source, dtype: str = "float32", quantize: i
 def _lead(model: CausalLM, lockstep: Lockstep) -> None:
     model.__class__ = LeaderLM
     model.lockstep = lockstep
-    model.mtp_hidden = model.mtp_logits = _parallel_only
+    dp = lockstep.spec.layout.dp
+    model.data_parallel = DataParallel(dp) if dp > 1 else None  # LLMEngine takes its per-rank parts from it
 
 
 def _join_as_leader(spec: LaunchSpec, workers: list, progress: bool, generation_config, on_failure):
@@ -369,18 +468,15 @@ def run_worker(spec: LaunchSpec, rank: int, local_rank: int) -> int:
 @torch.inference_mode()
 def follow(model: CausalLM, comm: comm_mod.Comm) -> LaunchSpec | None:
     """Make rank 0's model calls on this rank's shard until it says stop (-> None) or load (-> the new spec)."""
-    pools: list[list[torch.Tensor]] = []
+    made = Made()
     while True:
         name, args = comm.broadcast_command(None)
         if name == "stop":
             return None
         if name == "load":
             return args[0]
-        args = tuple(pools[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "pools" else a for a in args)
-        args = _localize(args, comm.device)
-        out = getattr(CausalLM, name)(model, *args)
-        if name == "new_kv_pools":
-            pools.append(out)
+        args = _localize(made.resolve(args), comm.device)
+        made.record(name, _command(name)(model, *args))
 
 
 def _localize(obj, device: torch.device):
@@ -444,8 +540,9 @@ def run_if_not_leader(args, opts: dict) -> int | None:
     return None
 
 
-def _dtype_name(dtype: str) -> str:
-    return "float32" if dtype in (None, "auto") else dtype
+def _dtype_name(dtype: str | None) -> str:
+    """--dtype as every rank resolves it ("auto": the checkpoint's 16-bit storage, computed as on one process)."""
+    return dtype or "auto"
 
 
 def _default_device() -> str:

@@ -27,14 +27,15 @@ from selfseek.models.attention import Attention
 from selfseek.models.layers import MLP
 from selfseek.models.mla import MLA
 from selfseek.models.moe import Experts, MoE
-from selfseek.models.quant import GROUP, QuantEmbedding, QuantLinear, QuantStack
+from selfseek.models.quant import GROUP, HalfLinear, QuantEmbedding, QuantLinear, QuantStack, register_16bit_storage
 
 
 @dataclass(frozen=True)
 class Layout:
     """How a run is split: T tensor-parallel ranks, E expert-parallel ranks, D data-parallel attention groups, on
     `nnodes` machines. World = max(T x D, E); attention is split T ways within each of D groups, MoE layers E
-    ways across the world (E = 1: the MoE is tensor-parallel like a dense MLP)."""
+    ways across the world (E = 1: the MoE is tensor-parallel like a dense MLP). D > 1 (data_parallel.py) runs
+    with T = 1: each rank is one DP group, its own sequences and KV cache."""
 
     tp: int = 1
     ep: int = 1
@@ -53,10 +54,9 @@ class Layout:
         if self.ep > 1 and self.ep != self.tp * self.dp and not (self.tp == 1 and self.dp == 1):
             raise ValueError(f"expert_parallel_size {self.ep} must equal tensor x data parallel size "
                              f"{self.tp * self.dp} (or be the only parallel dimension)")
-        if self.ep > 1 and self.tp > 1 and self.dp > 1:
-            raise ValueError("expert parallelism with both tensor and data parallel attention is not supported yet")
-        if self.dp > 1:
-            raise ValueError("data_parallel_size > 1 is not implemented yet (issue 17: DP attention)")
+        if self.dp > 1 and self.tp > 1:
+            raise ValueError(f"data_parallel_size {self.dp} with tensor_parallel_size {self.tp}: tensor-parallel "
+                             "attention inside data-parallel groups is not supported yet (use one of the two)")
         if self.world % self.nnodes:
             raise ValueError(f"nnodes {self.nnodes} must divide the world size {self.world}")
 
@@ -156,8 +156,10 @@ class Sharding:
         from selfseek.distributed.expert_parallel import EPMoE, partition_experts
 
         if self.layout.ep > 1:
+            from selfseek.distributed.data_parallel import DPEPMoE
+
             self.expert_range[f"{prefix}experts"] = partition_experts(m.experts, self.rank, self.layout.ep)
-            m.__class__ = EPMoE
+            m.__class__ = DPEPMoE if self.layout.dp > 1 else EPMoE  # DP: each rank dispatches its own tokens
             return
         if self.layout.tp == 1:
             return
@@ -224,6 +226,23 @@ class Sharding:
         if half is not None:  # gate and up halves of dim 1, each sliced alike
             return torch.cat([_take(p, dim, rule) for p in t.chunk(2, dim=1)], dim=1), index
         return _take(t, dim, rule), index
+
+    def cuts(self, param: str, shape: tuple[int, ...]) -> list[tuple[int, int, int]] | None:
+        """This rank's part of a whole checkpoint tensor of `shape` headed for `param` (an expert stack [E, ...]
+        whole) as `narrow` takes it, for loaders that slice their own encoding (GGUF's blocks): (dim, start,
+        length) cuts applied in order, a length past the end zero-padded; None: all zeros."""
+        out = []
+        r = self.expert_range.get(param.rsplit(".", 1)[0])
+        if r is not None and shape[0] != len(r):
+            out.append((0, r.start, len(r)))
+        rule = self.rules.get(param)
+        if rule is None:
+            return out
+        if rule.zero:
+            return None
+        stacked = param.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj"))
+        out.append((rule.dim + stacked, rule.start, rule.length))
+        return out
 
 
 def _take(t: torch.Tensor, dim: int, rule: _Rule) -> torch.Tensor:
@@ -321,6 +340,16 @@ class VocabParallelHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _gather_vocab(self, super().forward(x))
+
+
+class HalfVocabParallelHead(VocabParallelHead, HalfLinear):
+    """VocabParallelHead with its rows in bf16/fp16 storage, computed in fp32 by HalfLinear."""
+
+
+# 16-bit storage (models/quant.py keep_16bit_storage) for each rank's vocabulary rows too; the embedding's lookup
+# already casts the rows it takes to the compute dtype.
+register_16bit_storage(VocabParallelEmbedding, VocabParallelEmbedding)
+register_16bit_storage(VocabParallelHead, HalfVocabParallelHead)
 
 
 class VocabParallelQuantEmbedding(QuantEmbedding):

@@ -11,8 +11,10 @@ comm.py counts them, so a measured run checks it:
   with attention replicated or tensor-parallel (D = 1) each rank dispatches its 1/W chunk of the rows and the
   chunks are all-gathered back ((W-1) x ceil(rows/W) x m x b). Routing decides how many slots leave the rank:
   `expected` assumes uniform routing (a slot stays home 1/W of the time), `max` that every slot leaves.
-- D > 1 (DP attention, DeepSeek's decode layout; planned, not implemented in the runtime yet): attention local
-  to a group of T ranks with its own sequences; MoE EP over the world, each rank dispatching its own rows.
+- D > 1 (DP attention, DeepSeek's decode layout, data_parallel.py; the runtime has T = 1): attention local to a
+  group of T ranks with its own sequences; MoE EP over the world, each rank dispatching its own rows (no
+  all-gather); the fp32 logits of a group's sampled rows gathered to rank 0, which samples (V x 4 bytes each,
+  sent by every group but rank 0's: `gather` is what such a rank sends).
 The lockstep's command broadcast (the batch's block tables, a few hundred bytes a step) is left out.
 """
 
@@ -34,10 +36,11 @@ class Traffic:
     all_gather: float = 0.0
     all_to_all: float = 0.0  # expected under uniform routing
     all_to_all_max: float = 0.0  # every routed slot sent to another rank
+    gather: float = 0.0  # D > 1: the sampled rows' logits a DP rank other than 0 sends to rank 0
 
     @property
     def total(self) -> float:
-        return self.all_reduce + self.all_gather + self.all_to_all
+        return self.all_reduce + self.all_gather + self.all_to_all + self.gather
 
 
 def _moe_layers(cfg: ModelConfig, with_mtp: bool = False) -> int:
@@ -46,7 +49,8 @@ def _moe_layers(cfg: ModelConfig, with_mtp: bool = False) -> int:
 
 
 def traffic(cfg: ModelConfig, layout: Layout, rows: int, sampled: int, act_bytes: int = 4) -> Traffic:
-    """Bytes rank 0 sends in a forward of `rows` token rows (in its DP group) of which `sampled` get logits."""
+    """Bytes rank 0 sends in a forward of `rows` token rows (in its DP group) of which `sampled` get logits (with
+    D > 1 plus `gather`, what the other DP ranks send rank 0 for as many sampled rows)."""
     T, W, m = layout.tp, layout.world, cfg.hidden_size
     t = Traffic()
     layers, moe = cfg.num_hidden_layers, (_moe_layers(cfg) if cfg.n_routed_experts else 0)
@@ -68,6 +72,8 @@ def traffic(cfg: ModelConfig, layout: Layout, rows: int, sampled: int, act_bytes
         t.all_to_all_max = moe * (per_layer_counts + worst)
         if layout.dp == 1:
             t.all_gather += moe * (W - 1) * mine * slot
+    if layout.dp > 1:
+        t.gather = sampled * cfg.vocab_size * 4
     return t
 
 

@@ -45,6 +45,16 @@ def _layout(pools: list[torch.Tensor]) -> list[list]:
     return [[str(p.dtype).removeprefix("torch."), list(p.shape[1:])] for p in pools]
 
 
+def open_disk_cache(model, directory: str | os.PathLike, max_bytes: int, fingerprint: str, block_size: int,
+                    pools: list[torch.Tensor], defer_writes: bool = False) -> DiskKVCache:
+    """The disk tier of `model`'s KV `pools`: a DiskKVCache, or the model's own (a parallel model's: each rank's
+    shard in its own files, distributed/lockstep_disk.py)."""
+    opener = getattr(model, "open_disk_cache", None)
+    if opener is not None:
+        return opener(directory, max_bytes, fingerprint, block_size, pools, defer_writes)
+    return DiskKVCache(directory, max_bytes, fingerprint, block_size, pools, defer_writes)
+
+
 class DiskKVCache:
     def __init__(self, directory: str | os.PathLike, max_bytes: int, fingerprint: str, block_size: int,
                  pools: list[torch.Tensor], defer_writes: bool = False):

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from selfseek.engine.async_engine import RequestDelta
-from selfseek.engine.disk_cache import DiskKVCache
+from selfseek.engine.disk_cache import open_disk_cache
 from selfseek.engine.errors import EngineDead, EngineError, Overloaded, RequestError, RequestFailed
-from selfseek.engine.kv_cache import BlockManager
+from selfseek.engine.kv_cache import BlockManager, window_blocks_needed
 from selfseek.engine.runner import ModelRunner, kv_bytes_per_token
 from selfseek.engine.sampler import sample
 from selfseek.engine.scheduler import Scheduled, Scheduler
@@ -115,7 +115,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def kv_pool_blocks(args: EngineArgs, kv_bytes_per_token: int, max_model_len: int, free_bytes: int | None) -> int:
+def kv_pool_blocks(args: EngineArgs, kv_bytes_per_token: int, max_model_len: int, free_bytes: int | None,
+                   reserved_bytes: int = 0) -> int:
     """Blocks of the paged KV pool (allocated, and touched, up front).
 
     `args.kv_cache_memory` set: that many bytes, capped at what max_num_seqs x max_model_len can use.
@@ -123,14 +124,34 @@ def kv_pool_blocks(args: EngineArgs, kv_bytes_per_token: int, max_model_len: int
     sequence, whichever is more (llama-server's default is one context shared by its slots), within
     min(kv_cache_fraction x free_bytes, kv_cache_max_default). Sizing from free memory alone took 2 GiB
     for the 135M default model (peak RSS 2.5 GiB). Pass kv_cache_memory for more concurrent long contexts.
+    `reserved_bytes` (DeepSeek-V4's window pool) comes out of either budget first.
     """
     block_bytes = kv_bytes_per_token * args.block_size
     useful = -(-args.max_num_seqs * max_model_len // args.block_size)  # more blocks can never be used
     if args.kv_cache_memory:
-        return min(args.kv_cache_memory // block_bytes, useful)
-    budget = min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default) // block_bytes
+        return min((args.kv_cache_memory - reserved_bytes) // block_bytes, useful)
+    budget = max(0, min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default)
+                 - reserved_bytes) // block_bytes
     needed = max(-(-max_model_len // args.block_size), 2 * args.max_num_seqs)
     return min(budget, needed, useful)
+
+
+def _window_pool(model: CausalLM, args: EngineArgs, cache_dtype: torch.dtype | None, kv_bytes_per_token: int,
+                 free_bytes: int | None) -> tuple[int, int]:
+    """DeepSeek-V4's window pool: (blocks, bytes). What max_num_seqs running sequences hold at once, within the
+    memory budget: at most budget / (block bytes + window block bytes) blocks, so there are always at least as
+    many blocks as window blocks, and the blocks get the rest."""
+    size = torch.empty((), dtype=cache_dtype or model.dtype).element_size()
+    window_block_bytes = args.block_size * model.window_values_per_token() * size
+    budget = args.kv_cache_memory or min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default)
+    needed = window_blocks_needed(model.lookback, args.max_num_seqs, args.max_num_batched_tokens, args.block_size,
+                                  args.speculative_tokens)
+    blocks = min(needed, budget // (window_block_bytes + kv_bytes_per_token * args.block_size))
+    one = window_blocks_needed(model.lookback, 1, args.block_size, args.block_size, args.speculative_tokens)
+    if blocks < one:
+        raise ValueError(f"kv_cache_memory ({budget} bytes) is too small for DeepSeek-V4: one sequence's window "
+                         f"needs {one} window blocks of {window_block_bytes} bytes besides its blocks")
+    return blocks, blocks * window_block_bytes
 
 
 class LLMEngine:
@@ -143,19 +164,39 @@ class LLMEngine:
         cache_dtype = _cache_dtype(args.kv_cache_dtype, model)
         self.kv_bytes_per_token = kv_bytes_per_token(model, cache_dtype)
         device = model.device
-        num_blocks = kv_pool_blocks(args, self.kv_bytes_per_token, self.max_model_len,
-                                    None if args.kv_cache_memory else available_memory(device))
+        free = None if args.kv_cache_memory else available_memory(device)
+        dp = getattr(model, "data_parallel", None)  # a cache, a queue and a batch per rank (distributed/data_parallel)
+        windowed = dp is None and hasattr(model, "use_window_blocks")
+        window_blocks = window_bytes = 0
+        if windowed:  # DeepSeek-V4: its window pool comes out of the same memory budget as the blocks
+            window_blocks, window_bytes = _window_pool(model, args, cache_dtype, self.kv_bytes_per_token, free)
+        num_blocks = kv_pool_blocks(args, self.kv_bytes_per_token, self.max_model_len, free, window_bytes)
         self.fingerprint = args.model_fingerprint or model_fingerprint(model)
-        self.blocks = BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching, self.fingerprint)
-        self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
-        self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len, cache_dtype)
-                       if args.speculative_tokens else ModelRunner(model, self.blocks, cache_dtype))
+        self.blocks = (BlockManager(int(num_blocks), args.block_size, args.enable_prefix_caching, self.fingerprint)
+                       if dp is None else dp.new_blocks(args, int(num_blocks), self.fingerprint))
+        if windowed:  # DeepSeek-V4: per-token rows only for each sequence's last blocks
+            if args.prefix_cache_dir:
+                raise ValueError("prefix_cache_dir: not for DeepSeek-V4 (its window storage has no disk layout)")
+            model.use_window_blocks(self.blocks.enable_windows(model.lookback, args.max_num_seqs,
+                                                               args.max_num_batched_tokens, args.speculative_tokens,
+                                                               max_blocks=window_blocks))
+        self.scheduler = (Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs) if dp is None
+                          else dp.new_scheduler(self.blocks, args))
+        if dp is not None:
+            self.runner = dp.new_runner(model, self.blocks, cache_dtype)
+        else:
+            self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len,
+                                             cache_dtype)
+                           if args.speculative_tokens else ModelRunner(model, self.blocks, cache_dtype))
         self.speculative = self.runner if isinstance(self.runner, SpeculativeRunner) else None
+        if windowed:
+            model.use_window_blocks(None)  # the runner has made its pools; pools made later are not this engine's
         if args.prefix_cache_dir and args.enable_prefix_caching:
             spec = self.speculative  # its MTP pool is spilled too, written once propose() has filled it
-            self.blocks.disk = DiskKVCache(args.prefix_cache_dir, args.prefix_cache_disk_bytes, self.fingerprint,
-                                           args.block_size, self.runner.pools + ([spec.mtp_pool] if spec else []),
-                                           defer_writes=spec is not None)
+            self.blocks.disk = open_disk_cache(model, args.prefix_cache_dir, args.prefix_cache_disk_bytes,
+                                               self.fingerprint, args.block_size,
+                                               self.runner.pools + ([spec.mtp_pool] if spec else []),
+                                               defer_writes=spec is not None)
         self.loras = LoRARegistry(model)
         for name, path in args.lora.items() if isinstance(args.lora, dict) else args.lora or []:
             self.loras.add(name, path)
@@ -416,6 +457,7 @@ class LLMEngine:
             "prefix_cache_query_tokens": b.queries,
             "prefix_cache_disk_hit_tokens": b.disk_hits,  # part of prefix_cache_hit_tokens, read from disk
             **(b.disk.counters if b.disk is not None else {}),
+            **(b.window_counters if getattr(b, "window_of", None) is not None else {}),  # DeepSeek-V4
             "preemptions": self.scheduler.num_preemptions,
             **self.counters,
             **(self.speculative.stats() if self.speculative is not None else {}),

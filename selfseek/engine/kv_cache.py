@@ -11,6 +11,14 @@ miss, never someone else's KV.
 Freed blocks keep their contents and key and sit in an LRU free list: a later request with the same prefix
 takes them back (a cache hit) until they are evicted for new allocations, oldest first.
 
+Window storage (DeepSeek-V4, `enable_windows`): besides its block (the "entries", kept for the sequence's life) a
+block of a sequence may hold a window block (per-token rows the model reads only for the last `lookback` positions
+before a step's first new token). A sequence holds window blocks for its blocks from the one holding position
+num_computed - lookback on (`release_windows` drops those it moved past, at each schedule); a window block stays
+attached to its block when released (reference count 0, LRU free list) until reused, so a prefix hit may take
+blocks up to the last one whose predecessors' window rows are all still attached. `window_of` (a tensor the model
+reads) maps each block to its window block, -1: none.
+
 With a disk tier (`disk`, engine/disk_cache.py) every newly committed block is also written to disk, and a
 prefix lookup that runs out of RAM blocks continues its chain on disk: each verified block read back is put
 in a free block, as if it had stayed cached in RAM.
@@ -52,6 +60,14 @@ def block_key(parent: bytes, tokens: list[int] | tuple[int, ...]) -> bytes:
     return _digest(parent + ids.tobytes())
 
 
+def window_blocks_needed(lookback: int, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+                         drafts: int = 0) -> int:
+    """Window blocks running sequences hold at once: each its last ceil((lookback + 1 + drafts) / block_size)
+    blocks, the block straddled and the step's partial one, plus a step's new tokens."""
+    per_seq = -(-(lookback + 1 + drafts) // block_size) + 2
+    return max_num_seqs * per_seq + -(-max_num_batched_tokens // block_size)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  fingerprint: bytes | str = b""):
@@ -71,6 +87,76 @@ class BlockManager:
         self.queries = 0  # prompt tokens looked up
         self.disk: DiskKVCache | None = None  # the disk tier, when the engine has a prefix_cache_dir
         self.disk_hits = 0  # prompt tokens read back from the disk tier (also counted in `hits` once taken)
+        self.window_of: torch.Tensor | None = None  # int64 [num_blocks]: window block of each block, -1: none
+        self.num_window_blocks, self.lookback = 0, 0
+
+    def enable_windows(self, lookback: int, max_num_seqs: int, max_num_batched_tokens: int,
+                       drafts: int = 0, max_blocks: int | None = None) -> tuple[torch.Tensor, int, int]:
+        """Give blocks window storage, sized for what running sequences hold at once: each its last
+        ceil((lookback + 1 + drafts) / block_size) + 1 blocks, plus a step's new tokens. -> (window_of, window
+        blocks, block_size), the map the model's pools read (DeepseekV4LM.use_window_blocks)."""
+        bs = self.block_size
+        n = min(self.num_blocks, window_blocks_needed(lookback, max_num_seqs, max_num_batched_tokens, bs, drafts),
+                max_blocks or self.num_blocks)
+        self.num_window_blocks, self.lookback = n, lookback
+        self.window_of = torch.full((self.num_blocks,), -1, dtype=torch.long)
+        self._window = [-1] * self.num_blocks  # window_of as a list (cheap reads)
+        self.window_owner = [-1] * n  # the block each window block is attached to
+        self.window_ref = [0] * self.num_blocks  # sequences holding block b's window storage
+        self.free_windows: OrderedDict[int, None] = OrderedDict((w, None) for w in range(n))  # LRU first
+        self.window_start: dict[Sequence, int] = {}  # first block-table index whose window the sequence holds
+        return self.window_of, n, bs
+
+    @property
+    def window_counters(self) -> dict[str, int]:
+        """The window pool's blocks (engine stats): total, held by sequences, free (released ones included)."""
+        return {"kv_window_blocks_total": self.num_window_blocks,
+                "kv_window_blocks_used": self.num_window_blocks - len(self.free_windows),
+                "kv_window_blocks_free": len(self.free_windows)}
+
+    @property
+    def num_free_windows(self) -> int:
+        return len(self.free_windows) if self.window_of is not None else self.num_free
+
+    def _first_window(self, num_computed: int) -> int:
+        """Index of the first block whose window rows a step starting at `num_computed` reads."""
+        return max(0, num_computed - self.lookback) // self.block_size
+
+    def _attach(self, b: int, w: int) -> None:
+        self._window[b] = w
+        self.window_of[b] = w
+        if w >= 0:
+            self.window_owner[w] = b
+
+    def _hold_window(self, b: int) -> None:
+        """One more sequence needs block b's window rows: its attached window block, or a free one (LRU)."""
+        w = self._window[b]
+        if w < 0:
+            w, _ = self.free_windows.popitem(last=False)
+            if (old := self.window_owner[w]) >= 0:
+                self._attach(old, -1)
+            self._attach(b, w)
+        elif self.window_ref[b] == 0:
+            del self.free_windows[w]
+        self.window_ref[b] += 1
+
+    def _drop_window(self, b: int, first: bool = False) -> None:
+        """A sequence no longer needs block b's window rows (kept attached while nobody reuses them; `first`:
+        reused first)."""
+        self.window_ref[b] -= 1
+        if self.window_ref[b] == 0:
+            self.free_windows[self._window[b]] = None
+            self.free_windows.move_to_end(self._window[b], last=not first)
+
+    def release_windows(self, seq: Sequence) -> None:
+        """Drop the window storage of the sequence's blocks before the one its next step first reads."""
+        start = self.window_start.get(seq) if self.window_of is not None else None
+        if start is None:
+            return
+        keep = min(self._first_window(seq.num_computed), len(seq.block_table))
+        for i in range(start, keep):
+            self._drop_window(seq.block_table[i])
+        self.window_start[seq] = max(start, keep)
 
     @property
     def num_free(self) -> int:
@@ -96,12 +182,24 @@ class BlockManager:
             key = block_key(prev, block)
             b = self.by_key.get(key)
             if b is None or self.tokens_of[b] != block or self.parent_of[b] != prev:  # a collision is a miss
-                if b is None and self.disk is not None:
+                if b is None and self.disk is not None and self.window_of is None:
                     blocks += self._match_on_disk(tokens, i, prev, blocks)
                 break
             blocks.append(b)
             prev = key
-        return blocks
+        return self._windowed_prefix(blocks) if self.window_of is not None else blocks
+
+    def _windowed_prefix(self, blocks: list[int]) -> list[int]:
+        """The longest prefix of the hits whose last blocks (those a step after them reads) all have window rows."""
+        run = 0  # hits ending at k - 1 with window rows attached, consecutively
+        runs = []
+        for b in blocks:
+            run = run + 1 if self._window[b] >= 0 else 0
+            runs.append(run)
+        for k in range(len(blocks), 0, -1):
+            if runs[k - 1] >= k - self._first_window(k * self.block_size):
+                return blocks[:k]
+        return []
 
     def _match_on_disk(self, tokens: list[int], start: int, prev: bytes, hits: list[int]) -> list[int]:
         """Continue a prefix match on disk from full block `start` (parent key `prev`): each block found and
@@ -158,7 +256,13 @@ class BlockManager:
         have = len(seq.block_table) + len(hits)
         need = self.blocks_needed(seq.num_computed + len(hits) * self.block_size + num_new) - have
         free_hits = sum(1 for b in hits if self.ref_count[b] == 0)
-        return need + free_hits <= self.num_free
+        if need + free_hits > self.num_free:
+            return False
+        if self.window_of is None:
+            return True
+        first = self._first_window(seq.num_computed + len(hits) * self.block_size) - len(seq.block_table)
+        free_windows = sum(1 for b in hits[max(0, first):] if self.window_ref[b] == 0)
+        return max(0, need) + free_windows <= len(self.free_windows)
 
     def take_hits(self, seq: Sequence, hits: list[int]) -> None:
         for b in hits:
@@ -167,6 +271,11 @@ class BlockManager:
             self.ref_count[b] += 1
         seq.block_table.extend(hits)
         seq.num_computed += len(hits) * self.block_size
+        if self.window_of is not None:
+            first = self._first_window(seq.num_computed)
+            for b in seq.block_table[first:]:
+                self._hold_window(b)
+            self.window_start[seq] = first
 
     def allocate(self, seq: Sequence, num_new: int) -> None:
         """Grow the block table to hold seq.num_computed + num_new tokens."""
@@ -174,6 +283,9 @@ class BlockManager:
             b, _ = self.free.popitem(last=False)  # least recently freed
             self._forget(b)
             self.ref_count[b] = 1
+            if self.window_of is not None:
+                self.window_start.setdefault(seq, len(seq.block_table))
+                self._hold_window(b)
             seq.block_table.append(b)
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
@@ -182,6 +294,8 @@ class BlockManager:
         keep = max(self.blocks_needed(num_tokens), seq.num_committed_blocks)
         while len(seq.block_table) > keep:
             b = seq.block_table.pop()
+            if self.window_of is not None and len(seq.block_table) >= self.window_start.get(seq, 0):
+                self._drop_window(b, first=True)
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self.free[b] = None
@@ -192,9 +306,16 @@ class BlockManager:
         if self.key_of[b] is not None:
             del self.by_key[self.key_of[b]]
             self.key_of[b] = self.parent_of[b] = self.tokens_of[b] = None
+        if self.window_of is not None and (w := self._window[b]) >= 0:  # its rows no longer b's next contents
+            self._attach(b, -1)
+            self.window_owner[w] = -1
+            self.free_windows.move_to_end(w, last=False)
 
     def free_blocks(self, seq: Sequence) -> None:
         # Release from the tail so a sequence's last blocks are evicted before its shared prefix.
+        if self.window_of is not None and (start := self.window_start.pop(seq, None)) is not None:
+            for b in reversed(seq.block_table[start:]):
+                self._drop_window(b)
         for b in reversed(seq.block_table):
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:

@@ -120,8 +120,9 @@ class ModelRunner:
                 sampled.append(s)
         if not ends:
             return hidden.new_empty(0, self.model.config.vocab_size), []
-        logits = self.model.logits(hidden[torch.tensor(ends, device=self.device)])
-        return logits.float(), sampled
+        every_row = len(ends) == hidden.shape[0]  # ends ascend: then they are every row, in order (decodes)
+        logits = self.model.logits(hidden if every_row else hidden[torch.tensor(ends, device=self.device)])
+        return (logits if logits.dtype == torch.float32 else logits.float()), sampled
 
     def draft_tokens(self, s: Scheduled) -> list[int]:
         """Draft tokens to verify after the scheduled tokens (none here; see engine/speculative.py)."""

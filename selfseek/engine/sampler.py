@@ -131,7 +131,9 @@ def sample(
     ok = [i for i in range(len(seqs)) if i not in failures]
     greedy = [i for i in ok if seqs[i].params.greedy]
     if greedy:
-        best = work.argmax(dim=-1).tolist()  # every row: cheaper than gathering the greedy ones first
+        # every row: cheaper than gathering the greedy ones first. max(dim).indices is argmax (the first maximum,
+        # NaN wins alike) at about half argmax's time on the CPU over a large vocabulary
+        best = work.max(dim=-1).indices.tolist()
         for i in greedy:
             tokens[i] = best[i]
     random_rows = [i for i in ok if not seqs[i].params.greedy]

@@ -4,7 +4,8 @@ Each step has a token budget. Running sequences go first, oldest first: a decode
 unfinished prompt continues with the next chunk. Then waiting sequences start, FCFS, taking whatever
 their prompts find in the prefix cache. When blocks run out, the newest running sequence is preempted:
 its blocks are freed and it goes back to the front of the queue, to be recomputed later (its outputs so
-far are kept, so nothing is lost).
+far are kept, so nothing is lost). With window storage (DeepSeek-V4, engine/kv_cache.py) a sequence first drops
+the window rows it has moved past, and admission needs free window blocks as well as blocks.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self.blocks.release_windows(seq)  # DeepSeek-V4: window rows it has moved past
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_allocate(seq, num_new):
                 victim = self.running[-1]  # the newest

@@ -21,6 +21,9 @@ after d_j (p_0: after t_last). Two exact rules decide what is kept:
 
 Rows of rejected drafts wrote main and MTP KV to slots the next step overwrites; blocks that only they reached
 are freed after verification (BlockManager.trim).
+
+The runner reaches the MTP module only through model-level calls (new_mtp_pool, mtp_hidden, mtp_chain,
+draft_logits), so a parallel model (distributed/launch.py) runs each on every rank's shard in lockstep.
 """
 
 from __future__ import annotations
@@ -88,6 +91,28 @@ def speculative_sample(
     return tokens, accepted
 
 
+def new_mtp_pool(model: CausalLM, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """The MTP layer's paged KV pool, indexed by the same block tables as the main layers' pools."""
+    return model.mtp[0].block.self_attn.new_pool(num_slots, dtype, model.device)
+
+
+def mtp_chain(model: CausalLM, hidden: torch.Tensor, tokens: torch.Tensor, batch: AttnBatch,
+              pool: torch.Tensor) -> torch.Tensor:
+    """One chained drafting row per sequence: the MTP module on its own previous output `hidden` [R, m] and the
+    draft `tokens` [R] -> its normed output [R, m] (draft_logits of it gives the next draft)."""
+    return model.mtp[0](hidden, model.embed(tokens), model.rotary.cos_sin(batch.positions), batch, pool)
+
+
+MTP_CALLS = {"new_mtp_pool": new_mtp_pool, "mtp_chain": mtp_chain}
+
+
+def _mtp_call(model: CausalLM, name: str, *args):
+    """MTP_CALLS[name](model, *args), or the model's own method of that name: a parallel model
+    (distributed/launch.py LeaderLM) runs it on every rank's shard at once."""
+    method = getattr(model, name, None)
+    return method(*args) if method is not None else MTP_CALLS[name](model, *args)
+
+
 def rejection_sampled(seq: Sequence) -> bool:
     """Whether a sequence's drafts are drawn from q and verified by rejection sampling (else: argmax drafts,
     sample-then-match). Seeded rows keep matching so their tokens do not depend on speculation."""
@@ -115,8 +140,7 @@ class SpeculativeRunner(ModelRunner):
                              "(num_nextn_predict_layers is 0, or the checkpoint was saved without it)")
         super().__init__(model, blocks, cache_dtype)
         self.num_draft, self.max_model_len = num_draft, max_model_len
-        self.mtp_pool = model.mtp[0].block.self_attn.new_pool(blocks.num_blocks * blocks.block_size,
-                                                              self.cache_dtype, model.device)
+        self.mtp_pool = _mtp_call(model, "new_mtp_pool", blocks.num_blocks * blocks.block_size, self.cache_dtype)
         self.drafts: dict[Sequence, _Draft] = {}
         self.verifying: dict[Sequence, _Draft] = {}  # this step's drafts (cut to the rows given), after the last token
         self.verify_logits: dict[Sequence, torch.Tensor] = {}  # seq -> [drafts, vocab] main logits of those rows
@@ -171,8 +195,8 @@ class SpeculativeRunner(ModelRunner):
             batch = batch_from_tables(self.tables.table, rows, [seq.num_tokens - 2 + j for seq in group],
                                       [1] * len(group), self.blocks.block_size, self.device)
             tokens = torch.tensor([d.tokens[-1] for d in drafts], device=self.device)
-            x = self.model.mtp[0](torch.stack([d.hidden for d in drafts]), self.model.embed(tokens),
-                                  self.model.rotary.cos_sin(batch.positions), batch, self.mtp_pool)
+            x = _mtp_call(self.model, "mtp_chain", torch.stack([d.hidden for d in drafts]), tokens, batch,
+                          self.mtp_pool)
             new, qs = self._draw(self.model.draft_logits(x).float(), group)
             for i, d in enumerate(drafts):
                 d.tokens.append(new[i])

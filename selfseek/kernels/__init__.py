@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from selfseek.kernels import build
+
 QuantWeight = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (qweight, fp16 scales, fp16 mins or None)
 # format -> (quant.cpp kind, values per unit, bytes per unit of the data)
 FORMATS = {"q2_k": (5, 256, 84), "q3_k": (6, 256, 110), "q4_k": (7, 256, 144), "q5_k": (8, 256, 176),
@@ -54,7 +56,7 @@ TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best
 # quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_i8). Faster, but x is
 # rounded to 8 bits, so results are no longer the float product: off by default.
 INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
-INT8_MAX_ROWS = 4
+INT8_MAX_ROWS = GEMM_MIN_ROWS - 1  # up to the BLAS path: 63 rows ran 2.4x faster than the float kernel
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
 _c_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -65,10 +67,6 @@ class _Mat(ctypes.Structure):
 
     _fields_ = [("kind", ctypes.c_int32), ("rows", _c_i64), ("cols", _c_i64),
                 ("data", _ptr), ("scales", _ptr), ("mins", _ptr), ("stride", _c_i64), ("sstride", _c_i64)]
-
-
-_lib: ctypes.CDLL | None = None
-_loaded = False
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -86,14 +84,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _loaded
-    if not _loaded:
-        _loaded = True
-        from selfseek.kernels import build  # here, so `python -m selfseek.kernels.build` imports it once
-
-        lib = build.library("quant")
-        _lib = bind(lib) if lib is not None else None
-    return _lib
+    return build.load("quant", bind)
 
 
 def available() -> bool:
@@ -128,7 +119,8 @@ def _packed_mat(w: Packed, stacked: bool) -> _Mat:
         raise ValueError(f"{w.format} scales must be contiguous {want[0]} {[*d.shape[:-1], want[1]]}, "
                          f"got {s.dtype} {list(s.shape)}")
     return _Mat(kind, d.shape[-2], w.cols, d.data_ptr(), s.data_ptr() if s.numel() else None, None,
-                d[0].nbytes if stacked else 0, s[0].nbytes if stacked else 0)
+                d.shape[1:].numel() * d.element_size() if stacked else 0,
+                s.shape[1:].numel() * s.element_size() if stacked else 0)
 
 
 def _mat(w: Weight, stacked: bool = False) -> _Mat:
@@ -153,8 +145,9 @@ def _mat(w: Weight, stacked: bool = False) -> _Mat:
             raise ValueError("a quantized weight needs scales")
         if kind == 4 and mins is None:
             raise ValueError("a q4 weight needs mins")
-    e_stride = q[0].nbytes if stacked else 0
-    s_stride = scales[0].nbytes if stacked and scales is not None else 0
+    # one expert's bytes, from the shape (indexing an expert out is an op: moe() runs this per layer)
+    e_stride = q.shape[1:].numel() * q.element_size() if stacked else 0
+    s_stride = scales.shape[1:].numel() * scales.element_size() if stacked and scales is not None else 0
     return _Mat(kind, q.shape[-2], cols, q.data_ptr(), scales.data_ptr() if scales is not None
                 else None, mins.data_ptr() if mins is not None else None, e_stride, s_stride)
 
@@ -360,9 +353,9 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight,
     n_experts = _split(gate)[0].shape[0]
     if len({n_experts, _split(up)[0].shape[0], _split(down)[0].shape[0]}) != 1:
         raise ValueError("gate, up and down stacks hold different numbers of experts")
-    x2 = x.float().contiguous()
-    w = weights.float().contiguous()
-    i = ids.to(torch.int64).contiguous()
+    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # no no-op casts: a decode
+    w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    i = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
     y = torch.empty_like(x2)
     rc = lib.selfseek_moe(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
                           ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr())

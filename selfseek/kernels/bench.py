@@ -1,13 +1,14 @@
-"""Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096] [--threads 1,2] [--int8]`.
+"""Micro-benchmark of the CPU kernels: `python -m selfseek.kernels.bench [--size 4096 | --shape NxK] [--threads 1,2]`.
 
 Per weight kind and batch rows M: milliseconds per y = x W^T call (best of several), GB/s of weight bytes read
 (the figure that bounds decode), billions of weights per second, and the same product through a whole-weight
 float32 copy and torch.mm (the path quantized layers took before for M >= 16) for comparison; with --int8 also
 the opt-in int8-activation path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.INT8_MAX_ROWS.
 Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4) and the packed formats q2_k .. q6_k, fp8, fp4 (random
-bytes). With --moe: one routed-experts layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024,
-top-6), fused kernel against the per-expert loop (Experts._forward_torch). Not a test: timings depend on the
-machine.
+bytes). --shape NxK times a non-square [N out, K in] weight instead of --size's square one: a big one (e.g. the
+medium V3 lm_head, 129280x1024) is read from DRAM on every call, as in decode. With --moe: one routed-experts
+layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel against the
+per-expert loop (Experts._forward_torch). Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -87,21 +88,22 @@ def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
         kernels.INT8_ACTIVATIONS = saved
 
 
-def run(size: int, threads: list[int], rows: list[int], kinds: list[str], int8: bool = False) -> None:
-    print(f"kernels: {build.chosen_isa() if kernels.available() else 'torch fallback'}; W {size}x{size}")
+def run(shape: tuple[int, int], threads: list[int], rows: list[int], kinds: list[str], int8: bool = False) -> None:
+    n, k = shape
+    print(f"kernels: {build.chosen_isa() if kernels.available() else 'torch fallback'}; W {n}x{k}")
     print(f"{'kind':>5} {'thr':>3} {'M':>5} {'ms':>9} {'GB/s':>7} {'Gw/s':>6} {'ms via fp32 copy+mm':>20}"
           + (f" {'int8 ms':>9} {'int8 GB/s':>9}" if int8 else ""))
     for kind in kinds:
-        w = weight(kind, size, size)
+        w = weight(kind, n, k)
         for t in threads:
             torch.set_num_threads(t)
             for m in rows:
-                x = torch.randn(m, size)
+                x = torch.randn(m, k)
                 saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, False  # the float path
                 ms = best_ms(lambda: kernels.linear(x, w))  # noqa: B023
                 kernels.INT8_ACTIVATIONS = saved
                 old = best_ms(lambda: x @ kernels.to_float(w).T) if m >= 4 else float("nan")  # noqa: B023
-                gbs, gws = nbytes(w) / ms / 1e6, size * size / ms / 1e6
+                gbs, gws = nbytes(w) / ms / 1e6, n * k / ms / 1e6
                 line = f"{kind:>5} {t:>3} {m:>5} {ms:9.3f} {gbs:7.1f} {gws:6.2f} {old:20.3f}"
                 if int8:
                     i8 = int8_ms(x, w)
@@ -142,9 +144,20 @@ def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: 
                 print(f"{kind:>5} {t:>3} {n:>6} {fused:9.3f} {loop:9.3f}")
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected NxK, e.g. 129280x1024") from None
+    if n <= 0 or k <= 0:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: N and K must be positive")
+    return n, k
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--size", type=int, default=4096, help="a square size x size weight")
+    p.add_argument("--shape", type=_shape, help="NxK: a [N out, K in] weight instead (overrides --size)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rows", default="1,4,16,64,512")
     p.add_argument("--kinds", default="q8,q4,bf16,f32", help=f"of f32,bf16,f16,q8,q4,{','.join(kernels.FORMATS)}")
@@ -154,8 +167,8 @@ def main() -> None:
     if a.moe:
         run_moe([int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
         return
-    run(a.size, [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","),
-        a.int8)
+    run(a.shape or (a.size, a.size), [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")],
+        a.kinds.split(","), a.int8)
 
 
 if __name__ == "__main__":

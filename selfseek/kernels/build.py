@@ -7,6 +7,8 @@ per instruction-set level (`ISAS`: the same source, `#ifdef __AVX512F__` / `__AV
 with ctypes. `build_all()` compiles every level (paths this CPU cannot run are still compiled, so a compile
 error shows up anywhere); `library(name)` loads the best level this CPU runs, or the one named by
 `SELFSEEK_ISA` (generic, avx2, avx512, avx512vnni) so each dispatch path is testable on a bigger CPU.
+`load(name, bind)` is what the kernel wrappers call: that library with its C signatures declared, loaded on
+first use; `reset()` makes the next use read SELFSEEK_NO_KERNELS / SELFSEEK_ISA again (tests switch paths so).
 
 Threads: the library links `libgomp.so.1`, the same soname torch's CPU wheel loads, so both share one
 OpenMP pool and `torch.set_num_threads` governs the kernels too.
@@ -23,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,20 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     log.info("selfseek: %s kernels, %s path", name, isa)
     return lib
+
+
+@functools.cache
+def load(name: str, bind: Callable[[ctypes.CDLL], ctypes.CDLL]) -> ctypes.CDLL | None:
+    """`library(name)` with its C signatures declared by `bind`, once; None: the caller runs its torch fallback.
+    Cached, as wrappers call it on every op (a decode step makes hundreds of calls)."""
+    lib = library(name)
+    return None if lib is None else bind(lib)
+
+
+def reset() -> None:
+    """Forget the loaded libraries: the next `load` / `library` reads SELFSEEK_NO_KERNELS and SELFSEEK_ISA again."""
+    load.cache_clear()
+    library.cache_clear()
 
 
 def main() -> None:

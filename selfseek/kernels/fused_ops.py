@@ -1,4 +1,5 @@
-"""Fused small ops of the decode step: residual add + RMSNorm, and rotary in place (kernels/fused_ops.cpp).
+"""Fused small ops of the decode step: residual add + RMSNorm, rotary in place, and DeepSeek-V4's hyper-connection
+weights and stream mixing, and its sink attention over one shared K = V head (kernels/fused_ops.cpp).
 
 Each wrapper runs the C++ kernel for contiguous-row float32 CPU tensors and the same math in plain torch
 otherwise (SELFSEEK_NO_KERNELS=1, no compiler, another device or dtype), so callers need no second path.
@@ -11,20 +12,9 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
+from selfseek.kernels import build
+
 _c_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-_lib: ctypes.CDLL | None = None
-_loaded = False
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _loaded
-    if not _loaded:
-        _loaded = True
-        from selfseek.kernels import build
-
-        lib = build.library("fused_ops")
-        _lib = bind(lib) if lib is not None else None
-    return _lib
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -34,7 +24,19 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_rope.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _ptr,
                                   ctypes.c_int32]
     lib.selfseek_rope.restype = None
+    lib.selfseek_hc_pre.argtypes = [_ptr, _ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, ctypes.c_float, ctypes.c_float,
+                                    _c_i64, _ptr, _ptr, _ptr]
+    lib.selfseek_hc_pre.restype = None
+    lib.selfseek_hc_post.argtypes = [_ptr, _ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _ptr]
+    lib.selfseek_hc_post.restype = None
+    lib.selfseek_sink_attention.argtypes = [_ptr, _c_i64, _c_i64, _c_i64, _ptr, _c_i64, _ptr, _ptr, _c_i64, _ptr, _ptr,
+                                            ctypes.c_float, _ptr]
+    lib.selfseek_sink_attention.restype = None
     return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    return build.load("fused_ops", bind)
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -86,4 +88,75 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     heads, xs_h, ys_h = (x.shape[1], x.stride(1), out.stride(1)) if x.dim() == 3 else (1, d, d)
     lib.selfseek_rope(x.data_ptr(), x.stride(0), xs_h, out.data_ptr(), out.stride(0), ys_h, rows, heads, d,
                       cos.data_ptr(), sin.data_ptr(), int(interleaved))
+    return out
+
+
+HC_MAX = 16  # hc_mult the hyper-connection kernels take (fused_ops.cpp's HC_MAX)
+
+
+def _hc_ok(streams: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Float32 CPU tensors outside autograd, streams [T, n <= HC_MAX, m] and params contiguous."""
+    ts = (streams, *params)
+    return (streams.dim() == 3 and streams.shape[1] <= HC_MAX
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
+def hc_pre(mix: torch.Tensor, streams: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+           hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V4 mHC weights (deepseek_v4.HyperConnection's formula) from mix = streams.flatten(1) @ fn^T [T, (2+n)n]
+    (before the unweighted RMSNorm, whose factor the kernel applies), base [(2+n)n], scale [3] -> (post [T, n], comb
+    [T, n, n] Sinkhorn-projected, block input sum_j pre_j X_j [T, m]), or None where the kernel cannot take these
+    tensors (the caller then runs the torch formula)."""
+    lib = _load()
+    if lib is None or not _hc_ok(streams, mix, base, scale):
+        return None
+    rows, n, m = streams.shape
+    if mix.shape != (rows, (2 + n) * n) or base.shape != ((2 + n) * n,) or scale.shape != (3,):
+        return None
+    post, comb, collapsed = torch.empty(rows, n), torch.empty(rows, n, n), torch.empty(rows, m)
+    lib.selfseek_hc_pre(mix.data_ptr(), streams.data_ptr(), base.data_ptr(), scale.data_ptr(), rows, n, m, norm_eps,
+                        hc_eps, iters, post.data_ptr(), comb.data_ptr(), collapsed.data_ptr())
+    return post, comb, collapsed
+
+
+def hc_post(post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """The streams after a block: X'_k = post_k y + sum_j comb[j, k] X_j ([T, n, m]; y [T, m] with contiguous rows),
+    or None where the kernel cannot take these tensors."""
+    lib = _load()
+    if (lib is None or not _hc_ok(streams, post, comb) or not _rows_ok(y)
+            or (y.requires_grad and torch.is_grad_enabled())):
+        return None
+    rows, n, m = streams.shape
+    if post.shape != (rows, n) or comb.shape != (rows, n, n) or y.shape != (rows, m):
+        return None
+    out = torch.empty(rows, n, m)
+    lib.selfseek_hc_post(post.data_ptr(), comb.data_ptr(), streams.data_ptr(), y.data_ptr(), y.stride(0), rows, n, m,
+                         out.data_ptr())
+    return out
+
+
+def sink_attention(q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor | None, sinks: torch.Tensor, scale: float,
+                   per_row: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """deepseek_v4.sink_attention's formula (q [s, h, d]; kv [t, d] where visible [s, t] (None: everywhere); per_row:
+    each row's own keys [s, k, d] where valid [s, k]; per-head sinks [h] in each softmax's denominator) -> [s, h, d],
+    or None where the kernel cannot take these tensors (the caller then runs the torch formula)."""
+    lib = _load()
+    own, valid = per_row if per_row is not None else (None, None)
+    ts = [t for t in (q, kv, sinks, own) if t is not None]
+    if (lib is None or q.dim() != 3 or kv.dim() != 2
+            or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in ts))):
+        return None
+    s, h, d = q.shape
+    k = 0 if own is None else own.shape[1]
+    masks = [(visible, (s, kv.shape[0])), (valid, (s, k))]
+    if (kv.shape[1] != d or sinks.shape != (h,) or (own is not None and (own.shape[0], own.shape[2]) != (s, d))
+            or any(m is not None and (m.dtype != torch.bool or m.shape != shape or not m.is_contiguous())
+                   for m, shape in masks)):
+        return None
+    out = torch.empty(s, h, d)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    lib.selfseek_sink_attention(q.data_ptr(), s, h, d, kv.data_ptr(), kv.shape[0], ptr(visible), ptr(own), k,
+                                ptr(valid), sinks.data_ptr(), scale, out.data_ptr())
     return out

@@ -19,6 +19,9 @@
 // fields by shifts and masks; fp8 (tile_fp): e4m3 bytes moved into fp16 bit positions, widened by vcvtph2ps
 // (subnormals exact); fp4: a 16-entry table by vpermps (AVX-512) or pshufb (AVX2). The generic build keeps the buffer.
 //
+// Decode (one activation row) of the plain kinds but f32 reads one weight row after the other (row_dot): the weight
+// is one sequential stream, which DRAM serves faster than NR rows interleaved block by block (q8, 129280 x 1024:
+// 12 against 9.5 GB/s at 1 thread, both with prefetch). Every path prefetches PF_BYTES ahead in its row streams.
 // One register-tiled micro-kernel serves every kind and batch size: NR weight rows x MR activation rows per pass;
 // each 32-block of a weight row is dequantized (d * q + m) in registers once and multiplied against MR rows of x,
 // so the weight is read once per MR rows and never materialised (AVX-512 q4: a 16-entry table d * k + m per block,
@@ -27,8 +30,10 @@
 // generic (compiler-vectorized), chosen by the build level (kernels/build.py). Threads: OpenMP over output rows
 // (and (expert, row chunk) items for the fused MoE), sharing torch's libgomp pool. Large batches (prefill) are
 // better served by a BLAS on dequantized tiles: selfseek/kernels/__init__.py does that from GEMM_MIN_ROWS rows on.
-// Opt-in for q8/q4 and a few rows (selfseek_linear_i8, SELFSEEK_INT8_ACTIVATIONS): x quantized to int8 per 32-block
-// and integer dot products (AVX-512 BW/VNNI on block pairs, AVX2 maddubs, generic scalar); approximate, see there.
+// Opt-in for q8/q4 below GEMM_MIN_ROWS rows (selfseek_linear_i8, SELFSEEK_INT8_ACTIVATIONS): x quantized to int8 per
+// 32-block and integer dot products (several rows: 16 (VNNI) or 8 (AVX2 maddubs) weight rows transposed per block
+// against all x rows, tile_i8_t; one row: AVX-512 BW/VNNI on block pairs, AVX2 maddubs; generic scalar);
+// approximate, see there.
 #include <omp.h>
 
 #include <algorithm>
@@ -85,6 +90,18 @@ inline Mat expert(const Mat& w, int64_t e) {
   if (m.scales) m.scales = (const uint16_t*)((const uint8_t*)m.scales + e * w.sstride);
   if (m.mins) m.mins = (const uint16_t*)((const uint8_t*)m.mins + e * w.sstride);
   return m;
+}
+
+// Software prefetch distance in a weight row stream. Decode reads each weight byte once, straight from DRAM, and the
+// hardware prefetcher alone leaves the core waiting: it ramps up again at every 4 KiB page and follows only a few
+// interleaved streams well. Asking for the line PF_BYTES ahead of the one being read keeps enough misses in flight
+// (4 KiB: best measured of 1-8 KiB on the medium V3 lm_head).
+constexpr int64_t PF_BYTES = 4096;
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+// The lines of [p, p + n) (a short stream: a future row's scales).
+inline void prefetch_range(const void* p, int64_t n) {
+  const uintptr_t first = (uintptr_t)p & ~(uintptr_t)63, last = ((uintptr_t)p + n - 1) & ~(uintptr_t)63;
+  for (uintptr_t a = first; a <= last; a += 64) prefetch((const void*)a);
 }
 
 inline float half_to_float(uint16_t h) {
@@ -148,6 +165,7 @@ inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float f) { return _mm512_set1_ps(f); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__)
 using V = __m256;
@@ -157,6 +175,7 @@ inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float f) { return _mm256_set1_ps(f); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline float vsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -184,6 +203,10 @@ inline V vfma(V a, V b, V c) {
   for (int i = 0; i < 8; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i];
   return c;
 }
+inline V vadd(V a, V b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
 inline float vsum(V a) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += a.v[i];
@@ -191,7 +214,7 @@ inline float vsum(V a) {
 }
 #endif
 constexpr int VPB = QK / VW;
-constexpr int NR_ONE = 4;  // weight rows per pass for a single activation row (decode): 4 independent chains
+constexpr int NR_ONE = 4;  // weight rows per pass for one activation row (block kinds, f32): 4 independent chains
 
 // Block b of a row widened to VPB float vectors: the integers q themselves for quantized kinds (the caller
 // applies d and m), the values for float kinds.
@@ -409,6 +432,7 @@ void tile_kq(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, in
   for (int64_t u = 0; u < units; ++u) {
     for (int j = 0; j < NR; ++j) {
       const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
+      prefetch_range(b + NR * rb, unit_bytes(KIND));  // the next tile's row j
       alignas(64) float DM[16];  // the 8 groups' D = d * scale, then their M = dmin * min
       k4_scales(b, DM);
       for (int g = 0; g < 8; ++g) {
@@ -522,7 +546,9 @@ void tile_fp(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, in
       const float s = KIND == FP8 ? ((const float*)w.scales)[(n0 + j) * ns + u / 4]
                                   : kTables.e8m0[((const uint8_t*)w.scales)[(n0 + j) * ns + u]];
       V wv[VPB];
-      load_fp_unit<KIND>(w.data + (n0 + j) * rb + u * unit_bytes(KIND), s, wv);
+      const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
+      if ((u * unit_bytes(KIND)) % 64 == 0) prefetch(b + NR * rb);  // the next tile's row j
+      load_fp_unit<KIND>(b, s, wv);
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
     }
@@ -544,6 +570,7 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
   for (int64_t u = 0; u < units; ++u) {
     for (int j = 0; j < NR; ++j) {
       const uint8_t* b = w.data + (n0 + j) * rb + u * 210;
+      prefetch_range(b + NR * rb, 210);  // the next tile's row j
       alignas(64) float D[16];
       const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
 #if defined(__AVX512F__)
@@ -596,6 +623,7 @@ void tile_q23(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
   for (int64_t u = 0; u < units; ++u) {
     for (int j = 0; j < NR; ++j) {
       const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
+      prefetch_range(b + NR * rb, unit_bytes(KIND));  // the next tile's row j
       alignas(64) float D[16], M[16];
       __m128i sc;  // the 16 scales as bytes: Q2_K unsigned 4 bits, Q3_K signed 6 bits
       __m128i mn = _mm_setzero_si128();
@@ -676,7 +704,10 @@ void tile_unit(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, 
     for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
   const int64_t units = w.cols / U;
   for (int64_t u = 0; u < units; ++u) {
-    for (int j = 0; j < NR; ++j) decode_unit<KIND>(w, n0 + j, u, buf[j]);
+    for (int j = 0; j < NR; ++j) {
+      prefetch_range(w.data + (n0 + j + NR) * row_bytes(w) + u * unit_bytes(KIND), unit_bytes(KIND));
+      decode_unit<KIND>(w, n0 + j, u, buf[j]);
+    }
     const float* xb = x + u * U;
     for (int v = 0; v < U / VW; ++v)
       for (int j = 0; j < NR; ++j) {
@@ -702,10 +733,50 @@ inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = half_to_float(h[i]);
 }
 
-// y[r, j] = sum_k W[n0 + j, k] x[r, k] for r < MR, j < NR (y row stride ldy).
-// MR > 1 or offsets m: each block is dequantized (d * q + m) once and multiplied against MR rows of x.
-// MR == 1 without offsets (decode, q8): sum q * x over the block first, then scale by d once (fewer operations
-// per weight byte, which is what bounds a single row; an m * sum(x) term per block measured slower for q4).
+// Bytes per 32-block of a plain kind's row.
+template <int KIND>
+constexpr int64_t block_bytes() { return KIND == F32 ? 128 : KIND == Q8 ? 32 : KIND == Q4 ? 16 : 64; }
+
+// acc[r * lda] += block b of weight row `row` (dequantized: d * q + m) . block b of x row r, for r < MR.
+// MR == 1 without offsets (decode, q8): sum q * x over the block first, then scale by d once (fewer operations per
+// weight byte, which is what bounds a single row; an m * sum(x) term per block measured slower for q4).
+template <int KIND, int MR>
+inline void block_fma(const Row& row, int64_t b, float d, float m, bool with_mins, const float* xb, int64_t ldx,
+                      V* acc, int lda) {
+  V wv[VPB];
+#if defined(__AVX512F__)
+  if constexpr (KIND == Q4) {  // the block's 16 weights d * k + m as a table, looked up by nibble
+    const __m512 lut = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_ps(d), _mm512_set1_ps(m));
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(row.q + b * QK / 2));
+    // vpermps reads the low 4 bits of each lane: the low nibble as is, the high one after a shift
+    wv[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), lut);
+    wv[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), lut);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < VPB; ++v) acc[r * lda] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r * lda]);
+    return;
+  }
+#endif
+  load_block<KIND>(row, b, wv);
+  if constexpr (MR == 1 && KIND == Q8) {
+    if (!with_mins) {
+      V s = vzero();
+      for (int v = 0; v < VPB; ++v) s = vfma(wv[v], vload(xb + v * VW), s);
+      acc[0] = vfma(s, vset1(d), acc[0]);
+      return;
+    }
+  }
+  if constexpr (quantized(KIND)) {
+    const V dv = vset1(d), mv = with_mins ? vset1(m) : vzero();
+    for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], dv, mv);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < VPB; ++v) acc[r * lda] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r * lda]);
+}
+
+// y[r, j] = sum_k W[n0 + j, k] x[r, k] for r < MR, j < NR (y row stride ldy): each block is dequantized once and
+// multiplied against MR rows of x. While reading row j, the same bytes of the row whole tiles (at least PF_BYTES)
+// ahead are prefetched.
 template <int KIND, int MR, int NR>
 void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   if constexpr (blocked(KIND)) {
@@ -730,10 +801,14 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
     tile_unit<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
     return;
   }
-  const int64_t K = w.cols, nb = K / QK;
+  const int64_t K = w.cols, nb = K / QK, tb = NR * row_bytes(w), ahead = (PF_BYTES + tb - 1) / tb * tb;
   const bool with_mins = w.mins != nullptr;
   Row rows[NR];
   for (int j = 0; j < NR; ++j) rows[j] = row_of(w, n0 + j);
+  if constexpr (quantized(KIND)) {  // the scales of those rows
+    prefetch_range(rows[0].d + ahead / row_bytes(w) * nb, NR * nb * 2);
+    if (with_mins) prefetch_range(rows[0].m + ahead / row_bytes(w) * nb, NR * nb * 2);
+  }
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
@@ -749,35 +824,12 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
     for (int64_t b = b0; b < b0 + bc; ++b) {
       const float* xb = x + b * QK;
       for (int j = 0; j < NR; ++j) {
-        V wv[VPB];
-#if defined(__AVX512F__)
-        if constexpr (KIND == Q4) {  // the block's 16 weights d * k + m as a table, looked up by nibble
-          const __m512 lut = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_ps(dq[j][b - b0]), _mm512_set1_ps(mq[j][b - b0]));
-          const __m128i raw = _mm_loadu_si128((const __m128i*)(rows[j].q + b * QK / 2));
-          // vpermps reads the low 4 bits of each lane: the low nibble as is, the high one after a shift
-          wv[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), lut);
-          wv[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), lut);
-          for (int r = 0; r < MR; ++r)
-            for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
-          continue;
+        if (block_bytes<KIND>() >= 64 || b % (64 / block_bytes<KIND>()) == 0) {
+          prefetch(rows[j].q + b * block_bytes<KIND>() + ahead);
+          if (block_bytes<KIND>() > 64) prefetch(rows[j].q + b * block_bytes<KIND>() + ahead + 64);
         }
-#endif
-        load_block<KIND>(rows[j], b, wv);
-        if constexpr (MR == 1 && KIND == Q8) {
-          if (!with_mins) {
-            V s = vzero();
-            for (int v = 0; v < VPB; ++v) s = vfma(wv[v], vload(xb + v * VW), s);
-            acc[0][j] = vfma(s, vset1(dq[j][b - b0]), acc[0][j]);
-            continue;
-          }
-        }
-        if constexpr (quantized(KIND)) {
-          const V d = vset1(dq[j][b - b0]), m = with_mins ? vset1(mq[j][b - b0]) : vzero();
-          for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], d, m);
-        }
-        for (int r = 0; r < MR; ++r)
-          for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
+        const float d = quantized(KIND) ? dq[j][b - b0] : 0.f, m = quantized(KIND) && with_mins ? mq[j][b - b0] : 0.f;
+        block_fma<KIND, MR>(rows[j], b, d, m, with_mins, xb, ldx, &acc[0][j], NR);
       }
     }
   }
@@ -788,6 +840,49 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
         for (int64_t k = nb * QK; k < K; ++k) s += elem<KIND>(rows[j], k) * x[r * ldx + k];
       y[r * ldy + j] = s;
     }
+}
+
+// One weight row against one row of x (decode) for the plain kinds. Rows are read one after the other, so the weight
+// is one sequential stream (the hardware prefetcher's best case, unlike rows interleaved block by block), helped by
+// a software prefetch PF_BYTES ahead; ACC accumulators over consecutive blocks keep independent FMA chains.
+template <int KIND>
+float row_dot(const Mat& w, int64_t n, const float* x) {
+  constexpr int ACC = 4;
+  constexpr int64_t BB = block_bytes<KIND>();
+  const int64_t K = w.cols, nb = K / QK;
+  const bool with_mins = w.mins != nullptr;
+  const Row row = row_of(w, n);
+  if constexpr (quantized(KIND)) {  // the scales of the row PF_BYTES ahead
+    const int64_t ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w)) * nb;
+    prefetch_range(row.d + ahead, nb * 2);
+    if (with_mins) prefetch_range(row.m + ahead, nb * 2);
+  }
+  V acc[ACC];
+  for (int i = 0; i < ACC; ++i) acc[i] = vzero();
+  [[maybe_unused]] float dq[quantized(KIND) ? BC : 1], mq[quantized(KIND) ? BC : 1];
+  for (int64_t b0 = 0; b0 < nb; b0 += BC) {
+    const int64_t bc = std::min(BC, nb - b0);
+    if constexpr (quantized(KIND)) {
+      halves_to_floats(row.d + b0, bc, dq);
+      if (with_mins) halves_to_floats(row.m + b0, bc, mq);
+    }
+    auto one = [&](int64_t b, V* a) {
+      if (BB >= 64 || b % (64 / BB) == 0) {
+        prefetch(row.q + b * BB + PF_BYTES);
+        if (BB > 64) prefetch(row.q + b * BB + PF_BYTES + 64);
+      }
+      const float d = quantized(KIND) ? dq[b - b0] : 0.f, m = quantized(KIND) && with_mins ? mq[b - b0] : 0.f;
+      block_fma<KIND, 1>(row, b, d, m, with_mins, x + b * QK, 0, a, 1);
+    };
+    int64_t b = b0;
+    for (; b + ACC <= b0 + bc; b += ACC)
+      for (int i = 0; i < ACC; ++i) one(b + i, &acc[i]);
+    for (; b < b0 + bc; ++b) one(b, &acc[0]);
+  }
+  float s = vsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
+  if constexpr (!quantized(KIND))
+    for (int64_t k = nb * QK; k < K; ++k) s += elem<KIND>(row, k) * x[k];
+  return s;
 }
 
 // The last `rem` (< MR_MAX) rows of x: one tile of exactly that many rows.
@@ -812,6 +907,10 @@ template <int KIND>
 void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx, float* y,
                      int64_t ldy) {
   int64_t n = n0;
+  if (M == 1 && !blocked(KIND) && KIND != F32) {  // f32 rows span pages: NR_ONE page streams measured faster
+    for (; n < n1; ++n) y[n] = row_dot<KIND>(w, n, x);
+    return;
+  }
   if (M == 1) {
     for (; n + NR_ONE <= n1; n += NR_ONE) tile<KIND, 1, NR_ONE>(w, n, x, ldx, y + n, ldy);
   } else {
@@ -897,10 +996,11 @@ struct XQ {
   const int8_t* q;  // [M, K]
   const float* d;   // [M, K/32] scales
   const float* s;   // [M, K/32] float block sums (for the offsets m)
+  const int32_t* c; // [M, K/32] -128 * the block's sum of q (q8 weights offset by 128, see tile_i8_t)
   int64_t K, nb;
 };
 
-void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, float* s) {
+void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, float* s, int32_t* c) {
   const int64_t nb = K / QK;
   for (int64_t r = 0; r < M; ++r)
     for (int64_t b = 0; b < nb; ++b) {
@@ -911,7 +1011,12 @@ void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
         sum += xb[j];
       }
       const float dx = amax / 127.f, inv = amax > 0.f ? 1.f / dx : 0.f;
-      for (int j = 0; j < QK; ++j) q[r * K + b * QK + j] = (int8_t)std::nearbyint(xb[j] * inv);
+      int32_t qsum = 0;
+      for (int j = 0; j < QK; ++j) {
+        q[r * K + b * QK + j] = (int8_t)std::nearbyint(xb[j] * inv);
+        qsum += q[r * K + b * QK + j];
+      }
+      c[r * nb + b] = -128 * qsum;
       d[r * nb + b] = dx;
       s[r * nb + b] = sum;
     }
@@ -1039,6 +1144,11 @@ void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_
 #endif
   // Per chunk of blocks, vectorized: the combined scales d_w d_x, and the offsets' whole share sum_b m_b sum_b x.
   float dq[NR][BC], mq[NR][BC], sc[MR][NR][BC];
+  // As in tile: while reading row j, the same bytes of a row whole tiles (at least PF_BYTES) ahead are prefetched.
+  constexpr int64_t BB = block_bytes<KIND>();
+  const int64_t tb = NR * row_bytes(w), ahead = (PF_BYTES + tb - 1) / tb * tb;
+  prefetch_range(rows[0].d + ahead / row_bytes(w) * x.nb, NR * x.nb * 2);
+  if (with_mins) prefetch_range(rows[0].m + ahead / row_bytes(w) * x.nb, NR * x.nb * 2);
   for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
     const int64_t bc = std::min(BC, x.nb - b0);
     for (int j = 0; j < NR; ++j) {
@@ -1054,6 +1164,7 @@ void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_
 #if defined(__AVX512BW__)
     for (; b + 2 <= b0 + bc; b += 2)
       for (int j = 0; j < NR; ++j) {
+        if (BB == 32 || b % 4 == 0) prefetch(rows[j].q + b * BB + ahead);
         const WPair wp = wpair<KIND>(rows[j], b);
         for (int r = 0; r < MR; ++r)
           acc2[r][j] = ipair_fma<KIND>(wp, x.q + (r0 + r) * x.K + b * QK, &sc[r][j][b - b0], acc2[r][j]);
@@ -1061,6 +1172,7 @@ void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_
 #endif
     for (; b < b0 + bc; ++b)
       for (int j = 0; j < NR; ++j) {
+        if (b % (64 / BB) == 0) prefetch(rows[j].q + b * BB + ahead);
         const WBlock wb = wblock<KIND>(rows[j], b);
         for (int r = 0; r < MR; ++r)
           acc[r][j] = idot_fma<KIND>(wb, x.q + (r0 + r) * x.K + b * QK, sc[r][j][b - b0], acc[r][j]);
@@ -1087,9 +1199,209 @@ void rows_tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, in
   }
 }
 
+#if defined(__AVX512VNNI__)
+// Several rows of x: 16 weight rows per tile, lane j of a vector = weight row j. Each 32-block of the 16
+// rows is transposed in registers into 8 vectors of 4-byte groups (q4 nibbles, q8 bytes + 128 as unsigned), then
+// every x row's 4-byte groups are broadcast into vpdpbusd: one int32 per weight row per block, fully reduced, so
+// the float work (convert, scale, accumulate) is one vector per (x row, block) instead of one per (row, row, block
+// pair). The transpose is paid once per block for all x rows. q8: (w + 128) . x = w . x + 128 sum x, corrected
+// by XQ::c = -128 sum x started in the accumulator.
+constexpr int TJ = 16;
+constexpr int I8T_MR = 16;  // x rows per pass
+// From this many x rows on it beats tile_i8 (measured, 129280x1024 at 1 thread: q4 from 2 rows, q8 from 4 (equal at
+// 2-4: the transpose costs what tile_i8's sign handling does); 16 rows: 54 -> 23 ms).
+template <int KIND>
+constexpr int64_t i8t_min_rows() { return KIND == Q4 ? 2 : 4; }
+
+// The dwords g .. g + 3 of the 16 rows' bytes at p[j] + off as 4 vectors, lane j = row j (4x4 transposes in lanes).
+inline void transpose16x4(const uint8_t* const* p, int64_t off, __m512i* t) {
+  __m512i z[4];
+  for (int i = 0; i < 4; ++i) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(p[i] + off)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p[i + 4] + off)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p[i + 8] + off)), 2);
+    z[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p[i + 12] + off)), 3);
+  }
+  const __m512i a = _mm512_unpacklo_epi32(z[0], z[1]), b = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i c = _mm512_unpacklo_epi32(z[2], z[3]), d = _mm512_unpackhi_epi32(z[2], z[3]);
+  t[0] = _mm512_unpacklo_epi64(a, c);
+  t[1] = _mm512_unpackhi_epi64(a, c);
+  t[2] = _mm512_unpacklo_epi64(b, d);
+  t[3] = _mm512_unpackhi_epi64(b, d);
+}
+
+template <int KIND, int MR>
+void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  constexpr int64_t BB = block_bytes<KIND>();
+  const bool with_mins = w.mins != nullptr;
+  const uint8_t* p[TJ];
+  Row rows[TJ];
+  for (int j = 0; j < TJ; ++j) {
+    rows[j] = row_of(w, n0 + j);
+    p[j] = rows[j].q;
+  }
+  const int64_t tb = TJ * row_bytes(w), ahead = (PF_BYTES + tb - 1) / tb * tb;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) float dT[BC][TJ], mT[BC][TJ];
+  float tmp[BC];
+  for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
+    const int64_t bc = std::min(BC, x.nb - b0);
+    for (int j = 0; j < TJ; ++j) {  // the chunk's scales (and mins), transposed: one vector of 16 rows per block
+      halves_to_floats(rows[j].d + b0, bc, tmp);
+      for (int64_t i = 0; i < bc; ++i) dT[i][j] = tmp[i];
+      if (with_mins) {
+        halves_to_floats(rows[j].m + b0, bc, tmp);
+        for (int64_t i = 0; i < bc; ++i) mT[i][j] = tmp[i];
+      }
+    }
+    for (int64_t b = b0; b < b0 + bc; ++b) {
+      if (BB == 64 || b % (64 / BB) == 0)
+        for (int j = 0; j < TJ; ++j) prefetch(p[j] + b * BB + ahead);
+      __m512i W[8];
+      if constexpr (KIND == Q4) {
+        transpose16x4(p, b * BB, W);
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int t = 0; t < 4; ++t) {
+          W[t + 4] = _mm512_and_si512(_mm512_srli_epi16(W[t], 4), m4);
+          W[t] = _mm512_and_si512(W[t], m4);
+        }
+      } else {
+        transpose16x4(p, b * BB, W);
+        transpose16x4(p, b * BB + 16, W + 4);
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int t = 0; t < 8; ++t) W[t] = _mm512_xor_si512(W[t], flip);
+      }
+      const __m512 dw = _mm512_load_ps(dT[b - b0]);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t xr = (r0 + r) * x.nb + b;
+        const int32_t* xg = (const int32_t*)(x.q + (r0 + r) * x.K + b * QK);
+        __m512i s0 = KIND == Q8 ? _mm512_set1_epi32(x.c[xr]) : _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int t = 0; t < 8; t += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, W[t], _mm512_set1_epi32(xg[t]));
+          s1 = _mm512_dpbusd_epi32(s1, W[t + 1], _mm512_set1_epi32(xg[t + 1]));
+        }
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+        acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(x.d[xr])), acc[r]);
+        if (with_mins) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(mT[b - b0]), _mm512_set1_ps(x.s[xr]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + (r0 + r) * ldy + n0, acc[r]);
+}
+#elif defined(__AVX2__)
+// The same tile in 256 bits for AVX2 without VNNI: 8 weight rows per tile, maddubs + madd for the dot products.
+// maddubs saturates its 16-bit pair sums, so q8 keeps |w| unsigned with w's sign moved onto x (not w + 128), and
+// only q4 (pairs <= 2 * 15 * 127) may add eight of them in 16 bits before widening.
+constexpr int TJ = 8;
+constexpr int I8T_MR = 8;  // x rows per pass: 16 registers hold the 8 transposed vectors and the accumulators
+template <int KIND>
+constexpr int64_t i8t_min_rows() { return 2; }  // 16 rows, q8: 114 -> 55 ms, q4: 84 -> 40 ms (AVX2 level)
+
+// The dwords g .. g + 3 of the 8 rows' bytes at p[j] + off as 4 vectors, lane j = row j (4x4 transposes in lanes).
+inline void transpose8x4(const uint8_t* const* p, int64_t off, __m256i* t) {
+  __m256i z[4];
+  for (int i = 0; i < 4; ++i)
+    z[i] = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(p[i + 4] + off)),
+                            _mm_loadu_si128((const __m128i*)(p[i] + off)));
+  const __m256i a = _mm256_unpacklo_epi32(z[0], z[1]), b = _mm256_unpackhi_epi32(z[0], z[1]);
+  const __m256i c = _mm256_unpacklo_epi32(z[2], z[3]), d = _mm256_unpackhi_epi32(z[2], z[3]);
+  t[0] = _mm256_unpacklo_epi64(a, c);
+  t[1] = _mm256_unpackhi_epi64(a, c);
+  t[2] = _mm256_unpacklo_epi64(b, d);
+  t[3] = _mm256_unpackhi_epi64(b, d);
+}
+
+template <int KIND, int MR>
+void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  constexpr int64_t BB = block_bytes<KIND>();
+  const bool with_mins = w.mins != nullptr;
+  const uint8_t* p[TJ];
+  Row rows[TJ];
+  for (int j = 0; j < TJ; ++j) {
+    rows[j] = row_of(w, n0 + j);
+    p[j] = rows[j].q;
+  }
+  const int64_t tb = TJ * row_bytes(w), ahead = (PF_BYTES + tb - 1) / tb * tb;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  alignas(32) float dT[BC][TJ], mT[BC][TJ];
+  float tmp[BC];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
+    const int64_t bc = std::min(BC, x.nb - b0);
+    for (int j = 0; j < TJ; ++j) {
+      halves_to_floats(rows[j].d + b0, bc, tmp);
+      for (int64_t i = 0; i < bc; ++i) dT[i][j] = tmp[i];
+      if (with_mins) {
+        halves_to_floats(rows[j].m + b0, bc, tmp);
+        for (int64_t i = 0; i < bc; ++i) mT[i][j] = tmp[i];
+      }
+    }
+    for (int64_t b = b0; b < b0 + bc; ++b) {
+      if (BB == 64 || b % (64 / BB) == 0)
+        for (int j = 0; j < TJ; ++j) prefetch(p[j] + b * BB + ahead);
+      __m256i W[8];
+      transpose8x4(p, b * BB, W);
+      if constexpr (KIND == Q4) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        for (int t = 0; t < 4; ++t) {
+          W[t + 4] = _mm256_and_si256(_mm256_srli_epi16(W[t], 4), m4);
+          W[t] = _mm256_and_si256(W[t], m4);
+        }
+      } else {
+        transpose8x4(p, b * BB + 16, W + 4);
+      }
+      const __m256 dw = _mm256_load_ps(dT[b - b0]);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t xr = (r0 + r) * x.nb + b;
+        const int32_t* xg = (const int32_t*)(x.q + (r0 + r) * x.K + b * QK);
+        __m256i dot;
+        if constexpr (KIND == Q4) {
+          __m256i s16 = _mm256_maddubs_epi16(W[0], _mm256_set1_epi32(xg[0]));
+          for (int t = 1; t < 8; ++t) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(W[t], _mm256_set1_epi32(xg[t])));
+          dot = _mm256_madd_epi16(s16, ones);
+        } else {
+          dot = _mm256_setzero_si256();
+          for (int t = 0; t < 8; ++t) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xg[t]), W[t]);
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(W[t], W[t]), xs), ones));
+          }
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xr])), acc[r]);
+        if (with_mins) acc[r] = _mm256_fmadd_ps(_mm256_load_ps(mT[b - b0]), _mm256_set1_ps(x.s[xr]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(y + (r0 + r) * ldy + n0, acc[r]);
+}
+#endif
+
+#if defined(__AVX2__)
+// All M rows of x against weight rows n0 .. n0 + TJ, at most I8T_MR x rows per pass.
+template <int KIND>
+void rows_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < M; r += I8T_MR) {
+    switch (std::min<int64_t>(I8T_MR, M - r)) {
+#define SELFSEEK_I8T(n) \
+  case n: if constexpr (n <= I8T_MR) tile_i8_t<KIND, n>(w, n0, x, r, y, ldy); break;
+      SELFSEEK_I8T(1) SELFSEEK_I8T(2) SELFSEEK_I8T(3) SELFSEEK_I8T(4) SELFSEEK_I8T(5) SELFSEEK_I8T(6)
+      SELFSEEK_I8T(7) SELFSEEK_I8T(8) SELFSEEK_I8T(9) SELFSEEK_I8T(10) SELFSEEK_I8T(11) SELFSEEK_I8T(12)
+      SELFSEEK_I8T(13) SELFSEEK_I8T(14) SELFSEEK_I8T(15) SELFSEEK_I8T(16)
+#undef SELFSEEK_I8T
+      default: break;
+    }
+  }
+}
+#endif
+
 template <int KIND>
 void gemm_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
   int64_t n = n0;
+#if defined(__AVX2__)
+  if (M >= i8t_min_rows<KIND>())
+    for (; n + TJ <= n1; n += TJ) rows_tile_i8_t<KIND>(w, n, x, M, y, ldy);
+#endif
   if (M == 1) {
     for (; n + NR_ONE <= n1; n += NR_ONE) tile_i8<KIND, 1, NR_ONE>(w, n, x, 0, y, ldy);
   } else {
@@ -1121,8 +1433,9 @@ int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, flo
   const int64_t N = w->rows, K = w->cols, nb = K / QK, chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), s(M * nb);
-  quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data());
-  const XQ xq{q.data(), d.data(), s.data(), K, nb};
+  std::vector<int32_t> c(M * nb);
+  quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data(), c.data());
+  const XQ xq{q.data(), d.data(), s.data(), c.data(), K, nb};
   const bool par = M * N * K >= (1 << 16) && chunks > 1;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t c = 0; c < chunks; ++c) {

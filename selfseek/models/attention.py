@@ -49,12 +49,19 @@ class Attention(nn.Module):
         return torch.zeros(num_slots, 2, self.n_kv, self.head_dim, dtype=dtype, device=device)
 
     def _paged_views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """(K [slots, k, d], V [slots, k, d], fp8 (K, V) scales or None) of the pool, for paged_attention."""
+        """(K [slots, k, d], V [slots, k, d], fp8 (K, V) scales or None) of the pool, for paged_attention.
+        Kept on the pool tensor (it lives as long as they do): every decode step asks, once per layer."""
         d = self.head_dim
-        if pool.dtype != torch.uint8:
-            return pool[:, 0], pool[:, 1], None
-        scales = fp8_scales(pool, d)  # [slots, 2, k, tiles]
-        return pool[:, 0, :, :d], pool[:, 1, :, :d], (scales[:, 0], scales[:, 1])
+        views = pool.__dict__.get("_gqa_views")
+        key = (d, pool.data_ptr(), pool.shape)  # a pool resized in place moves
+        if views is None or views[0] != key:
+            if pool.dtype != torch.uint8:
+                views = (key, pool[:, 0], pool[:, 1], None)
+            else:
+                scales = fp8_scales(pool, d)  # [slots, 2, k, tiles]
+                views = (key, pool[:, 0, :, :d], pool[:, 1, :, :d], (scales[:, 0], scales[:, 1]))
+            pool.__dict__["_gqa_views"] = views
+        return views[1:]
 
     def forward(
         self,
@@ -68,27 +75,31 @@ class Attention(nn.Module):
         g = self.n_heads // self.n_kv
         h, d = self.n_heads, self.head_dim
         fused = fused_rows(self, (self.q_proj, self.k_proj, self.v_proj))
-        if fused is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
+        kv = None  # [T, 2, k, d]: K and V of the new rows, the pool's row layout
+        if fused is not None and self.q_norm is None:
             qkv = fused(x)
-            q, k, v = qkv.split([h * d, self.n_kv * d, self.n_kv * d], dim=-1)
-        v = v.view(T, self.n_kv, d)
-        if self.q_norm is None and fused is not None:
             # q and k are adjacent columns of the fused output: one rotary over both sets of heads
             qk = qkv[:, : (h + self.n_kv) * d].view(T, h + self.n_kv, d)
-            if rope(qk, *cos_sin, self.rotary.interleaved, out=qk) is None:  # in place, one kernel call
+            if rope(qk, *cos_sin, self.rotary.interleaved, out=qk) is not None:  # in place, one kernel call
+                kv = qkv[:, h * d :].view(T, 2, self.n_kv, d)  # k (roped in place), then v: no stacked copy
+            else:
                 qk = self.rotary(qk, *cos_sin)
-            q, k = qk[:, :h].view(T, self.n_kv, g, d), qk[:, h:]
+                k, v = qk[:, h:], qkv[:, (h + self.n_kv) * d :]
+            q = qk[:, :h].view(T, self.n_kv, g, d)
         else:
+            if fused is None:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            else:
+                q, k, v = fused(x).split([h * d, self.n_kv * d, self.n_kv * d], dim=-1)
             q, k = q.reshape(T, self.n_kv, g, d), k.reshape(T, self.n_kv, d)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
-        kv = torch.stack([k, v], dim=1)  # [T, 2, k, d]
+        if kv is None:
+            kv = torch.stack([k, v.reshape(T, self.n_kv, d)], dim=1)
         if pool is not None and batch.slot_mapping is not None:
             stored = quantize_fp8(kv.reshape(-1, d)).view(T, 2, self.n_kv, -1) if pool.dtype == torch.uint8 else kv
-            pool.index_copy_(0, batch.slot_mapping, stored.to(pool.dtype))
+            pool.index_copy_(0, batch.slot_mapping, stored if stored.dtype == pool.dtype else stored.to(pool.dtype))
 
         paged = batch.paged
         if paged is not None and pool is None:
@@ -101,7 +112,7 @@ class Attention(nn.Module):
         out = x.new_empty(T, self.n_kv, g, self.head_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
-            out[rows] = dense_attention(q[rows].flatten(1, 2), k[rows], kv[rows, 1], self.scale, seg.mask).view(
+            out[rows] = dense_attention(q[rows].flatten(1, 2), kv[rows, 0], kv[rows, 1], self.scale, seg.mask).view(
                 -1, self.n_kv, g, self.head_dim)
         e = rest.start if rest is not None else T
         if n_long:

@@ -146,10 +146,12 @@ def paged_attention(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need unit stride in their last dim")
     cu_q, ctx = rows.cu_q, rows.context_lens
-    for name, t in (("block_tables", tables), ("cu_q", cu_q), ("context_lens", ctx)):
-        if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous int32 CPU tensor, got {t.dtype} on {t.device}")
-    q32 = q.float().contiguous()
+    if "kernel_checked" not in rows._splits:  # once per batch, not once per layer
+        for name, t in (("block_tables", tables), ("cu_q", cu_q), ("context_lens", ctx)):
+            if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"{name} must be a contiguous int32 CPU tensor, got {t.dtype} on {t.device}")
+        rows._splits["kernel_checked"] = True
+    q32 = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
     out = torch.empty(R, n_kv, g, dv, dtype=torch.float32)
     rc = lib.selfseek_paged_attention(
         q32.data_ptr(), out.data_ptr(), R,
@@ -164,7 +166,7 @@ def paged_attention(
     if rc != 0:
         raise ValueError(f"paged attention rejected its batch (code {rc}): cu_q {cu_q.tolist()}, "
                          f"context_lens {ctx.tolist()}")
-    return out.to(q.dtype)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def _paged_attention_torch(

@@ -18,16 +18,20 @@ back by -p. Per-head sinks s_h join each softmax's denominator: a = exp(z) / (su
 Residual stream: hc_mult streams X [n, m] mixed by manifold-constrained hyper-connections (mHC) around each block:
     pre, post, comb = from X (one linear layer over the normed flattened streams); comb made doubly stochastic by
     Sinkhorn-Knopp; block input = sum_j pre_j X_j; X'_k = post_k * Block(input) + sum_j comb[j, k] X_j
-and a last weighted collapse (hc_head) before the final norm.
+and a last weighted collapse (hc_head) before the final norm. On float32 CPU tensors outside autograd the weights,
+Sinkhorn-Knopp and collapse run as one kernel call, the merge as another (kernels/fused_ops.cpp); torch otherwise.
 MoE: scores sqrt(softplus(z)); experts top-k of score + bias (noaux_tc) or, in hash_moe layers, tid2eid[token];
 weights = normalised scores of the chosen experts x routed_scaling_factor; experts' SwiGLU clamped at swiglu_limit.
 
-The cache (engine): one pool row per token and layer, addressed through the block tables like every other family,
-holding the token's KV and the compressors' raw inputs (C, Z); the compressed entries (+ indexer keys) are paged
-by groups of ENTRY_GROUP (16) aligned rows: a group's memory holds its 16 tokens' values, then the ceil(16 / m)
-entries of the windows ending in it. A group lies inside one block (block_size a multiple of 16, checked), so
-everything is a function of the sequence's blocks: prefix caching, preemption and rejected drafts need nothing
-special.
+The cache (engine): per layer a `V4Pool` of two kinds of storage, both addressed through the block tables:
+- entries (CSA / HCA layers): the compressed entries (+ indexer keys) of the windows ending in each ENTRY_GROUP (16)
+  aligned slots, ceil(16 / m) per group; kept for the sequence's life (block_size a multiple of 16, checked);
+- window rows: per token its KV and the compressors' raw inputs (C, Z), read only for the last `lookback` positions
+  before a step's first new token (the sliding window, the unfinished compression windows). With the engine's
+  block manager bound (`use_window_blocks`) they live in a smaller pool of window blocks: window block
+  window_of[b] holds the rows of block b while the manager keeps it (a sequence's last blocks); unbound, every
+  block has its own (window slots = slots).
+Prefix caching, preemption and rejected drafts follow the blocks (engine/kv_cache.py).
 Module names follow transformers' DeepseekV4ForCausalLM; `checkpoint_name` maps the released checkpoints' names
 (and transformers' saved ones) onto them. The released FP8 dense weights and FP4 routed experts (`X.scale` beside
 `X.weight`) stay packed on a CPU (weights/safetensors.py; `pack_experts` gives the experts their packed stacks).
@@ -36,6 +40,7 @@ Shape letters: T flat rows, s queries, t keys, h heads, d head dim, w windows, j
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfseek.config import ModelConfig, V4Config
-from selfseek.models.batch import AttnBatch, build_batch
+from selfseek.kernels import fused_ops
+from selfseek.models.batch import AttnBatch, PagedRows, build_batch
 from selfseek.models.layers import RMSNorm, Rotary
 from selfseek.models.quant import Bits, QuantStack, can_quantize
 
@@ -53,13 +59,19 @@ CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)  # one op for the five below
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def rope_tail(rot: Rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved RoPE on the last r values of x ([nope | rope] layout); cos/sin [T, r/2] broadcast over heads."""
+    """Interleaved RoPE on the last r values of x ([nope | rope] layout); cos/sin [T, r/2] broadcast over heads.
+    x is a fresh intermediate of the caller's: the fused kernel rotates its tail in place (Rotary's bits)."""
     r = 2 * cos.shape[-1]
-    return torch.cat([x[..., :-r], rot(x[..., -r:], cos, sin)], dim=-1)
+    tail = x[..., -r:]
+    if fused_ops.rope(tail, cos, sin, rot.interleaved, out=tail) is not None:
+        return x
+    return torch.cat([x[..., :-r], rot(tail, cos, sin)], dim=-1)
 
 
 class Compressor(nn.Module):
@@ -122,25 +134,57 @@ class V4Indexer(Compressor):
         return rope_tail(rot, q, *cos_sin).float(), w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
-               visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [s, H, D], w [s, H], keys [t, D], visible [s, t] -> the top-k visible entries of each row: (indices
-        [s, k], valid [s, k]), k = min(index_topk, t); a row seeing fewer than k has its other picks invalid."""
+               visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [s, H, D], w [s, H], keys [t, D], visible [s, t] (None: all) -> the top-k visible entries of each row:
+        (indices [s, k], valid [s, k]), k = min(index_topk, t); a row seeing fewer than k has its other picks
+        invalid."""
         per_head = F.relu(torch.einsum("shd,td->sht", q, keys.float())) * self.dim**-0.5
-        scores = torch.einsum("sh,sht->st", w, per_head).masked_fill(~visible, float("-inf"))
+        scores = torch.einsum("sh,sht->st", w, per_head)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         top = scores.topk(min(self.topk, keys.shape[0]), dim=-1)
         return top.indices, top.values > float("-inf")
 
 
 @dataclass
+class V4Pool:
+    """One layer's cache: entries [groups, ceil(G / m), entry_width] (None in sliding-only layers) addressed by slot
+    // G, and window rows [window slots, token_width]; slot s's window row is window_of[s // B] * B + s % B, or s
+    when window_of is None (one window row per slot)."""
+
+    entries: torch.Tensor | None
+    window: torch.Tensor
+    window_of: torch.Tensor | None = None  # int64 [blocks]: each block's window block, -1: none (BlockManager's)
+    block_size: int = 1
+    _copy: tuple[int, torch.Tensor] | None = None  # (window_of's version, its copy on the slots' device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.window.nbytes + (0 if self.entries is None else self.entries.nbytes)
+
+    def window_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        if self.window_of is None:
+            return slots
+        table = self.window_of
+        if table.device != slots.device:  # copied again only when the manager has changed it (in-place version)
+            if self._copy is None or self._copy[0] != table._version or self._copy[1].device != slots.device:
+                self._copy = table._version, table.to(slots.device)
+            table = self._copy[1]
+        b = self.block_size
+        return table[slots // b] * b + slots % b
+
+
+@dataclass
 class _Seq:
     """One sequence of the batch: its query rows, first new position, and where its values live (a pool, or the
-    batch's own rows: groups of one row): position p's slot is index[p], its values tokens[slot // g, slot % g] and
-    the entry of a window ending at p entries[slot // g, (p % g) // rate]."""
+    batch's own rows): position p's values are tokens[wslot[p]] (only positions a step reads: the last `lookback`
+    before `start` and the new ones), the entry of a window ending at p entries[index[p] // g, (p % g) // rate]."""
 
     rows: slice
     start: int
     index: torch.Tensor
-    tokens: torch.Tensor  # [groups, g, token values]
+    wslot: torch.Tensor
+    tokens: torch.Tensor  # [rows, token values]
     entries: torch.Tensor | None  # [groups, entries per group, entry values]
     g: int
     rate: int
@@ -150,8 +194,7 @@ class _Seq:
         return self.start + self.rows.stop - self.rows.start
 
     def read(self, pos: torch.Tensor, cols: slice) -> torch.Tensor:
-        slot = self.index[pos]
-        return self.tokens[slot // self.g, slot % self.g, cols]
+        return self.tokens[self.wslot[pos], cols]
 
     def entry_cells(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(group, entry) indices of the windows ending at positions `ends`."""
@@ -194,9 +237,8 @@ class V4Attention(nn.Module):
         return getattr(self.compressor, "indexer", None)
 
     def _layout(self) -> None:
-        """A token's values: KV | compressor C, Z | indexer C, Z (`token_width`); an entry's: entry | indexer entry
-        (`entry_width`). A pool row is `row_width` = token_width + group_cols values: the memory of ENTRY_GROUP
-        (G) rows holds their G tokens' values, then the ceil(G / m) entries of the windows ending in them."""
+        """A token's window row: KV | compressor C, Z | indexer C, Z (`token_width`); an entry: entry | indexer entry
+        (`entry_width`), ceil(G / m) of them per ENTRY_GROUP (G) slots (`group_cols` values per slot)."""
         widths = [("kv", self.head_dim)]
         if self.compressor is not None:
             widths.append(("raw", self.compressor.raw_width))
@@ -209,52 +251,59 @@ class V4Attention(nn.Module):
         self.entry_width = (self.head_dim if self.rate else 0) + (self.indexer.dim if self.indexer is not None else 0)
         self.entry_cols = {"entry": slice(0, self.head_dim), "ientry": slice(self.head_dim, self.entry_width)}
         g = self.ENTRY_GROUP
-        self.group_cols = -(-(-(-g // self.rate) * self.entry_width) // g) if self.rate else 0
-        self.row_width = at + self.group_cols
+        self.entries_per_group = -(-g // self.rate) if self.rate else 0
+        self.group_cols = self.entries_per_group * self.entry_width / g
+        # window_map (window_of, window blocks, block_size), set by DeepseekV4LM.use_window_blocks
+        self.window_map: tuple[torch.Tensor, int, int] | None = None
 
-    def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """Rows of ENTRY_GROUP consecutive slots must hold consecutive positions of one sequence, aligned
-        (slot % ENTRY_GROUP == position % ENTRY_GROUP): the engine's blocks, when block_size is a multiple of it."""
+    @property
+    def lookback(self) -> int:
+        """Positions before a step's first new token that it reads window rows of: the sliding window's keys and the
+        raw rows of the unfinished compression windows (CSA: the previous window's too)."""
+        raw = (2 if self.compressor.overlap else 1) * self.rate if self.compressor is not None else 0
+        return max(self.window, raw) - 1
+
+    def new_pool(self, num_slots: int, dtype: torch.dtype, device) -> V4Pool:
+        """Entries for `num_slots` slots (groups of ENTRY_GROUP consecutive slots must hold consecutive positions of
+        one sequence, aligned: slot % G == position % G, as the engine's blocks do when block_size is a multiple of
+        G) and window rows: one per slot, or the bound block manager's window blocks."""
         if num_slots % self.ENTRY_GROUP:
             raise ValueError(f"num_slots ({num_slots}) of a DeepSeek-V4 pool must be a multiple of {self.ENTRY_GROUP}")
-        return torch.zeros(num_slots, self.row_width, dtype=dtype, device=device)
+        entries = (torch.zeros(num_slots // self.ENTRY_GROUP, self.entries_per_group, self.entry_width, dtype=dtype,
+                               device=device) if self.rate else None)
+        if self.window_map is None:
+            return V4Pool(entries, torch.zeros(num_slots, self.token_width, dtype=dtype, device=device))
+        window_of, blocks, block_size = self.window_map
+        return V4Pool(entries, torch.zeros(blocks * block_size, self.token_width, dtype=dtype, device=device),
+                      window_of, block_size)
 
-    def _views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A pool's (token values [groups, G, token_width], entries [groups, ceil(G / m), entry_width] or None):
-        each group's G rows are one stretch of memory, its token values first, then its entries."""
-        g = self.ENTRY_GROUP
-        flat = pool.view(-1, g * self.row_width)
-        tokens = flat[:, : g * self.token_width].view(-1, g, self.token_width)
-        if not self.rate:
-            return tokens, None
-        n = -(-g // self.rate)
-        at = g * self.token_width
-        return tokens, flat[:, at : at + n * self.entry_width].view(-1, n, self.entry_width)
-
-    def _sequences(self, batch: AttnBatch, pool: torch.Tensor | None, local: torch.Tensor) -> list[_Seq]:
-        """The batch's sequences over the pool's views, or (prefills without a pool) over the batch's own rows."""
+    def _sequences(self, batch: AttnBatch, pool: V4Pool | None, local: torch.Tensor) -> list[_Seq]:
+        """The batch's sequences over the pool, or (prefills without a pool) over the batch's own rows."""
         m, g = self.rate or 1, self.ENTRY_GROUP
         out = []
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
-            if pool is None or batch.slot_mapping is None:  # groups of one row; entries in their own tensor
+            if pool is None or batch.slot_mapping is None:  # the batch's rows; entries in their own tensor
                 n = seg.q_end - seg.q_start
                 entries = local.new_zeros(n, 1, self.entry_width) if self.rate else None
-                out.append(_Seq(rows, 0, torch.arange(n, device=local.device), local[rows, None], entries, 1, m))
+                index = torch.arange(n, device=local.device)
+                out.append(_Seq(rows, 0, index, index, local[rows], entries, 1, m))
             else:
-                out.append(_Seq(rows, 0, batch.slot_mapping[rows], *self._views(pool), g, m))
+                slots = batch.slot_mapping[rows]
+                out.append(_Seq(rows, 0, slots, pool.window_slots(slots), pool.window, pool.entries, g, m))
         if (paged := batch.paged) is not None:
             if pool is None:
                 raise ValueError("rows with cached context need the layer's KV pool")
-            views = self._views(pool)
-            slots, cu, lens = paged.context_slots().to(pool.device), paged.cu_q.tolist(), paged.context_lens.tolist()
+            slots, wslots = _context_slots(paged, pool)
+            cu, lens = paged.cu_q.tolist(), paged.context_lens.tolist()
             for i, n_ctx in enumerate(lens):
                 rows = slice(paged.start + cu[i], paged.start + cu[i + 1])
-                out.append(_Seq(rows, n_ctx - (cu[i + 1] - cu[i]), slots[i, :n_ctx], *views, g, m))
+                out.append(_Seq(rows, n_ctx - (cu[i + 1] - cu[i]), slots[i, :n_ctx], wslots[i, :n_ctx], pool.window,
+                                pool.entries, g, m))
         return out
 
     def forward(self, x: torch.Tensor, cos_sin: dict, batch: AttnBatch,
-                pool: torch.Tensor | None = None) -> torch.Tensor:
+                pool: V4Pool | None = None) -> torch.Tensor:
         """x [T, m] -> [T, m]; cos_sin: {"main": ..., "compress": ...} at the rows' positions."""
         T, h, d = x.shape[0], self.n_heads, self.head_dim
         cs = cos_sin["compress" if self.rate else "main"]
@@ -268,8 +317,7 @@ class V4Attention(nn.Module):
             parts.append(self.indexer.raw(x))
         local = torch.cat(parts, dim=-1)
         if pool is not None and batch.slot_mapping is not None:
-            slots, g = batch.slot_mapping, self.ENTRY_GROUP
-            self._views(pool)[0][slots // g, slots % g] = local.to(pool.dtype)
+            pool.window[_new_window_slots(batch, pool)] = local.to(pool.window.dtype)
         iq = self.indexer.queries(q_c, x, self.rotary, cs) if self.indexer is not None else None
         out = x.new_empty(T, h, d)
         for seq in self._sequences(batch, pool, local):
@@ -277,9 +325,9 @@ class V4Attention(nn.Module):
                 self._compress_new_windows(seq)
             out[seq.rows] = self._attend(seq, q[seq.rows], None if iq is None else (iq[0][seq.rows], iq[1][seq.rows]))
         out = rope_tail(self.rotary, out, cs[0], -cs[1])  # K = V: rotate the output's rope slice back by -p
-        grouped = out.reshape(T, self.o_groups, -1)
+        grouped = out.reshape(T, self.o_groups, -1).transpose(0, 1)  # [g, T, h d / g]
         w_a = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, r, h d / g]
-        return self.o_b_proj(torch.einsum("tgk,grk->tgr", grouped, w_a.to(grouped.dtype)).flatten(1))
+        return self.o_b_proj(torch.bmm(grouped, w_a.to(grouped.dtype).transpose(1, 2)).transpose(0, 1).flatten(1))
 
     def _compress_new_windows(self, seq: _Seq) -> None:
         """Entries of the windows the sequence's new tokens complete, stored in the group of each one's last token."""
@@ -321,27 +369,53 @@ class V4Attention(nn.Module):
         p = torch.arange(start, end, device=dev)  # query positions
         k_pos = torch.arange(max(0, start - self.window + 1), end, device=dev)
         keys = seq.read(k_pos, self.cols["kv"])
-        visible = (k_pos[None, :] <= p[:, None]) & (k_pos[None, :] > p[:, None] - self.window)
+        one = q.shape[0] == 1  # one row (decode) sees each of its window keys and entries: no masks to build
+        visible = None if one else (k_pos[None, :] <= p[:, None]) & (k_pos[None, :] > p[:, None] - self.window)
         picked = None  # CSA: each row's own top-k entries [s, k, d] and which are valid [s, k]
         if self.compressor is not None and end // self.rate > 0:
             n_entries = end // self.rate
             ends = torch.arange(n_entries, device=dev) * self.rate + self.rate - 1
-            seen = torch.arange(n_entries, device=dev)[None, :] < ((p + 1) // self.rate)[:, None]
+            seen = None if one else torch.arange(n_entries, device=dev)[None, :] < ((p + 1) // self.rate)[:, None]
             if iq is None:  # HCA: every entry, one key set for all rows
                 keys = torch.cat([keys, seq.read_entries(ends, self.entry_cols["entry"])])
-                visible = torch.cat([visible, seen], 1)
+                visible = None if one else torch.cat([visible, seen], 1)
             else:  # only the picked entries are read
                 idx, ok = self.indexer.select(iq[0], iq[1], seq.read_entries(ends, self.entry_cols["ientry"]), seen)
                 picked = (seq.read_entries(ends[idx], self.entry_cols["entry"]), ok)
         return sink_attention(q, keys, visible, self.sinks, self.scale, picked)
 
 
-def sink_attention(q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float,
-                   per_row: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One shared K = V head with per-head sinks: q [s, h, d], kv [t, d] seen by every row where visible [s, t],
-    plus per_row (keys [s, k, d], valid [s, k]): each row's own keys -> [s, h, d]."""
+def _new_window_slots(batch: AttnBatch, pool: V4Pool) -> torch.Tensor:
+    """The window slots of the batch's new rows (slot_mapping), made once per batch and window map when the batch
+    has paged rows (whose per-batch cache holds them), as _context_slots."""
+    if batch.paged is None or pool.window_of is None:
+        return pool.window_slots(batch.slot_mapping)
+    key = ("deepseek_v4 new", id(pool.window_of), pool.window.device)
+    if key not in batch.paged._splits:
+        batch.paged._splits[key] = pool.window_slots(batch.slot_mapping)
+    return batch.paged._splits[key]
+
+
+def _context_slots(paged: PagedRows, pool: V4Pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, window slots) [S, max_context] of the paged rows' context, made once per batch and window map: every
+    layer (and the MTP module, over the same batch) shares them."""
+    key = ("deepseek_v4", None if pool.window_of is None else id(pool.window_of), pool.window.device)
+    if key not in paged._splits:  # PagedRows' per-batch cache
+        slots = paged.context_slots().to(pool.window.device)
+        paged._splits[key] = slots, pool.window_slots(slots)
+    return paged._splits[key]
+
+
+def sink_attention(q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor | None, sinks: torch.Tensor,
+                   scale: float, per_row: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One shared K = V head with per-head sinks: q [s, h, d], kv [t, d] seen by every row where visible [s, t]
+    (None: everywhere), plus per_row (keys [s, k, d], valid [s, k]): each row's own keys -> [s, h, d]."""
+    if (fused := fused_ops.sink_attention(q, kv, visible, sinks.float(), scale, per_row)) is not None:
+        return fused  # one kernel call for the dozen ops below (float32 CPU)
     qf = q.float()
-    z = torch.einsum("shd,td->sht", qf, kv.float()).masked_fill(~visible[:, None, :], float("-inf"))
+    z = torch.einsum("shd,td->sht", qf, kv.float())
+    if visible is not None:
+        z = z.masked_fill(~visible[:, None, :], float("-inf"))
     if per_row is not None:
         own = torch.einsum("shd,skd->shk", qf, per_row[0].float()).masked_fill(~per_row[1][:, None, :], float("-inf"))
         z = torch.cat([z, own], dim=-1)
@@ -368,6 +442,13 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [T, n, m] -> (post [T, n], comb [T, n, n] (row j: from stream j), block input [T, m])."""
         n = self.n
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (streams, self.fn, self.base, self.scale))
+        if streams.dtype == torch.float32 and not tracked:  # the fused kernel: this formula in one call
+            mix = F.linear(streams.flatten(1), self.fn.float())  # the norm's factor is applied by the kernel
+            fused = fused_ops.hc_pre(mix, streams, self.base.float(), self.scale.float(), self.norm_eps, self.hc_eps,
+                                     self.iters)
+            if fused is not None:
+                return fused
         mix = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn.float())
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
@@ -385,6 +466,8 @@ class HyperConnection(nn.Module):
     @staticmethod
     def merge(post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k y + sum_j comb[j, k] X_j."""
+        if (fused := fused_ops.hc_post(post, comb, streams, y)) is not None:
+            return fused
         dt = streams.dtype
         return post.to(dt)[..., None] * y[:, None, :] + torch.einsum("tjk,tjm->tkm", comb.to(dt), streams)
 
@@ -467,22 +550,34 @@ class V4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """y[n] = sum_k w[n, k] FFN_{ids[n, k]}(x[n]), each expert run once on the tokens routed to it."""
+        y = torch.zeros_like(x)
+        if x.shape[0] == 1:  # decode: routing read once as Python numbers, no index tensors (a step's many tiny ops)
+            w, slots_of = weights[0].tolist(), {}
+            for slot, e in enumerate(ids[0].tolist()):
+                slots_of.setdefault(e, []).append(slot)
+            for e in sorted(slots_of):
+                out = self._ffn(e, x)
+                for slot in slots_of[e]:  # the order and products of the index_add_ below
+                    y += (out * w[slot]).to(y.dtype)
+            return y
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        y, start = torch.zeros_like(x), 0
+        start = 0
         for e, count in enumerate(counts):
             if not count:
                 continue
             slots = order[start : start + count]
             start += count
             tokens = slots // k
-            h = x[tokens]
-            h = swiglu(self._linear("gate_proj", e, h), self._linear("up_proj", e, h), self.limit)
-            out = self._linear("down_proj", e, h) * weights.flatten()[slots, None]
-            y.index_add_(0, tokens, out.to(y.dtype))
+            y.index_add_(0, tokens, (self._ffn(e, x[tokens]) * weights.flatten()[slots, None]).to(y.dtype))
         return y
+
+    def _ffn(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's clamped SwiGLU FFN of rows h."""
+        return self._linear("down_proj", e, swiglu(self._linear("gate_proj", e, h), self._linear("up_proj", e, h),
+                                                   self.limit))
 
     def _linear(self, proj: str, e: int, h: torch.Tensor) -> torch.Tensor:
         """h @ W_e^T for a float stack, or a QuantStack's expert e (e.g. the released FP4 experts, kept packed;
@@ -529,7 +624,7 @@ class V4DecoderLayer(nn.Module):
         self.ffn_hc = HyperConnection(cfg)
 
     def forward(self, streams: torch.Tensor, tokens: torch.Tensor | None, cos_sin: dict, batch: AttnBatch,
-                pool: torch.Tensor | None = None) -> torch.Tensor:
+                pool: V4Pool | None = None) -> torch.Tensor:
         """streams [T, n, m] -> [T, n, m] (tokens: the rows' token ids, read by hash-routed layers only)."""
         post, comb, x = self.attn_hc(streams)
         streams = HyperConnection.merge(post, comb, streams,
@@ -566,7 +661,7 @@ class V4MTPLayer(nn.Module):
         self.norm = RMSNorm(m, cfg.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos_sin: dict, batch: AttnBatch,
-                pool: torch.Tensor | None = None) -> torch.Tensor:
+                pool: V4Pool | None = None) -> torch.Tensor:
         """hidden [T, n, m], next_embeds [T, m] -> streams [T, n, m]."""
         x = self.e_proj(self.enorm(next_embeds))[:, None, :] + self.h_proj(self.hnorm(hidden))
         return self.block(x, None, cos_sin, batch, pool)
@@ -615,12 +710,33 @@ class DeepseekV4LM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def new_kv_pools(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    def new_kv_pools(self, num_slots: int, dtype: torch.dtype | None = None) -> list[V4Pool]:
         return [layer.self_attn.new_pool(num_slots, dtype or self.dtype, self.device) for layer in self.model.layers]
 
+    def _attentions(self) -> list[V4Attention]:
+        return [layer.self_attn for layer in self.model.layers] + [mtp.block.self_attn for mtp in self.mtp]
+
+    @property
+    def lookback(self) -> int:
+        """Positions before a step's first new token whose window rows any layer (MTP's included) reads."""
+        return max(a.lookback for a in self._attentions())
+
+    def use_window_blocks(self, window_map: tuple[torch.Tensor, int, int] | None) -> None:
+        """Pools made from now on keep window rows in the block manager's window blocks: window_map = (window_of
+        int64 [blocks], window blocks, block_size), as BlockManager.enable_windows returns it; None: one window row
+        per slot again (the engine unbinds once its runner has made its pools)."""
+        for a in self._attentions():
+            a.window_map = window_map
+
     def kv_values_per_token(self) -> int:
-        """Pool values one token takes across all layers (this per-token layout; see `kv_bytes_per_token`)."""
-        return sum(layer.self_attn.row_width for layer in self.model.layers)
+        """Pool values per token that grow with the context (at least 1): the compressed entries and indexer keys,
+        across all layers. The window rows are a pool of O(sequences) window blocks besides
+        (BlockManager.enable_windows; unbound pools keep one per slot: `window_values_per_token`)."""
+        return max(1, math.ceil(sum(layer.self_attn.group_cols for layer in self.model.layers)))
+
+    def window_values_per_token(self) -> int:
+        """Values of one token's window rows across all layers."""
+        return sum(layer.self_attn.token_width for layer in self.model.layers)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.model.embed_tokens
@@ -629,7 +745,7 @@ class DeepseekV4LM(nn.Module):
         return emb.embed(tokens, self.dtype)  # a QuantEmbedding (models/quant.py)
 
     def hidden_states(self, tokens: torch.Tensor, batch: AttnBatch | None = None,
-                      pools: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      pools: list[V4Pool] | None = None) -> torch.Tensor:
         """tokens [T] with an AttnBatch -> streams [T, n, m]; or tokens [b, s] without one (whole sequences, no
         cache) -> [b, s, n, m]."""
         if batch is None:
@@ -670,7 +786,7 @@ class DeepseekV4LM(nn.Module):
         return self.logits(self.hidden_states(tokens))
 
     def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, batch: AttnBatch,
-                   pool: torch.Tensor | None = None) -> torch.Tensor:
+                   pool: V4Pool | None = None) -> torch.Tensor:
         """The first MTP module's streams [T, n, m] on a flat batch, from the main model's streams H_i [T, n, m]
         (as hidden_states returns them) and tokens t_{i+1} [T]; `draft_logits` of them predict t_{i+2}. Its cache
         (`pool`) is indexed like the main layers' (row i at position i's slot)."""

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from selfseek.models.layers import set_lora
@@ -63,57 +64,62 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_adapter_config(path: Path) -> dict:
-    """adapter_config.json, checked for what serving supports; LoRAError naming the field otherwise."""
-    cfg_file = path / ADAPTER_CONFIG
+def read_peft_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, {tensor name: tensor} of adapter_model.safetensors) of a PEFT LoRA folder: the one
+    reader of adapter folders (serving here, training's train/lora.load_adapter). Checks what no selfseek user of
+    an adapter supports; LoRAError naming the file and the field otherwise. Each user checks its own limits."""
+    path = Path(path)
+    cfg_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not cfg_file.is_file():
         raise LoRAError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoRAError(f"{cfg_file}: cannot read it as JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise LoRAError(f"{cfg_file}: must hold a JSON object")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise LoRAError(f"{cfg_file}: field 'peft_type' is {cfg['peft_type']!r}; only LORA adapters are served")
-    unsupported = [("use_dora", True, "DoRA"), ("fan_in_fan_out", True, "Conv1D (fan_in_fan_out) layers"),
-                   ("lora_bias", True, "LoRA biases")]
-    for name, bad, what in unsupported:
-        if cfg.get(name) == bad:
-            raise LoRAError(f"{cfg_file}: field {name!r} is {bad}: {what} cannot be served")
+        raise LoRAError(f"{cfg_file}: field 'peft_type' is {cfg['peft_type']!r}; only LORA adapters are read")
+    unsupported = [("use_dora", "DoRA"), ("fan_in_fan_out", "Conv1D (fan_in_fan_out) layers"),
+                   ("lora_bias", "LoRA biases")]
+    for name, what in unsupported:
+        if cfg.get(name):
+            raise LoRAError(f"{cfg_file}: field {name!r} is {cfg[name]!r}: {what} are not supported")
     if cfg.get("bias", "none") != "none":
-        raise LoRAError(f"{cfg_file}: field 'bias' is {cfg['bias']!r}: trained biases cannot be served (use 'none')")
-    if cfg.get("modules_to_save"):
-        raise LoRAError(f"{cfg_file}: field 'modules_to_save' ({cfg['modules_to_save']}) replaces whole modules; "
-                        "only LoRA deltas can be served per request")
+        raise LoRAError(f"{cfg_file}: field 'bias' is {cfg['bias']!r}: trained biases are not supported (use 'none')")
     alpha = cfg.get("lora_alpha", 8)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise LoRAError(f"{cfg_file}: field 'lora_alpha' must be a number, got {alpha!r}")
     for name in ("alpha_pattern", "rank_pattern"):
         if not isinstance(cfg.get(name) or {}, dict):
             raise LoRAError(f"{cfg_file}: field {name!r} must be an object")
-    return cfg
+    if not weights_file.is_file():
+        raise LoRAError(f"{path}: no {ADAPTER_WEIGHTS} (adapter_model.bin is not read: convert it to safetensors)")
+    try:
+        tensors = load_file(str(weights_file))
+    except (OSError, SafetensorError) as e:
+        raise LoRAError(f"{weights_file}: cannot read it as safetensors: {e}") from None
+    return cfg, tensors
 
 
 def read_adapter(path: str | Path, model: nn.Module) -> tuple[dict, LoRAWeights]:
     """(config, {selfseek module name: (A [r, in], B [out, r], scale)}) of a PEFT folder, checked against
     `model`: every tensor must name a linear layer of it with matching shapes (an adapter of another base
     model fails here, naming the tensor)."""
-    path = Path(path)
-    cfg = read_adapter_config(path)
-    weights_file = path / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
-        raise LoRAError(f"{path}: no {ADAPTER_WEIGHTS} (adapter_model.bin is not read: convert it to safetensors)")
+    cfg, tensors = read_peft_folder(path)
+    cfg_file, weights_file = Path(path) / ADAPTER_CONFIG, Path(path) / ADAPTER_WEIGHTS
+    if cfg.get("modules_to_save"):
+        raise LoRAError(f"{cfg_file}: field 'modules_to_save' ({cfg['modules_to_save']}) replaces whole modules; "
+                        "only LoRA deltas can be served per request")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-            name = key.removeprefix(PEFT_PREFIX)
-            m = _TENSOR.match(name)
-            if m is None:
-                what = "embedding" if "lora_embedding" in key else "non-LoRA"
-                raise LoRAError(f"{weights_file}: tensor {key!r} is a {what} tensor; only lora_A / lora_B weights of "
-                                "linear layers can be served")
-            pairs.setdefault(m["module"], {})[m["which"]] = f.get_tensor(key)
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        m = _TENSOR.match(name)
+        if m is None:
+            what = "embedding" if "lora_embedding" in key else "non-LoRA"
+            raise LoRAError(f"{weights_file}: tensor {key!r} is a {what} tensor; only lora_A / lora_B weights of "
+                            "linear layers can be served")
+        pairs.setdefault(m["module"], {})[m["which"]] = t
     if not pairs:
         raise LoRAError(f"{weights_file}: holds no LoRA tensors")
     use_rslora = bool(cfg.get("use_rslora", False))

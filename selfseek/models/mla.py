@@ -99,8 +99,16 @@ class MLA(nn.Module):
             dsa = (*self.indexer.queries(q_c, x, cos_sin), self.indexer.keys(x, cos_sin).to(kv.dtype))
         if pool is not None and batch.slot_mapping is not None:
             row = kv if dsa is None else torch.cat([kv, dsa[2]], dim=-1)
-            pool[batch.slot_mapping] = quantize_fp8(row) if pool.dtype == torch.uint8 else row.to(pool.dtype)
+            row = quantize_fp8(row) if pool.dtype == torch.uint8 else row if row.dtype == pool.dtype else row.to(
+                pool.dtype)
+            pool.index_copy_(0, batch.slot_mapping, row)
 
+        paged = batch.paged
+        if paged is not None and paged.start == 0 and pool is not None and dsa is None and (
+                batch.decode_mode != "expanded"):
+            n_long, rest = paged.split(self.EXPANDED_MIN_ROWS)
+            if n_long == 0:  # every row reads the cache through the kernel (decodes, short chunks): no copy into `out`
+                return self.o_proj(self._attend_paged(q_nope, q_rope, pool, rest).flatten(1))
         out = x.new_empty(T, self.n_heads, self.v_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
@@ -146,29 +154,46 @@ class MLA(nn.Module):
         return dense_attention(q, k, v, self.scale, mask)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W^UK [h, d, c] and W^UV [h, v, c] split out of kv_b_proj, contiguous, made once per weight version."""
+        """W^UK [h, d, c] and W^UV transposed, [h, c, v], split out of kv_b_proj, contiguous (both products are then
+        plain batched GEMMs over the heads), made once per weight version."""
         # a QuantLinear (a GGUF's attn_kv_b) dequantizes on every `.weight`: key on its packed storage instead
         src = self.kv_b_proj.qweight if isinstance(self.kv_b_proj, QuantLinear) else self.kv_b_proj.weight
         key = (src.data_ptr(), src._version)
         if getattr(self, "_absorbed_key", None) != key:
             w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
-            self._absorbed = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous())
+            self._absorbed = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].transpose(1, 2).contiguous())
             self._absorbed_key = key
         return self._absorbed
 
     def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
         """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
         latent space, then W^UV. [R, h, d], [R, h, r] -> [R, h, v]."""
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("rhd,hdc->rhc", q_nope, w_uk)  # W^UK absorbed into the query
-        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)[:, None]  # [R, 1, h, c + r]: one KV head
-        kv_width = self.latent_dim + self.rope_dim  # V3.2 pools hold the indexer key after these
-        k_cache, v_cache = pool[:, None, :kv_width], pool[:, None, : self.latent_dim]
-        scales = None  # an fp8 cache: K and V read the same row, so the same scales
-        if pool.dtype == torch.uint8:
-            scales = (fp8_scales(pool, kv_width)[:, None],) * 2
-        o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales)[:, 0]
-        return torch.einsum("rhc,hvc->rhv", o_latent.to(w_uv.dtype), w_uv)  # W^UV absorbed after attention
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W^UK absorbed into the query
+        if q_rope.dtype != q_latent.dtype:
+            q_rope = q_rope.to(q_latent.dtype)
+        R, h = q_latent.shape[:2]
+        q = torch.cat([q_latent, q_rope], dim=-1).view(R, 1, h, -1)  # [R, 1, h, c + r]: one KV head
+        k_cache, v_cache, scales = self._cache_views(pool)
+        o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales).view(R, h, -1)
+        if o_latent.dtype != w_uv_t.dtype:
+            o_latent = o_latent.to(w_uv_t.dtype)
+        return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # W^UV absorbed after attention
+
+    def _cache_views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(K [slots, 1, c + r], V [slots, 1, c], fp8 scales or None) views of a layer's pool for paged_attention.
+        Kept on the pool tensor (it lives as long as they do): every decode step asks, once per layer."""
+        views = pool.__dict__.get("_mla_views")
+        key = (self.latent_dim, self.rope_dim, pool.data_ptr(), pool.shape)  # a pool resized in place moves
+        if views is None or views[0] != key:
+            kv_width = self.latent_dim + self.rope_dim  # V3.2 pools hold the indexer key after these
+            scales = None  # an fp8 cache: K and V read the same row, so the same scales
+            if pool.dtype == torch.uint8:
+                scales = (fp8_scales(pool, kv_width)[:, None],) * 2
+            views = (key, pool[:, None, :kv_width], pool[:, None, : self.latent_dim],
+                     scales)
+            pool.__dict__["_mla_views"] = views
+        return views[1:]
 
     def _attend_paged_expanded(
         self, q_nope, q_rope, pool, rows: PagedRows, num_seqs: int, dsa: tuple | None = None

@@ -103,7 +103,7 @@ class CausalLM(nn.Module):
     def _fused_layers(self, h: torch.Tensor, cos_sin, batch: AttnBatch, pools) -> torch.Tensor:
         """DecoderLayer.forward over the stack, each `h = h + sublayer(...)` fused with the norm after it into
         one kernel call (kernels/fused_ops.py): the same sums and norms, fewer passes and op dispatches."""
-        layers = self.model.layers
+        layers = list(self.model.layers)  # a list: ModuleList indexing turns every index into a string key
         norm0 = layers[0].input_layernorm
         x = add_rms_norm(None, h, norm0.weight, norm0.eps)
         residual = None

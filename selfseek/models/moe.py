@@ -15,13 +15,26 @@ Shape letters: n tokens, e experts, k experts per token, i expert width, m model
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfseek import kernels
 from selfseek.config import ModelConfig
+from selfseek.kernels import build
 from selfseek.models.layers import MLP
+
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # kernels/routing.cpp's codes
+
+
+def _bind_routing(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.selfseek_route.argtypes = [ptr, ptr, i64, i64, ctypes.c_int32, i64, i64, i64, ctypes.c_int32, ctypes.c_float,
+                                   ptr, ptr]
+    lib.selfseek_route.restype = ctypes.c_int32
+    return lib
 
 
 class Gate(nn.Module):
@@ -40,26 +53,58 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, m] -> (weights [n, k] fp32, expert ids [n, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        # As few ops as the math allows (a decode step routes every MoE layer): no no-op casts, no group mask to invert.
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), w)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         n = scores.shape[0]
+        if (routed := self._route_native(scores)) is not None:
+            return routed
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
         else:
             choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
-            grouped = choice.view(n, self.n_group, -1)
-            if self.method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)
+            if self.topk_group < self.n_group:  # else every group is kept: nothing to mask
+                grouped = choice.view(n, self.n_group, -1)
+                if self.method == "noaux_tc":
+                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_scores = grouped.amax(dim=-1)
+                keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+                dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+                choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(n, -1)
             ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
             weights = scores.gather(1, ids)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, ids
+
+    def _route_native(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The selection and weights of forward() in one kernel call (kernels/routing.cpp) for fp32 CPU scores, or
+        None where the torch ops run: no kernels, another device, or autograd recording (the router trains).
+        The kernel picks the same experts (ties aside) and returns them best first, where torch's unsorted top-k
+        leaves an order of its own: the experts' sum then adds in another order (fp32 rounding, nothing more)."""
+        if scores.device.type != "cpu" or scores.dtype != torch.float32 or (
+                torch.is_grad_enabled() and scores.requires_grad):
+            return None
+        if (lib := build.load("routing", _bind_routing)) is None:
+            return None
+        bias = None
+        if self.method == "noaux_tc":
+            bias = self.e_score_correction_bias
+            if bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu":
+                return None
+        n = scores.shape[0]
+        scores = scores if scores.is_contiguous() else scores.contiguous()
+        weights, ids = torch.empty(n, self.top_k), torch.empty(n, self.top_k, dtype=torch.int64)
+        rc = lib.selfseek_route(scores.data_ptr(), None if bias is None else bias.data_ptr(), n, self.n_experts,
+                                _METHODS[self.method], self.n_group or 1, self.topk_group or 1, self.top_k,
+                                int(bool(self.norm_topk_prob)), float(self.route_scale), weights.data_ptr(),
+                                ids.data_ptr())
+        if rc != 0:
+            raise ValueError(f"routing kernel rejected the gate's config (method {self.method}, {self.n_experts} "
+                             f"experts, n_group {self.n_group}, topk_group {self.topk_group}, top_k {self.top_k})")
+        return weights, ids
 
 
 class Experts(nn.Module):
@@ -79,7 +124,8 @@ class Experts(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
             isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
         if not needs_grad and kernels.moe_native(x, *stacks):
-            return kernels.moe(x, weights, ids, *stacks).to(x.dtype)  # fused, one call (kernels/quant.cpp)
+            y = kernels.moe(x, weights, ids, *stacks)  # fused, one call (kernels/quant.cpp), fp32
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if not needs_grad and _grouped_mm_runs(x, stacks):
             return self._forward_grouped(x, weights, ids)
         return self._forward_torch(x, weights, ids)
@@ -162,9 +208,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
         y = self.experts(flat, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(shape)
+        return y if x.dim() == 2 else y.view(shape)

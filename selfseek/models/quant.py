@@ -357,19 +357,27 @@ class HalfEmbedding(nn.Embedding):
         return super().forward(ids).float()
 
 
+_HALF_CLASSES: dict[type, type] = {}  # a float module's class -> its 16-bit-storage, fp32-compute form
+
+
+def register_16bit_storage(cls: type, half: type) -> None:
+    """Let `keep_16bit_storage` give modules of exactly `cls` the 16-bit form `half` (whose `weight` may be
+    bf16/fp16 and which computes in fp32, as HalfLinear and HalfEmbedding do): e.g. the tensor-parallel vocabulary
+    layers of selfseek/distributed/parallel.py."""
+    _HALF_CLASSES[cls] = half
+
+
 def keep_16bit_storage(model: nn.Module, storage: torch.dtype, skip: tuple[str, ...] = ("kv_b_proj",)) -> nn.Module:
-    """Put the big float weights (linear layers, expert stacks, the embedding) in `storage`, in place; the rest
-    (norms, biases, router, kv_b_proj which the absorbed MLA path folds into fp32 queries) stays as it is.
-    Meant for the empty (meta) model before loading, so the weights load straight into 16-bit storage."""
+    """Put the big float weights (linear layers, expert stacks, the embedding, registered layers) in `storage`, in
+    place; the rest (norms, biases, router, kv_b_proj which the absorbed MLA path folds into fp32 queries) stays as
+    it is. Meant for the empty (meta) model before loading, so the weights load straight into 16-bit storage."""
     from selfseek.models.moe import Experts
 
     for module in model.modules():
         for name, child in module.named_children():
-            if type(child) is nn.Linear and name not in skip:
-                child.__class__ = HalfLinear
-                child.weight.data = child.weight.data.to(storage)
-            elif type(child) is nn.Embedding:
-                child.__class__ = HalfEmbedding
+            half = _HALF_CLASSES.get(type(child))
+            if half is not None and name not in skip:
+                child.__class__ = half
                 child.weight.data = child.weight.data.to(storage)
             elif isinstance(child, Experts):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -377,6 +385,10 @@ def keep_16bit_storage(model: nn.Module, storage: torch.dtype, skip: tuple[str, 
                     if isinstance(w, nn.Parameter):
                         w.data = w.data.to(storage)
     return model
+
+
+register_16bit_storage(nn.Linear, HalfLinear)
+register_16bit_storage(nn.Embedding, HalfEmbedding)
 
 
 def describe_dtypes(model: nn.Module) -> str:

@@ -157,8 +157,8 @@ def build_service(model: str | None, dtype: str = "auto", device: str | None = N
     if parallel:  # tensor / expert parallel ranks in other processes (selfseek/distributed)
         from selfseek.distributed.launch import check_engine_args, load_parallel
 
-        check_engine_args(engine_args or {})
-        m, tokenizer = load_parallel(model, "float32" if dtype == "auto" else dtype, device or default_device(),
+        check_engine_args(engine_args or {}, parallel.get("data_parallel_size", 1))
+        m, tokenizer = load_parallel(model, dtype, device or default_device(),
                                      sys.stderr.isatty(), None, generation_config, **parallel)
     else:
         m, tokenizer = load_model(model, dtype, device or default_device(), progress=sys.stderr.isatty(),

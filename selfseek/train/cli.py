@@ -102,17 +102,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfseek.config import ConfigError
-    from selfseek.weights import CheckpointError
+    """`python -m selfseek.train ARGS` is `selfseek train ARGS` (the same parser and error handling)."""
+    from selfseek.cli import main as selfseek_main
 
-    parser = argparse.ArgumentParser(prog="python -m selfseek.train", description="Train small DeepSeek models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"selfseek train: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return selfseek_main(["train", *(sys.argv[1:] if argv is None else argv)])

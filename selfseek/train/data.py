@@ -17,7 +17,7 @@ import json
 import random
 import re
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +59,26 @@ def _files_of(source: str, extensions: Sequence[str]) -> list[Path]:
     return [p for p in matches if p.is_file()]
 
 
-def _read_jsonl(path: Path, text_key: str) -> list[Document]:
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+def jsonl_records(path: Path, errors: str = "strict") -> Iterator[tuple[str, object]]:
+    """("file:line", parsed value) of each non-blank line of a JSONL file; a line that is not JSON is an error
+    naming its file and line. `errors`: how undecodable UTF-8 is read (str.decode's argument)."""
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors=errors).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"{path}:{n}: not valid JSON ({e})") from None
+        yield f"{path}:{n}", record
+
+
+def _read_jsonl(path: Path, text_key: str) -> list[Document]:
+    docs = []
+    for where, record in jsonl_records(path, errors="replace"):
         text = record if isinstance(record, str) else record.get(text_key) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise TrainConfigError(f"{path}:{n}: expected a string or an object with a {text_key!r} string field")
-        docs.append(Document(f"{path}:{n}", text))
+            raise TrainConfigError(f"{where}: expected a string or an object with a {text_key!r} string field")
+        docs.append(Document(where, text))
     return docs
 
 
@@ -207,23 +214,17 @@ def read_chat_jsonl(paths: Sequence[str]) -> list[Conversation]:
         if not files:
             raise TrainConfigError(f"chat data {src!r}: no such file, folder or glob match")
         for f in files:
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TrainConfigError(f"{f}:{n}: not valid JSON ({e})") from None
+            for where, record in jsonl_records(f):
                 msgs = record.get("messages") if isinstance(record, dict) else None
                 if not isinstance(msgs, list) or not msgs or not all(
                         isinstance(m, dict) and isinstance(m.get("role"), str)
                         and isinstance(m.get("content") or "", str) for m in msgs):
-                    raise TrainConfigError(f"{f}:{n}: not a conversation: expected an object with a 'messages' list "
+                    raise TrainConfigError(f"{where}: not a conversation: expected an object with a 'messages' list "
                                            "of {\"role\": str, \"content\": str}")
                 if not any(m["role"] == "assistant" for m in msgs):
-                    raise TrainConfigError(f"{f}:{n}: conversation has no assistant message to learn from")
+                    raise TrainConfigError(f"{where}: conversation has no assistant message to learn from")
                 conv = Conversation(msgs)
-                conv.source = f"{f}:{n}"
+                conv.source = where
                 out.append(conv)
     if not out:
         raise TrainConfigError(f"chat data {list(paths)}: no conversations")

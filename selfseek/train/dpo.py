@@ -16,26 +16,19 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from selfseek.models.model import CausalLM
 from selfseek.tokenizer import Tokenizer
-from selfseek.train.build import set_threads
-from selfseek.train.checkpoint import load_checkpoint_state, resolve_resume, save_checkpoint
-from selfseek.train.config import DPOConfig, TrainConfigError, to_dict
-from selfseek.train.data import IGNORE, Order, collate, encode_chat, split_holdout
-from selfseek.train.dist import init_distributed
-from selfseek.train.grpo import export_policy, make_policy, policy_config, token_logprobs
-from selfseek.train.optim import clip_grads, lr_at, make_optimizer, set_lr
-from selfseek.train.plots import MetricsLog, plot_run, truncate_metrics
-from selfseek.train.sft import load_base
+from selfseek.train.config import DPOConfig, TrainConfigError
+from selfseek.train.data import IGNORE, Order, collate, encode_chat, jsonl_records, split_holdout
+from selfseek.train.grpo import PolicyTrainer, token_logprobs
+from selfseek.train.optim import clip_grads, lr_at, set_lr
 
 
 @dataclass
@@ -63,14 +56,7 @@ def read_pairs(paths: list[str] | str) -> list[Pair]:
         f = Path(src)
         if not f.is_file():
             raise TrainConfigError(f"preference data {src!r}: no such file")
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{f}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainConfigError(f"{where}: not valid JSON ({e})") from None
+        for where, rec in jsonl_records(f):
             if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
                 raise TrainConfigError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
             prompt = rec["prompt"]
@@ -127,16 +113,13 @@ def dpo_loss(logp: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.
     return -F.logsigmoid(beta * margin).mean(), margin
 
 
-class DPOTrainer:
+class DPOTrainer(PolicyTrainer):
+    job = "dpo"
+
     def __init__(self, cfg: DPOConfig):
-        set_threads(cfg.threads)
-        self.cfg = cfg
-        self.ctx = init_distributed(cfg.device)
-        if self.ctx.active:
-            raise ValueError("DPO runs on one process; start it without torchrun")
         if not cfg.data.train:
             raise TrainConfigError("data.train: list the preference JSONL files")
-        self.policy, self.tok, self.base_path = load_base(cfg.base, self.ctx.device, cfg.lora.quantize)
+        super().__init__(cfg, cfg.dpo)
         pairs = read_pairs(cfg.data.train)
         if cfg.data.valid:
             train, valid = pairs, read_pairs(cfg.data.valid)
@@ -147,19 +130,13 @@ class DPOTrainer:
             raise TrainConfigError("data.valid_fraction leaves no training pairs")
         self.train_set = PairSet(train, self.tok, cfg.data.max_len)
         self.valid_set = PairSet(valid, self.tok, cfg.data.max_len) if valid else None
-        self.pad_id = self.tok.eos_id
-        make_policy(self.policy, cfg.lora)
+        self.make_policy_trainable()
         # The reference: the model as loaded (LoRA's B starts at zero, so the adapted model is the base).
         for s in (self.train_set, self.valid_set):
             if s is not None:
                 s.ref = self.logprobs(s, range(len(s)))
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.policy, cfg.optim)
-        self.out = Path(cfg.out_dir)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.order = Order(len(self.train_set), cfg.seed)
-        self.step, self.position = 0, 0
-        self.history: list[dict[str, Any]] = []
+        self.position = 0
 
     @torch.no_grad()
     def logprobs(self, data: PairSet, idx, chunk: int = 16) -> torch.Tensor:
@@ -197,46 +174,18 @@ class DPOTrainer:
                 "accuracy": (margin > 0).float().mean().item(), "grad_norm": grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def run(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.cfg.dpo
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        job = {"job": "dpo", "config": to_dict(cfg), "model_config": policy_config(self.policy, self.base_path),
-               "tokenizer": str(self.base_path)}
-        resume = resolve_resume(d.resume, self.out)
-        if resume is not None:
-            c = load_checkpoint_state(resume, self.policy, self.optimizer)
-            self.step, self.position = c["step"], c["position"]
-            truncate_metrics(self.metrics.path, self.step)
-        else:
-            truncate_metrics(self.metrics.path, 0)
-        start = latest = self.evaluate()
-        if self.step == 0 and start:
-            self.metrics.write({"step": 0, **start})
-        bar = tqdm(total=d.steps, initial=self.step, unit="step", disable=not d.progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        while self.step < d.steps:
-            rec = self.train_step()
-            if d.eval_every and (self.step % d.eval_every == 0 or self.step == d.steps):
-                latest = self.evaluate()
-                rec.update(latest)
-            rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            self.history.append(rec)
-            if self.step % max(d.log_every, 1) == 0 or "val_loss" in rec:
-                self.metrics.write(rec)
-            if d.checkpoint_every and self.step % d.checkpoint_every == 0:
-                save_checkpoint(self.out, self.step, self.policy, self.optimizer, {"position": self.position}, job,
-                                keep=d.keep_checkpoints)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['margin']:.2f}")
-            bar.update(1)
-        bar.close()
-        if not d.eval_every:
-            latest = self.evaluate()
-        export_policy(self.policy, cfg.lora, cfg.base, self.base_path, self.out)
-        plot_run(self.metrics.path, self.out)
-        return {"step": self.step, "val_margin_start": start.get("val_margin"),
-                "val_margin_end": latest.get("val_margin"), "val_accuracy_end": latest.get("val_accuracy"),
-                "wall_s": time.perf_counter() - t0, "export": str(self.out / "final")}
+    def counters(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        self.position = counters["position"]
+
+    def postfix(self, rec: dict[str, Any], latest: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{rec['loss']:.3f}", "margin": f"{rec['margin']:.2f}"}
+
+    def summary(self, start: dict[str, float], latest: dict[str, float]) -> dict[str, Any]:
+        return {"val_margin_start": start.get("val_margin"), "val_margin_end": latest.get("val_margin"),
+                "val_accuracy_end": latest.get("val_accuracy")}
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, Any]:

@@ -37,7 +37,15 @@ from selfseek.sampling_params import SamplingParams
 from selfseek.tokenizer import Tokenizer
 from selfseek.train.build import make_trainable, set_threads
 from selfseek.train.checkpoint import load_checkpoint_state, resolve_resume, save_checkpoint
-from selfseek.train.config import GRPOConfig, LoraConfig, TrainConfigError, to_dict
+from selfseek.train.config import (
+    DPOConfig,
+    DPOLoopConfig,
+    GRPOConfig,
+    GRPOLoopConfig,
+    LoraConfig,
+    TrainConfigError,
+    to_dict,
+)
 from selfseek.train.data import IGNORE, collate
 from selfseek.train.dist import init_distributed
 from selfseek.train.export import dequantize_model, export_hf, read_config
@@ -274,25 +282,102 @@ def export_policy(model: CausalLM, lora: LoraConfig, base: str, base_path: Path,
 # ---- the loop -----------------------------------------------------------------------------------------
 
 
-class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig):
+class PolicyTrainer:
+    """What GRPO and DPO share: one process, a policy loaded from `cfg.base` (LoRA or full fine-tuning), and the
+    loop: resume, evaluate every `loop.eval_every` steps, log, checkpoint, then export the policy and plot.
+    A subclass loads its data and reference, calls `make_policy_trainable`, and defines train_step, evaluate
+    (a dict of metrics; empty: nothing to evaluate), counters / restore (the checkpoint's state beyond the
+    weights and optimizer), postfix (the progress bar's fields) and summary (run's result)."""
+
+    job = ""
+
+    def __init__(self, cfg: GRPOConfig | DPOConfig, loop: GRPOLoopConfig | DPOLoopConfig):
         set_threads(cfg.threads)
-        self.cfg = cfg
+        self.cfg, self.loop = cfg, loop
         self.ctx = init_distributed(cfg.device)
         if self.ctx.active:
-            raise ValueError("GRPO runs on one process; start it without torchrun")
-        self.task = make_task(cfg.task.name, max_operand=cfg.task.max_operand, ops=cfg.task.ops)
+            raise ValueError(f"{self.job.upper()} runs on one process; start it without torchrun")
         self.policy, self.tok, self.base_path = load_base(cfg.base, self.ctx.device, cfg.lora.quantize)
-        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        make_policy(self.policy, cfg.lora)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.policy, cfg.optim)
+        self.pad_id = self.tok.eos_id
         self.out = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.step = 0
+
+    def make_policy_trainable(self) -> None:
+        make_policy(self.policy, self.cfg.lora)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.policy, self.cfg.optim)
+
+    def train_step(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        """Take back `counters()` from a checkpoint's state."""
+
+    def postfix(self, rec: dict[str, Any], latest: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{rec['loss']:.3f}"}
+
+    def summary(self, start: dict[str, float], latest: dict[str, float]) -> dict[str, Any]:
+        return {}
+
+    def run(self) -> dict[str, Any]:
+        cfg, loop = self.cfg, self.loop
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        job = {"job": self.job, "config": to_dict(cfg), "model_config": policy_config(self.policy, self.base_path),
+               "tokenizer": str(self.base_path)}
+        resume = resolve_resume(loop.resume, self.out)
+        if resume is not None:
+            c = load_checkpoint_state(resume, self.policy, self.optimizer)
+            self.step = c["step"]
+            self.restore(c)
+        truncate_metrics(self.metrics.path, self.step)  # a fresh run (step 0): no records of an earlier one
+        start = latest = self.evaluate()
+        if self.step == 0 and start:
+            self.metrics.write({"step": 0, **start})
+        bar = tqdm(total=loop.steps, initial=self.step, unit="step", disable=not loop.progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        while self.step < loop.steps:
+            rec = self.train_step()
+            evaluated = {}
+            if loop.eval_every and (self.step % loop.eval_every == 0 or self.step == loop.steps):
+                latest = evaluated = self.evaluate()
+                rec.update(latest)
+            rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            if self.step % max(loop.log_every, 1) == 0 or evaluated:
+                self.metrics.write(rec)
+            if loop.checkpoint_every and self.step % loop.checkpoint_every == 0:
+                save_checkpoint(self.out, self.step, self.policy, self.optimizer, self.counters(), job,
+                                keep=loop.keep_checkpoints)
+            bar.set_postfix(**self.postfix(rec, latest))
+            bar.update(1)
+        bar.close()
+        if not loop.eval_every:
+            latest = self.evaluate()
+            if latest:
+                self.metrics.write({"step": self.step, **latest})
+        export_policy(self.policy, cfg.lora, cfg.base, self.base_path, self.out)
+        plot_run(self.metrics.path, self.out)
+        return {"step": self.step, **self.summary(start, latest), "wall_s": time.perf_counter() - t0,
+                "export": str(self.out / "final")}
+
+
+class GRPOTrainer(PolicyTrainer):
+    job = "grpo"
+
+    def __init__(self, cfg: GRPOConfig):
+        super().__init__(cfg, cfg.grpo)
+        self.task = make_task(cfg.task.name, max_operand=cfg.task.max_operand, ops=cfg.task.ops)
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.make_policy_trainable()
         self.eval_problems = self.task.problems(cfg.task.n_eval, seed=cfg.seed + 1)
         self.rng = random.Random(cfg.seed)  # training problems and the seeds of their samples
-        self.step = 0
-        self.pad_id = self.tok.eos_id
         g = cfg.grpo
         longest = max(len(self.prompt_ids(p)) for p in self.eval_problems) + g.max_new_tokens
         self.rollouts = EngineRollouts(self.policy, self.tok, max_num_seqs=g.prompts_per_step * g.group_size,
@@ -360,56 +445,17 @@ class GRPOTrainer:
     def counters(self) -> dict[str, Any]:
         return {"task_rng": self.rng.getstate()}
 
-    def run(self) -> dict[str, Any]:
-        cfg, g = self.cfg, self.cfg.grpo
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        job = {"job": "grpo", "config": to_dict(cfg), "model_config": self._model_dict(),
-               "tokenizer": str(self.base_path)}
-        resume = resolve_resume(g.resume, self.out)
-        if resume is not None:
-            c = load_checkpoint_state(resume, self.policy, self.optimizer)
-            self.step = c["step"]
-            self.rng.setstate(c["task_rng"])
-            self.rollouts.refresh(self.policy)
-            truncate_metrics(self.metrics.path, self.step)
-        else:
-            truncate_metrics(self.metrics.path, 0)
-        start = self.evaluate()
-        if self.step == 0:
-            self.metrics.write({"step": 0, **start})
-        bar = tqdm(total=g.steps, initial=self.step, unit="step", disable=not g.progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        latest = start
-        while self.step < g.steps:
-            rec = self.train_step()
-            if g.eval_every and (self.step % g.eval_every == 0 or self.step == g.steps):
-                latest = self.evaluate()
-                rec.update(latest)
-            rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            if self.step % max(g.log_every, 1) == 0 or "eval_reward" in rec:
-                self.metrics.write(rec)
-            if g.checkpoint_every and self.step % g.checkpoint_every == 0:
-                save_checkpoint(self.out, self.step, self.policy, self.optimizer, self.counters(), job,
-                                keep=g.keep_checkpoints)
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", eval=f"{latest['eval_reward']:.2f}", kl=f"{rec['kl']:.3f}")
-            bar.update(1)
-        bar.close()
-        if not g.eval_every:
-            latest = self.evaluate()
-            self.metrics.write({"step": self.step, **latest})
-        self.export()
-        plot_run(self.metrics.path, self.out)
-        return {"step": self.step, "eval_reward_start": start["eval_reward"], "eval_reward_end": latest["eval_reward"],
+    def restore(self, counters: dict[str, Any]) -> None:
+        self.rng.setstate(counters["task_rng"])
+        self.rollouts.refresh(self.policy)
+
+    def postfix(self, rec: dict[str, Any], latest: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{rec['reward']:.2f}", "eval": f"{latest['eval_reward']:.2f}", "kl": f"{rec['kl']:.3f}"}
+
+    def summary(self, start: dict[str, float], latest: dict[str, float]) -> dict[str, Any]:
+        return {"eval_reward_start": start["eval_reward"], "eval_reward_end": latest["eval_reward"],
                 "eval_greedy_start": start["eval_greedy"], "eval_greedy_end": latest["eval_greedy"],
-                "wall_s": time.perf_counter() - t0, "rollout_tokens_per_s": self.rollouts.tokens_per_s,
-                "export": str(self.out / "final")}
-
-    def _model_dict(self) -> dict[str, Any] | None:
-        return policy_config(self.policy, self.base_path)
-
-    def export(self) -> None:
-        export_policy(self.policy, self.cfg.lora, self.cfg.base, self.base_path, self.out)
+                "rollout_tokens_per_s": self.rollouts.tokens_per_s}
 
 
 def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:

@@ -27,16 +27,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from selfseek.models.lora_serving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAError, read_peft_folder
 from selfseek.models.moe import Experts, Gate
 from selfseek.models.quant import HalfLinear, QuantEmbedding, QuantLinear, QuantStack
 from selfseek.train.config import TrainConfigError
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-_PREFIX = "base_model.model."
 _EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(lora_A|lora_B)\.weight$")
 _LINEAR_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
 
@@ -268,7 +267,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
 
     def put(key: str, t: torch.Tensor) -> None:
-        out[_PREFIX + key] = t.detach().to("cpu", torch.float32).contiguous().clone()
+        out[PEFT_PREFIX + key] = t.detach().to("cpu", torch.float32).contiguous().clone()
 
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -315,26 +314,25 @@ def save_adapter(model: nn.Module, out_dir: str | Path, targets: list[str] | Non
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not cfg_file.is_file():
-        raise TrainConfigError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a LoRA adapter folder)")
+    """The folder (models/lora_serving.read_peft_folder), checked for what apply_lora builds: one r and alpha."""
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    for key in ("r", "lora_alpha", "target_modules"):
+        cfg, tensors = read_peft_folder(adapter_dir)
+    except LoRAError as e:
+        raise TrainConfigError(str(e)) from None
+    cfg_file = adapter_dir / ADAPTER_CONFIG
+    for key in ("r", "target_modules"):
         if key not in cfg:
             raise TrainConfigError(f"{cfg_file}: no {key!r} field")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise TrainConfigError(f"{cfg_file}: peft_type {cfg['peft_type']!r}; only LORA adapters are supported")
-    for key in ("use_dora", "use_rslora"):
+    if not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
+        raise TrainConfigError(f"{cfg_file}: field 'r' must be a positive integer, got {cfg['r']!r}")
+    if cfg.get("use_rslora"):
+        raise TrainConfigError(f"{cfg_file}: field 'use_rslora' is {cfg['use_rslora']!r}: rsLoRA scaling "
+                               "(alpha / sqrt(r)) cannot be trained or merged here")
+    for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise TrainConfigError(f"{cfg_file}: {key} adapters are not supported")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise TrainConfigError(f"{cfg_file}: per-module rank_pattern / alpha_pattern are not supported")
-    if not weights.is_file():
-        raise TrainConfigError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
-    return cfg, load_file(str(weights))
+            raise TrainConfigError(f"{cfg_file}: field {key!r}: per-module ranks and alphas cannot be trained or "
+                                   "merged here")
+    return cfg, tensors
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, training: bool = False) -> nn.Module:
@@ -347,7 +345,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, training: bool = Fal
     modules = dict(model.named_modules())
     only, router = set(), []
     for key in tensors:
-        name = key.removeprefix(_PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         if m := _EXPERT_KEY.match(name):
             only.add(m.group(1))
         elif m := _LINEAR_KEY.match(name):
@@ -364,8 +362,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, training: bool = Fal
         if not (isinstance(m, Experts) or _linear_like(m)):
             raise TrainConfigError(f"{where}: adapter tensors for {name!r}, which this model has no linear layer "
                                    f"or expert stack named so (an adapter of another base model?)")
-    apply_lora(model, cfg["r"], float(cfg["lora_alpha"]), cfg["target_modules"], only=only, training=training)
-    own = {_PREFIX + k: v for k, v in model.state_dict().items()}
+    apply_lora(model, cfg["r"], float(cfg.get("lora_alpha", 8)), cfg["target_modules"], only=only, training=training)
+    own = {PEFT_PREFIX + k: v for k, v in model.state_dict().items()}
     own |= _expert_views(model)
     with torch.no_grad():
         for key, t in tensors.items():
@@ -393,8 +391,8 @@ def _expert_views(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(m, LoRAExperts):
             for p in m.lora_A:
                 for e in range(m.n_experts):
-                    out[f"{_PREFIX}{name}.{e}.{p}.lora_A.weight"] = m.lora_A[p].data[e]
-                    out[f"{_PREFIX}{name}.{e}.{p}.lora_B.weight"] = m.lora_B[p].data[e]
+                    out[f"{PEFT_PREFIX}{name}.{e}.{p}.lora_A.weight"] = m.lora_A[p].data[e]
+                    out[f"{PEFT_PREFIX}{name}.{e}.{p}.lora_B.weight"] = m.lora_B[p].data[e]
     return out
 
 

@@ -50,24 +50,29 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    def save(fig, name: str) -> None:
+    def save(fig, ax, ylabel: str, name: str, legend_size: float | None = None) -> None:
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
 
-    if any("loss" in r for r in records):
+    def metrics_figure(lines: tuple[tuple[str, str], ...], marked: str, ylabel: str, name: str) -> None:
+        """A line per (metric key, label) that has values, `marked` with points; no figure without the first."""
+        if not any(lines[0][0] in r for r in records):
+            return
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("loss", "train"), ("mtp_loss", "train MTP"), ("val_loss", "validation")):
+        for key, label in lines:
             xs, ys = series(key)
             if xs:
-                ax.plot(xs, ys, label=label, marker="o" if key == "val_loss" else None, ms=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        save(fig, "loss.png")
+                ax.plot(xs, ys, label=label, marker="o" if key == marked else None, ms=3)
+        save(fig, ax, ylabel, name)
 
+    metrics_figure((("loss", "train"), ("mtp_loss", "train MTP"), ("val_loss", "validation")), "val_loss",
+                   "cross-entropy (nats/token)", "loss.png")
     layers = sorted({k for r in records for k in r.get("expert_load", {})})
     if layers:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -75,22 +80,7 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
             pts = [(r["step"], r["expert_load"][layer]) for r in records if layer in r.get("expert_load", {})]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=layer)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("step")
-        ax.set_ylabel("expert load max / mean")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "expert_load.png")
-
-    if any("reward" in r for r in records):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("reward", "train (sampled)"), ("eval_reward", "eval (sampled)"),
-                           ("eval_greedy", "eval (greedy)")):
-            xs, ys = series(key)
-            if xs:
-                ax.plot(xs, ys, label=label, marker="o" if key == "eval_reward" else None, ms=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean reward")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        save(fig, "reward.png")
+        save(fig, ax, "expert load max / mean", "expert_load.png", legend_size=8)
+    metrics_figure((("reward", "train (sampled)"), ("eval_reward", "eval (sampled)"), ("eval_greedy", "eval (greedy)")),
+                   "eval_reward", "mean reward", "reward.png")
     return written

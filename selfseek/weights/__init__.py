@@ -88,7 +88,7 @@ def load_model(
     from selfseek.weights.gguf_tokenizer import tokenizer_from_gguf
 
     g = GGUFFile.open(path)
-    model = load_gguf(g, dtype, device, progress, quantize)
+    model = load_gguf(g, dtype, device, progress, quantize, shard)
     try:
         tokenizer = tokenizer_from_gguf(g.metadata, str(path))
     except (ValueError, KeyError, IndexError) as e:

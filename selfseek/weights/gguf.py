@@ -17,6 +17,11 @@ What llama.cpp's converter changes, and we undo:
   current converters (older files keep attn_kv_b); we join them back.
 - Expert weights are stacked ([E, I, M] ffn_{gate,up}_exps, [E, M, I] ffn_down_exps), as our Experts are.
 
+Tensor / expert parallel ranks (distributed/parallel.py) read only their slices of the file, in its encoding: whole
+rows for a column-parallel weight, a range of experts from a stack, and for a row-parallel weight a range of
+columns that must be whole blocks of the format (32 values for Q8_0 / Q4_0, 256 for the K-quants), else the load
+is refused before anything is read, naming the tensor.
+
 The file is parsed here rather than with gguf.GGUFReader: the reader builds numpy views field by field
 and takes ~12 s on this machine for SmolLM2's 49k-token vocabulary; this parser takes a fraction of a
 second. Tensor data stays memory-mapped.
@@ -527,10 +532,26 @@ class GGUFTensor:
     part: str | None = None
 
 
-def iter_gguf_tensors(source: str | Path | GGUFFile, cfg: ModelConfig | None = None) -> Iterator[GGUFTensor]:
-    """Each tensor of the file under our parameter name, still in its file encoding (see GGUFTensor)."""
+def iter_gguf_tensors(source: str | Path | GGUFFile, cfg: ModelConfig | None = None,
+                      shard=None) -> Iterator[GGUFTensor]:
+    """Each tensor of the file under our parameter name, still in its file encoding (see GGUFTensor); with `shard`
+    (a distributed.parallel.Sharding applied to the model) only this rank's slice of each (`_shard_cuts`)."""
     g = source if isinstance(source, GGUFFile) else GGUFFile.open(source)
     cfg = cfg or gguf_config(g)
+    for info, param, part, shape, raw in _pieces(g, cfg):
+        if shard is not None:
+            shape, raw = _cut_raw(info, shape, raw, _shard_cuts(shard, g.path, info, param, part, shape, cfg))
+        if part in ("q", "k"):
+            if cfg.model_type == "llama":  # this rank's heads (whole heads: a column-parallel slice)
+                heads = cfg.num_attention_heads if part == "q" else cfg.num_key_value_heads
+                raw = _unpermute_rows(raw, heads * shape[0] // info.shape[0], shape[0])
+            part = None
+        yield GGUFTensor(info.name, param, info.type, shape, raw, part)
+
+
+def _pieces(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[TensorInfo, str, str | None, tuple[int, ...], np.ndarray]]:
+    """(info, our parameter, part, shape, raw view into the file) per stored tensor; a fused gate_up as its two
+    halves (parts None and "up"). Nothing is read yet."""
     for info in g.tensors.values():
         target = _target(info.name, cfg)
         if target is None:
@@ -542,18 +563,73 @@ def iter_gguf_tensors(source: str | Path | GGUFFile, cfg: ModelConfig | None = N
         if not param:
             raise CheckpointError(f"{g.path}: unexpected tensor {info.name!r} for a {cfg.model_type} model")
         raw = g.raw(info)
-        if part in ("q", "k"):
-            if cfg.model_type == "llama":
-                heads = cfg.num_attention_heads if part == "q" else cfg.num_key_value_heads
-                raw = _unpermute_rows(raw, heads, info.shape[0])
-            part = None
         if part == "gate_up":  # [E, 2I, M]: first half gate, second half up
             half = info.shape[1] // 2
             shape = (info.shape[0], half, info.shape[2])
-            yield GGUFTensor(info.name, param, info.type, shape, raw[:, :half])
-            yield GGUFTensor(info.name, param.replace("gate_proj", "up_proj"), info.type, shape, raw[:, half:], "up")
+            yield info, param, None, shape, raw[:, :half]
+            yield info, param.replace("gate_proj", "up_proj"), "up", shape, raw[:, half:]
             continue
-        yield GGUFTensor(info.name, param, info.type, info.shape, raw, part)
+        yield info, param, part, info.shape, raw
+
+
+# ---------------------------------------------------------------- one rank's slices (distributed/parallel.py)
+
+
+def check_shardable(g: GGUFFile, cfg: ModelConfig, shard) -> None:
+    """Refuse, before any weight is built or read, a file whose quantized blocks this rank's slices would cut:
+    the same rank's sharding applied to a float model on the meta device gives the rules (and refuses nothing
+    that a quantized layer would refuse less clearly)."""
+    probe = type(shard)(shard.layout, shard.rank)
+    with torch.device("meta"):
+        probe.apply(CausalLM(cfg))
+    for info, param, part, shape, _ in _pieces(g, cfg):
+        _shard_cuts(probe, g.path, info, param, part, shape, cfg)
+
+
+def _shard_cuts(shard, path: Path, info: TensorInfo, param: str, part: str | None, shape: tuple[int, ...],
+                cfg: ModelConfig) -> list[tuple[int, int, int]] | None:
+    """This rank's (dim, start, length) cuts of one file tensor of `shape` (Sharding.cuts; None: zeros). Rows are
+    moved whole, so quantized blocks stay intact; a cut across the rows (a row-parallel weight) must fall on the
+    format's block boundary."""
+    if part in ("k_b", "v_b"):  # the halves of kv_b_proj [H * (d_nope + d_v), c], heads first: whole heads
+        per_head = cfg.qk_nope_head_dim + cfg.v_head_dim
+        cuts = shard.cuts(param, (cfg.num_attention_heads * per_head, cfg.kv_lora_rank))
+        cuts = cuts and [(d, start // per_head, n // per_head) for d, start, n in cuts]
+    else:
+        cuts = shard.cuts(param, shape)
+    block = GGML_QUANT_SIZES[info.type][0]
+    for dim, start, n in cuts or ():
+        if dim == len(shape) - 1 and (start % block or n % block or start + n > shape[-1]):
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} ({info.type.name}, shape {list(shape)}) cannot be split across the "
+                f"ranks: this rank's columns [{start}, {start + n}) of its rows of {shape[-1]} do not fall on the "
+                f"{block}-value {info.type.name} block boundary (choose a tensor parallel size that divides "
+                f"{shape[-1] // block} blocks, or a file with smaller blocks)")
+    return cuts
+
+
+def _cut_raw(info: TensorInfo, shape: tuple[int, ...], raw: np.ndarray,
+             cuts: list[tuple[int, int, int]] | None) -> tuple[tuple[int, ...], np.ndarray]:
+    """Apply cuts (checked by _shard_cuts) to a file tensor's bytes (uint8 [*shape[:-1], row_bytes]) -> (shape,
+    raw): views into the file, except zero padding (vocabulary rows past the end) and a zero tensor (cuts None),
+    whose all-zero bytes are zero in every GGML type (a zero scale)."""
+    if cuts is None:
+        return shape, np.zeros_like(raw)
+    out = list(shape)
+    for dim, start, n in cuts:
+        if dim == len(out) - 1:  # whole blocks of every row
+            block, size = GGML_QUANT_SIZES[info.type]
+            raw = raw[..., start // block * size : (start + n) // block * size]
+        else:
+            have = max(0, min(n, out[dim] - start))
+            part = raw[(slice(None),) * dim + (slice(start, start + have),)]
+            if have < n:
+                pad = list(part.shape)
+                pad[dim] = n - have
+                part = np.concatenate([part, np.zeros(pad, np.uint8)], axis=dim)
+            raw = part
+        out[dim] = n
+    return tuple(out), raw
 
 
 def _target(name: str, cfg: ModelConfig) -> tuple[str, str | None] | None:
@@ -620,6 +696,7 @@ def load_gguf(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize: int | None = None,
+    shard=None,
 ) -> CausalLM:
     """Load a .gguf file into a CausalLM.
 
@@ -627,12 +704,15 @@ def load_gguf(
     the IQ types become int8 blocks, Q4_0 and Q4_1 int4 blocks (models/quant.py, _BITS), float tensors load into
     `dtype`; 0 dequantizes everything
     into `dtype` ("auto": the file's 16-bit type or fp32); 8 or 4 re-quantizes every linear layer to that.
+    shard: a distributed.parallel.Sharding: only this rank's part of each layer is built and read from the file.
     """
     g = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
     cfg = gguf_config(g)
     check_tensor_types(g, cfg)
+    if shard is not None:
+        check_shardable(g, cfg, shard)
     bits = file_bits(g, cfg) if quantize is None else (quantize or None)
-    model = build_empty(cfg, dtype, device, bits)
+    model = build_empty(cfg, dtype, device, bits, shard)
     params = destinations(model)
     loaded: set[str] = set()
     kv_parts: dict[str, set[str]] = {}
@@ -809,7 +889,7 @@ def file_bits(g: GGUFFile, cfg: ModelConfig):
 def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, loaded: set[str],
                   kv_parts: dict[str, set[str]], progress: bool, stats: dict[str, _PackStats]) -> None:
     with tqdm(total=len(g.tensors), desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for t in iter_gguf_tensors(g, cfg):
+        for t in iter_gguf_tensors(g, cfg, getattr(model, "shard", None)):
             if t.param not in params:
                 raise CheckpointError(f"{g.path}: unexpected tensor {t.gguf_name!r} for a {cfg.model_type} model")
             kind, dest = params[t.param]
@@ -874,8 +954,9 @@ def _copy_into(param: torch.Tensor, t: GGUFTensor, cfg: ModelConfig, path: Path)
             for r in range(0, dest.shape[1], step):
                 dest[e, r : r + step].copy_(torch.from_numpy(_dequantize_rows(raw[e, r : r + step], t.type)))
         return
-    # One half of kv_b_proj [H * (d_nope + d_v), c], seen per head as [H, d_nope + d_v, c].
-    h, c, nope, v = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    # One half of kv_b_proj [H * (d_nope + d_v), c], seen per head as [H, d_nope + d_v, c] (H: this rank's heads).
+    c, nope, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    h = param.shape[0] // (nope + v)
     expect = (h, c, nope) if t.part == "k_b" else (h, v, c)
     if tuple(t.shape) != expect:
         raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, the config implies "

@@ -1,0 +1,90 @@
+// DeepSeekMoE expert selection (models/moe.py, Gate) for rows of router scores, in one call: a decode step routes
+// every MoE layer, and the torch formulation is ~15 small ops per layer. Plain C++, C ABI (see kernels/build.py).
+//
+// scores [n, E] float32, after softmax or sigmoid (computed by torch, so the scores are torch's own bits);
+// bias [E] float32 or null (noaux_tc's aux-loss-free correction, used for selection only).
+// method 0 greedy: top_k of the scores.
+// method 1 group_limited_greedy: keep the topk_group groups with the largest max score, top_k among their experts.
+// method 2 noaux_tc: choice = scores + bias; groups ranked by the sum of their two best choices; top_k among the
+//   kept groups' choices; weights are the unbiased scores of the chosen experts.
+// Then (norm) w /= sum(w) + 1e-20 when top_k > 1, and w *= route_scale.
+// Out: weights [n, top_k] float32 and ids [n, top_k] int64, best first (ties: the lower index first).
+// Returns 0, or -1 for bad arguments.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Indices of the k largest of v[0..len) (best first, ties by lower index), written to out.
+void top_indices(const float* v, int64_t len, int64_t k, int64_t* out) {
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < len; e++) {
+            bool taken = false;
+            for (int64_t p = 0; p < j; p++) taken |= out[p] == e;
+            if (!taken && (best < 0 || v[e] > v[best])) best = e;
+        }
+        out[j] = best;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int selfseek_route(const float* scores, const float* bias, int64_t n, int64_t n_experts, int32_t method,
+                   int64_t n_group, int64_t topk_group, int64_t top_k, int32_t norm, float route_scale,
+                   float* weights, int64_t* ids) {
+    if (n < 0 || n_experts <= 0 || top_k <= 0 || top_k > n_experts || method < 0 || method > 2) return -1;
+    if (method > 0 && (n_group <= 0 || n_experts % n_group || topk_group <= 0 || topk_group > n_group)) return -1;
+    if (method == 2 && (bias == nullptr || n_experts / n_group < 2)) return -1;
+    const int64_t per = method > 0 ? n_experts / n_group : n_experts;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for if (n >= 64)
+    for (int64_t r = 0; r < n; r++) {
+        const float* s = scores + r * n_experts;
+        float* w = weights + r * top_k;
+        int64_t* id = ids + r * top_k;
+        std::vector<float> choice(s, s + n_experts);
+        if (method == 2)
+            for (int64_t e = 0; e < n_experts; e++) choice[e] = s[e] + bias[e];
+        if (method > 0 && topk_group < n_group) {
+            std::vector<float> group_score(n_group);
+            for (int64_t g = 0; g < n_group; g++) {
+                const float* c = choice.data() + g * per;
+                if (method == 2) {
+                    int64_t two[2];
+                    top_indices(c, per, 2, two);
+                    group_score[g] = c[two[0]] + c[two[1]];
+                } else {
+                    float m = c[0];
+                    for (int64_t e = 1; e < per; e++) m = c[e] > m ? c[e] : m;
+                    group_score[g] = m;
+                }
+            }
+            std::vector<int64_t> keep(topk_group);
+            top_indices(group_score.data(), n_group, topk_group, keep.data());
+            for (int64_t g = 0; g < n_group; g++) {
+                bool kept = false;
+                for (int64_t j = 0; j < topk_group; j++) kept |= keep[j] == g;
+                if (!kept)
+                    for (int64_t e = 0; e < per; e++) choice[g * per + e] = neg_inf;
+            }
+        }
+        top_indices(choice.data(), n_experts, top_k, id);
+        for (int64_t j = 0; j < top_k; j++) w[j] = s[id[j]];
+        if (norm && top_k > 1) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < top_k; j++) sum += w[j];
+            const float denom = sum + 1e-20f;
+            for (int64_t j = 0; j < top_k; j++) w[j] = w[j] / denom;
+        }
+        for (int64_t j = 0; j < top_k; j++) w[j] = w[j] * route_scale;
+    }
+    return 0;
+}
+
+}  // extern "C"
