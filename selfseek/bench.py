@@ -547,6 +547,7 @@ def _check_dtype(dtype: str, device: str) -> None:
 def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: int, hf_cache: dict) -> dict:
     """Every scenario for one (model file, thread count), selfseek and the peers interleaved."""
     from selfseek.engine.engine import EngineArgs, LLMEngine
+    from selfseek.models.quant import describe_dtypes
     from selfseek.weights import load_model
 
     torch.set_num_threads(threads)
@@ -557,9 +558,8 @@ def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: i
     config = {"model": str(source), "gguf": gguf, "hf": hf, "threads": threads, "dtype": str(model.dtype),
               "quantize": args.quantize, "read_bandwidth_gbs": bandwidth / 1e9, "active_bytes": {"selfseek": active},
               "results": []}
-    storage = _float_storage_dtype(model)
-    config["storage_dtype"] = str(storage)
-    print(f"\n== {source}  threads {threads}  selfseek float weights stored {storage}, computed {model.dtype}  "
+    config["storage"] = describe_dtypes(model)  # packed formats by name: their f16 scales are not "float weights"
+    print(f"\n== {source}  threads {threads}  selfseek {config['storage']}  "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s  active weight bytes/token {active['total'] / 1e6:.1f} MB",
           flush=True)
     peers: dict[str, object] = {}
@@ -620,15 +620,6 @@ def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: i
     if "llama.cpp" in peers:
         peers["llama.cpp"].close()
     return config
-
-
-def _float_storage_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype most float weight bytes are stored in (16-bit storage under fp32 compute shows here)."""
-    by: dict[torch.dtype, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t is not None and t.is_floating_point():
-            by[t.dtype] = by.get(t.dtype, 0) + t.numel() * t.element_size()
-    return max(by, key=by.get) if by else model.dtype
 
 
 def _line(r: Result, ref: Result | None = None) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from checkpoints import run_to_end
 from safetensors.torch import load_file, save_file
 
-from selfseek import LLM, SamplingParams
+from selfseek import LLM, SamplingParams, kernels
 from selfseek.config import ConfigError, ModelConfig
 from selfseek.engine.engine import EngineArgs, LLMEngine
 from selfseek.models import deepseek_v4
@@ -168,16 +168,20 @@ def test_every_branch_counts(v4):
     assert (dense - base)[:, : 4 * (TOPK + 1) - 1].abs().max().item() <= 1e-5  # rows seeing <= top-k entries
 
 
-def test_experts_one_row_path_matches_the_formula(v4):
-    """V4Experts' decode path (one row, routing read as Python numbers) equals its grouped path (up to the matmuls'
-    summation order over 1 or more rows) and the plain formula, with an expert picked twice by one row and the
-    swiglu clamp reached."""
+@pytest.mark.parametrize("path", ["fused", "torch"])
+def test_experts_one_row_path_matches_the_formula(v4, kernel_env, path):
+    """V4Experts, through the fused MoE kernel (swiglu_limit clamp inside it) or the torch paths (decode: one row,
+    routing read as Python numbers; grouped), equals the plain formula, one row or several (up to the matmuls'
+    summation order), with an expert picked twice by one row and the swiglu clamp reached."""
+    if path == "torch":
+        kernel_env(SELFSEEK_NO_KERNELS="1")
     _, _, ours = v4
     experts = next(m for m in ours.modules() if isinstance(m, deepseek_v4.V4Experts))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 32, generator=g) * 4
     w, ids = torch.rand(3, 2, generator=g), torch.tensor([[2, 2], [0, 3], [3, 1]])
     lim = experts.limit
+    assert kernels.moe_native(x, experts.gate_proj, experts.up_proj, experts.down_proj) == (path == "fused")
     want = torch.zeros(3, 32)
     for n in range(3):
         for j in range(2):

@@ -76,7 +76,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_linear_i8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
-    lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr]
+    lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_dequantize, lib.selfseek_gather_rows,
               lib.selfseek_moe):
         f.restype = ctypes.c_int
@@ -343,9 +343,10 @@ def moe_native(x: torch.Tensor, *stacks: Weight) -> bool:
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight, up: Weight,
-        down: Weight) -> torch.Tensor:
+        down: Weight, limit: float = 0.0) -> torch.Tensor:
     """Fused routed experts on the CPU: y[t] = sum_j weights[t, j] FFN_{ids[t, j]}(x[t]), FFN = down(silu(gate x) *
-    up x); gate/up stacks [E, inter, hidden], down [E, hidden, inter]; float32 result. See quant.cpp."""
+    up x); gate/up stacks [E, inter, hidden], down [E, hidden, inter]; float32 result. See quant.cpp.
+    limit > 0 (DeepSeek-V4's swiglu_limit): gate x clamped at most limit, up x to [-limit, limit] before SwiGLU."""
     lib = _native(x)
     if lib is None:
         raise RuntimeError("kernels.moe needs the native kernels and CPU tensors (check moe_native first)")
@@ -358,7 +359,7 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight,
     i = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
     y = torch.empty_like(x2)
     rc = lib.selfseek_moe(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
-                          ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr())
+                          ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr(), float(limit))
     if rc == -2:
         raise IndexError(f"expert id out of range (n_experts={n_experts})")
     _check(rc, "moe")

@@ -1472,9 +1472,10 @@ int selfseek_gather_rows(const Mat* w, const int64_t* ids, int64_t n, float* out
 // e = ids[t, j]. Token-choice slots are grouped by expert with a counting sort; each active expert's gate and up
 // rows are read once for all its tokens, SwiGLU is applied in place, then its down rows once; work items are
 // (expert, chunk of output rows), balanced dynamically. gate/up: E x [inter, hidden], down: E x [hidden, inter].
-// Returns 0, -1 for a malformed weight or shape, -2 for an expert id out of range.
+// limit > 0 clamps SwiGLU's inputs first (DeepSeek-V4's swiglu_limit, as transformers does): gate at most limit,
+// up within [-limit, limit]. Returns 0, -1 for a malformed weight or shape, -2 for an expert id out of range.
 int selfseek_moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
-                 int64_t n_experts, const Mat* gate, const Mat* up, const Mat* down, float* y) {
+                 int64_t n_experts, const Mat* gate, const Mat* up, const Mat* down, float* y, float limit) {
   if (!valid(*gate) || !valid(*up) || !valid(*down)) return -1;
   const int64_t inter = gate->rows;
   if (gate->cols != hidden || up->cols != hidden || up->rows != inter || down->rows != hidden ||
@@ -1518,7 +1519,11 @@ int selfseek_moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, 
     gemm_range(g, r0, r1, &xs[p0 * hidden], cnt, hidden, &h[p0 * inter], inter);
     gemm_range(uu, r0, r1, &xs[p0 * hidden], cnt, hidden, &u[p0 * inter], inter);
     for (int64_t p = p0; p < p0 + cnt; ++p)
-      for (int64_t c = r0; c < r1; ++c) h[p * inter + c] = silu(h[p * inter + c]) * u[p * inter + c];
+      if (limit > 0.f)
+        for (int64_t c = r0; c < r1; ++c)
+          h[p * inter + c] = silu(std::min(h[p * inter + c], limit)) * std::clamp(u[p * inter + c], -limit, limit);
+      else
+        for (int64_t c = r0; c < r1; ++c) h[p * inter + c] = silu(h[p * inter + c]) * u[p * inter + c];
   }
   auto [down_items, down_chunk] = items_for(hidden);
   const int64_t n_down = (int64_t)down_items.size();

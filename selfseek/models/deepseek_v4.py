@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfseek import kernels
 from selfseek.config import ModelConfig, V4Config
 from selfseek.kernels import fused_ops
 from selfseek.models.batch import AttnBatch, PagedRows, build_batch
@@ -550,6 +551,12 @@ class V4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """y[n] = sum_k w[n, k] FFN_{ids[n, k]}(x[n]), each expert run once on the tokens routed to it."""
+        stacks = [w if isinstance(w, torch.Tensor) else w.packed  # a QuantStack (e.g. the released FP4 experts)
+                  for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
+        if not needs_grad and kernels.moe_native(x, *stacks):  # fused, one call (kernels/quant.cpp), fp32
+            return kernels.moe(x, weights, ids, *stacks, limit=self.limit or 0.0).to(x.dtype)
         y = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: routing read once as Python numbers, no index tensors (a step's many tiny ops)
             w, slots_of = weights[0].tolist(), {}
@@ -581,7 +588,7 @@ class V4Experts(nn.Module):
 
     def _linear(self, proj: str, e: int, h: torch.Tensor) -> torch.Tensor:
         """h @ W_e^T for a float stack, or a QuantStack's expert e (e.g. the released FP4 experts, kept packed;
-        the fused kernels.moe has no swiglu_limit clamp, so each expert runs on its own)."""
+        used where the fused kernels.moe cannot run: autograd, another device, no kernels)."""
         w = getattr(self, proj)
         return h @ w[e].to(h.dtype).T if isinstance(w, torch.Tensor) else w.linear(e, h)
 
