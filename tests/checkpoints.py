@@ -154,3 +154,15 @@ def run_to_end(engine, prompts: list[list[int]], params) -> dict[str, list[int]]
         for d in engine.step():
             out[d.request_id] += d.token_ids
     return out
+
+
+def greedy_tokens(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    """Up to n greedy tokens after `prompt` (stopping after `eos`), each from a whole-sequence forward (no cache):
+    the plain reference the engine's outputs are compared with."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt):]

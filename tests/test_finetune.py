@@ -30,7 +30,7 @@ from selfseek.train.losses import lm_losses
 from selfseek.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoints import add_tokenizer, save_hf_checkpoint  # noqa: E402
+from checkpoints import add_tokenizer, greedy_tokens, save_hf_checkpoint  # noqa: E402
 
 # ChatML-like: the assistant turn is marked by the generation prompt; prefixes render as prefixes of the whole.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -181,14 +181,6 @@ def test_qlora_equals_lora_on_the_dequantized_base(base, bits):
 # ---- merged exports -------------------------------------------------------------------------------------
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("family", ["qwen2", "v3_noaux"])
 def test_merged_safetensors_and_gguf(base, family, tmp_path):
     """`selfseek train merge`: transformers loads the merged folder with the adapted model's logits; selfseek loads
@@ -203,14 +195,14 @@ def test_merged_safetensors_and_gguf(base, family, tmp_path):
     with torch.no_grad():
         ours = model(IDS)
     prompt = IDS[0, :8].tolist()
-    want = _greedy(model, prompt, 8)
+    want = greedy_tokens(model, prompt, 8)
     assert main(["merge", "--base", str(folder), "--adapter", str(tmp_path / "adapter"), "--out",
                  str(tmp_path / "merged"), "--gguf", "f16"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(IDS).logits - ours).abs().max().item() <= 1e-4
     g, tok = load_model(tmp_path / "merged" / "merged.f16.gguf", "float32", progress=False)
-    assert tok is not None and _greedy(g, prompt, 8) == want
+    assert tok is not None and greedy_tokens(g, prompt, 8) == want
     merged = merge_lora(copy.deepcopy(model))
     with pytest.raises(ValueError, match="outtype 'q3_k'; choose one of"):
         export_gguf(merged, tmp_path / "m.q3_k.gguf", "q3_k", tokenizer_metadata_of(folder, family))
@@ -324,7 +316,7 @@ def test_lora_sft_lowers_held_out_loss(base, family, extra, tmp_path):
         assert (merged(IDS) - fresh(IDS)).abs().max().item() <= 1e-4
     if "gguf=[f16]" in extra:
         g, _ = load_model(tmp_path / "run" / "final.f16.gguf", "float32", progress=False)
-        assert _greedy(g, IDS[0, :6].tolist(), 6) == _greedy(fresh, IDS[0, :6].tolist(), 6)
+        assert greedy_tokens(g, IDS[0, :6].tolist(), 6) == greedy_tokens(fresh, IDS[0, :6].tolist(), 6)
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------------

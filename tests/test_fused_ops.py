@@ -92,8 +92,10 @@ def test_rope_is_bitwise_the_torch_rotary(rows, heads, d, interleaved, kernel_en
         assert torch.equal(x, want) and torch.equal(whole[..., d:], tail)  # the columns past the head untouched
 
 
+@needs_kernels
 def test_rope_declines_what_it_cannot_take():
     cos = torch.ones(2, 4)
+    assert fused_ops.rope(torch.randn(2, 3, 8), cos, cos, False) is not None  # the control for the cases below
     assert fused_ops.rope(torch.randn(2, 3, 8, dtype=torch.float64), cos, cos, False) is None
     assert fused_ops.rope(torch.randn(2, 3, 8, requires_grad=True), cos, cos, False) is None  # autograd must see it
     assert fused_ops.rope(torch.randn(2, 1, 3, 8), cos, cos, False) is None  # [b, s, h, d]: Rotary's torch path
@@ -178,9 +180,12 @@ def test_hyper_connection_matches_reference(rows, n, m, iters, kernel_env):
     assert torch.allclose(got[1].sum(-2), torch.ones(rows, n), atol=1e-5)  # Sinkhorn's last step: columns sum to 1
 
 
+@needs_kernels
 def test_hyper_connection_declines_what_it_cannot_take():
     streams, fn, base, scale, y = _hc_case(2, 4, 16, 0)
     mix = streams.flatten(1) @ fn.T
+    assert fused_ops.hc_pre(mix, streams, base, scale, 1e-6, 1e-6, 20) is not None  # the control for the cases below
+    assert fused_ops.hc_post(torch.ones(2, 4), torch.ones(2, 4, 4), torch.ones(2, 4, 16), y) is not None
     assert fused_ops.hc_pre(mix, streams.double(), base, scale, 1e-6, 1e-6, 20) is None
     assert fused_ops.hc_pre(mix, streams.transpose(1, 2).contiguous().transpose(1, 2), base, scale, 1e-6, 1e-6,
                             20) is None  # non-contiguous streams
@@ -226,8 +231,10 @@ def test_sink_attention_matches_reference(s, t, k, masked, kernel_env):
     assert (got.double() - want).abs().max() <= 2 * (eager.double() - want).abs().max() + 1e-6
 
 
+@needs_kernels
 def test_sink_attention_declines_what_it_cannot_take():
     q, kv, sinks = torch.randn(2, 3, 8), torch.randn(5, 8), torch.randn(3)
+    assert fused_ops.sink_attention(q, kv, None, sinks, 1.0) is not None  # the control for the cases below
     assert fused_ops.sink_attention(q.double(), kv.double(), None, sinks.double(), 1.0) is None
     assert fused_ops.sink_attention(q, kv, torch.ones(2, 4, dtype=torch.bool), sinks, 1.0) is None  # mask shape
     assert fused_ops.sink_attention(q, kv, torch.ones(2, 5), sinks, 1.0) is None  # a float mask

@@ -8,7 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from checkpoints import VOCAB, add_tokenizer  # tests/ is on sys.path (conftest.py)
+from checkpoints import VOCAB, add_tokenizer, greedy_tokens  # tests/ is on sys.path (conftest.py)
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import Q4_K, dequantize, quantize
@@ -127,14 +127,6 @@ def wide(tmp_path_factory):
     return folder, model
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 PROMPT = [5, 77, 300, 12, 9, 140, 411, 63]
 
 
@@ -175,7 +167,7 @@ def test_q4_k_export_loads_in_selfseek(wide, q4_k_file):
     with torch.no_grad():
         want, got_flat, got_packed = model(ids), flat(ids), packed(ids)
     assert (got_packed - got_flat).abs().max().item() <= 2e-3 * got_flat.abs().max().item()
-    assert _greedy(packed, PROMPT, 8) == _greedy(flat, PROMPT, 8)
+    assert greedy_tokens(packed, PROMPT, 8) == greedy_tokens(flat, PROMPT, 8)
     # Against the float model: a random model has near-flat logits that 4-bit weight noise reorders (Q4_0 moves
     # them by ~23% relative), so its greedy tokens are not Q4_K's; the logits are compared with Q4_0's on the
     # same model instead: Q4_K must be closer (measured 0.19 vs 0.23; a layout error gives ~1).
@@ -210,4 +202,4 @@ def test_q4_k_export_runs_in_llama_cpp(q4_k_file, monkeypatch):
     assert rel <= 0.05
     llm.reset()
     out = list(islice(llm.generate(PROMPT, temp=0.0), 8))
-    assert out == _greedy(load_gguf(q4_k_file, progress=False), PROMPT, 8)
+    assert out == greedy_tokens(load_gguf(q4_k_file, progress=False), PROMPT, 8)

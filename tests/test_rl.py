@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import greedy_tokens  # tests/ is on sys.path (conftest.py)
 
 from selfseek.tokenizer import Tokenizer
 from selfseek.train.build import model_config_dict, new_model, parse_model_config
@@ -72,18 +73,6 @@ def sft_base(base, tmp_path_factory) -> Path:
     return out / "final"
 
 
-def reference_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
-    """Greedy decoding by recomputing the whole sequence per token (no cache): the engine's reference."""
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([ids + out]))[0, -1].argmax())
-            out.append(t)
-            if t == eos:
-                break
-    return out
-
-
 # ---- rewards ------------------------------------------------------------------------------------------
 
 
@@ -141,7 +130,7 @@ def test_engine_rollouts_share_prompt_blocks_and_refresh_drops_stale_kv(base):
 
     # greedy through the engine equals recomputing the whole sequence per token
     (old,), = ro.sample([prompt], 1, 8, 0.0)
-    assert old == reference_greedy(policy, prompt, 8, tok.eos_id)
+    assert old == greedy_tokens(policy, prompt, 8, tok.eos_id)
     hits = stats()["prefix_cache_hit_tokens"]
     ro.sample([prompt], 1, 8, 0.0)
     assert stats()["prefix_cache_hit_tokens"] == hits + full_blocks * 4  # same weights: the prompt is cached
@@ -161,7 +150,7 @@ def test_engine_rollouts_share_prompt_blocks_and_refresh_drops_stale_kv(base):
     hits = stats()["prefix_cache_hit_tokens"]
     (new,), = ro.sample([prompt], 1, 8, 0.0)
     assert stats()["prefix_cache_hit_tokens"] == hits
-    want = reference_greedy(policy, prompt, 8, tok.eos_id)
+    want = greedy_tokens(policy, prompt, 8, tok.eos_id)
     assert new == want and new != old
     with torch.no_grad():  # the engine's copy holds the merged weights
         q = ro.model.model.layers[0].self_attn.q_b_proj.weight

@@ -65,7 +65,6 @@ class LockstepDiskCache:
     def __init__(self, model, directory, max_bytes: int, fingerprint: str, block_size: int,
                  pools: list[torch.Tensor], defer_writes: bool = False):
         self.model, self.defer_writes = model, defer_writes
-        self.dir = Path(directory)
         self.pending: list[tuple[bytes, bytes, tuple[int, ...], int]] = []
         self._call("disk_open", str(directory), max_bytes, str(fingerprint), block_size, pools)
 

@@ -128,12 +128,16 @@ def kv_pool_blocks(args: EngineArgs, kv_bytes_per_token: int, max_model_len: int
     """
     block_bytes = kv_bytes_per_token * args.block_size
     useful = -(-args.max_num_seqs * max_model_len // args.block_size)  # more blocks can never be used
+    budget = max(0, kv_budget(args, free_bytes) - reserved_bytes) // block_bytes
     if args.kv_cache_memory:
-        return min((args.kv_cache_memory - reserved_bytes) // block_bytes, useful)
-    budget = max(0, min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default)
-                 - reserved_bytes) // block_bytes
+        return min(budget, useful)
     needed = max(-(-max_model_len // args.block_size), 2 * args.max_num_seqs)
     return min(budget, needed, useful)
+
+
+def kv_budget(args: EngineArgs, free_bytes: int | None) -> int:
+    """Bytes the KV cache may take: kv_cache_memory, else min(kv_cache_fraction x free_bytes, kv_cache_max_default)."""
+    return args.kv_cache_memory or min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default)
 
 
 def _window_pool(model: CausalLM, args: EngineArgs, cache_dtype: torch.dtype | None, kv_bytes_per_token: int,
@@ -143,7 +147,7 @@ def _window_pool(model: CausalLM, args: EngineArgs, cache_dtype: torch.dtype | N
     many blocks as window blocks, and the blocks get the rest."""
     size = torch.empty((), dtype=cache_dtype or model.dtype).element_size()
     window_block_bytes = args.block_size * model.window_values_per_token() * size
-    budget = args.kv_cache_memory or min(int((free_bytes or 0) * args.kv_cache_fraction), args.kv_cache_max_default)
+    budget = kv_budget(args, free_bytes)
     needed = window_blocks_needed(model.lookback, args.max_num_seqs, args.max_num_batched_tokens, args.block_size,
                                   args.speculative_tokens)
     blocks = min(needed, budget // (window_block_bytes + kv_bytes_per_token * args.block_size))
@@ -182,15 +186,17 @@ class LLMEngine:
                                                                max_blocks=window_blocks))
         self.scheduler = (Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs) if dp is None
                           else dp.new_scheduler(self.blocks, args))
-        if dp is not None:
-            self.runner = dp.new_runner(model, self.blocks, cache_dtype)
-        else:
-            self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len,
-                                             cache_dtype)
-                           if args.speculative_tokens else ModelRunner(model, self.blocks, cache_dtype))
+        try:
+            if dp is not None:
+                self.runner = dp.new_runner(model, self.blocks, cache_dtype)
+            else:
+                self.runner = (SpeculativeRunner(model, self.blocks, args.speculative_tokens, self.max_model_len,
+                                                 cache_dtype)
+                               if args.speculative_tokens else ModelRunner(model, self.blocks, cache_dtype))
+        finally:
+            if windowed:  # the runner has made its pools (or failed to): pools made later are not this engine's
+                model.use_window_blocks(None)
         self.speculative = self.runner if isinstance(self.runner, SpeculativeRunner) else None
-        if windowed:
-            model.use_window_blocks(None)  # the runner has made its pools; pools made later are not this engine's
         if args.prefix_cache_dir and args.enable_prefix_caching:
             spec = self.speculative  # its MTP pool is spilled too, written once propose() has filled it
             self.blocks.disk = open_disk_cache(model, args.prefix_cache_dir, args.prefix_cache_disk_bytes,

@@ -92,9 +92,9 @@ class BlockManager:
 
     def enable_windows(self, lookback: int, max_num_seqs: int, max_num_batched_tokens: int,
                        drafts: int = 0, max_blocks: int | None = None) -> tuple[torch.Tensor, int, int]:
-        """Give blocks window storage, sized for what running sequences hold at once: each its last
-        ceil((lookback + 1 + drafts) / block_size) + 1 blocks, plus a step's new tokens. -> (window_of, window
-        blocks, block_size), the map the model's pools read (DeepseekV4LM.use_window_blocks)."""
+        """Give blocks window storage, sized for what running sequences hold at once (`window_blocks_needed`), at
+        most `max_blocks`. -> (window_of, window blocks, block_size), the map the model's pools read
+        (DeepseekV4LM.use_window_blocks)."""
         bs = self.block_size
         n = min(self.num_blocks, window_blocks_needed(lookback, max_num_seqs, max_num_batched_tokens, bs, drafts),
                 max_blocks or self.num_blocks)

@@ -102,6 +102,12 @@ def _hc_ok(streams: torch.Tensor, *params: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
 
 
+def hc_runs(streams: torch.Tensor) -> bool:
+    """Whether the hyper-connection kernels can take these streams (library loaded, float32 CPU, n <= HC_MAX): a
+    caller checks it before preparing hc_pre's inputs, which the torch formula would otherwise compute again."""
+    return _load() is not None and _hc_ok(streams)
+
+
 def hc_pre(mix: torch.Tensor, streams: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
            hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """DeepSeek-V4 mHC weights (deepseek_v4.HyperConnection's formula) from mix = streams.flatten(1) @ fn^T [T, (2+n)n]

@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfseek import kernels
 from selfseek.config import ModelConfig, V4Config
 from selfseek.kernels import fused_ops
 from selfseek.models.batch import AttnBatch, PagedRows, build_batch
 from selfseek.models.layers import RMSNorm, Rotary
+from selfseek.models.moe import fused_experts
 from selfseek.models.quant import Bits, QuantStack, can_quantize
 
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -444,7 +444,7 @@ class HyperConnection(nn.Module):
         """streams [T, n, m] -> (post [T, n], comb [T, n, n] (row j: from stream j), block input [T, m])."""
         n = self.n
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (streams, self.fn, self.base, self.scale))
-        if streams.dtype == torch.float32 and not tracked:  # the fused kernel: this formula in one call
+        if not tracked and fused_ops.hc_runs(streams):  # the fused kernel: this formula in one call
             mix = F.linear(streams.flatten(1), self.fn.float())  # the norm's factor is applied by the kernel
             fused = fused_ops.hc_pre(mix, streams, self.base.float(), self.scale.float(), self.norm_eps, self.hc_eps,
                                      self.iters)
@@ -553,10 +553,8 @@ class V4Experts(nn.Module):
         """y[n] = sum_k w[n, k] FFN_{ids[n, k]}(x[n]), each expert run once on the tokens routed to it."""
         stacks = [w if isinstance(w, torch.Tensor) else w.packed  # a QuantStack (e.g. the released FP4 experts)
                   for w in (self.gate_proj, self.up_proj, self.down_proj)]
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
-        if not needs_grad and kernels.moe_native(x, *stacks):  # fused, one call (kernels/quant.cpp), fp32
-            return kernels.moe(x, weights, ids, *stacks, limit=self.limit or 0.0).to(x.dtype)
+        if (y := fused_experts(x, weights, ids, stacks, self.limit or 0.0)) is not None:
+            return y
         y = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: routing read once as Python numbers, no index tensors (a step's many tiny ops)
             w, slots_of = weights[0].tolist(), {}

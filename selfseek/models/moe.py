@@ -107,6 +107,22 @@ class Gate(nn.Module):
         return weights, ids
 
 
+def records_grad(x: torch.Tensor, stacks: list[kernels.Weight]) -> bool:
+    """Whether autograd records through these activations or float expert stacks (training a router or experts)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
+
+
+def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacks: list[kernels.Weight],
+                  limit: float = 0.0) -> torch.Tensor | None:
+    """Routed experts in one call of the fused kernel (kernels/quant.cpp; `limit`: DeepSeek-V4's swiglu_limit), in
+    x's dtype; None where it cannot run (autograd records, another device, no kernels): the caller's torch paths."""
+    if records_grad(x, stacks) or not kernels.moe_native(x, *stacks):
+        return None
+    y = kernels.moe(x, weights, ids, *stacks, limit=limit)  # fp32
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate/up [e, i, m], down [e, m, i]."""
 
@@ -121,12 +137,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """y[n] = sum_k w[n,k] FFN_{ids[n,k]}(x[n]), each expert run once on the tokens routed to it."""
         stacks = [self._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            isinstance(s, torch.Tensor) and s.requires_grad for s in stacks))
-        if not needs_grad and kernels.moe_native(x, *stacks):
-            y = kernels.moe(x, weights, ids, *stacks)  # fused, one call (kernels/quant.cpp), fp32
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        if not needs_grad and _grouped_mm_runs(x, stacks):
+        if (y := fused_experts(x, weights, ids, stacks)) is not None:
+            return y
+        if not records_grad(x, stacks) and _grouped_mm_runs(x, stacks):
             return self._forward_grouped(x, weights, ids)
         return self._forward_torch(x, weights, ids)
 
