@@ -80,6 +80,28 @@ def test_linear_matches_the_reference_for_every_batch_size(kind):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", [*KINDS, "q4_k", "fp8"])
+def test_per_head_products_match_the_reference_on_every_level(kind, kernel_env):
+    """kernels.heads (MLA's absorbed W^UK and W^UV from kv_b_proj's stored rows): every head's slice of rows, in both
+    directions, equals the float weight's einsum up to summation order, for one row and for several."""
+    H, d, v = 3, 40, 24  # rows per head 64: W^UK the first 40, W^UV the last 24
+    cols = 256 if kind == "q4_k" else 96
+    w, ref = make_packed(kind, H * (d + v), cols) if kind in PACKED else make_weight(kind, H * (d + v), cols)
+    per_head = ref.view(H, d + v, cols)
+    g = torch.Generator().manual_seed(2)
+    scale = (ref.abs().max() * cols**0.5).item()
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        for R in (1, 5):
+            q = torch.randn(R, H, d, generator=g)
+            o = torch.randn(R, H, cols, generator=g).transpose(0, 1).contiguous().transpose(0, 1)  # any strides
+            close(kernels.heads(q, w, d + v, 0, d, True), torch.einsum("rhd,hdc->rhc", q, per_head[:, :d]), scale)
+            close(kernels.heads(o, w, d + v, d, v, False), torch.einsum("rhc,hvc->rhv", o, per_head[:, d:]), scale)
+    with pytest.raises(ValueError, match="heads"):
+        kernels.heads(torch.randn(1, H + 1, d), w, d + v, 0, d, True)  # 4 heads of 64 rows: not this weight
+
+
+@needs_native
 def test_long_rows_match_the_reference_on_every_level(kernel_env):
     """Rows longer than one chunk of scales (64 blocks) with a partial last chunk: decode's one-row stream (several
     accumulators, prefetch) and the row tiles, on every level this CPU runs."""

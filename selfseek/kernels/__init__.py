@@ -77,8 +77,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
+    lib.selfseek_heads.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
     for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_dequantize, lib.selfseek_gather_rows,
-              lib.selfseek_moe):
+              lib.selfseek_moe, lib.selfseek_heads):
         f.restype = ctypes.c_int
     return lib
 
@@ -308,6 +309,28 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
         if rows:
             _check(fn(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
+
+
+def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transposed: bool,
+          prepared: _Mat | None = None) -> torch.Tensor | None:
+    """Per-head products with rows of W = [H * per_head, K] as stored (MLA's absorbed W^UK and W^UV, read from
+    kv_b_proj itself: no float copy). Head h uses rows h * per_head + off .. + n. x [R, H, K] -> y [R, H, n] with
+    y[r, h] = W_h x[r, h]; transposed: x [R, H, n] -> y [R, H, K] with y[r, h] = W_h^T x[r, h]. float32 out; None
+    where the kernels cannot run (not loaded, not on the CPU, or autograd wants x's graph): the caller's torch path."""
+    q = _split(w)[0]
+    if (lib := _native(x, q)) is None or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    m = _mat(w) if prepared is None else prepared
+    R, H = x.shape[:2]
+    if x.dim() != 3 or x.shape[2] != (n if transposed else m.cols) or H * per_head != m.rows:
+        raise ValueError(f"heads: x {list(x.shape)} does not fit {H} heads of {per_head} rows of a {m.rows} x "
+                         f"{m.cols} weight")
+    x = x.float().contiguous()
+    y = torch.empty(R, H, m.cols if transposed else n)
+    if R:
+        _check(lib.selfseek_heads(ctypes.byref(m), x.data_ptr(), R, H, per_head, off, n, int(transposed),
+                                  y.data_ptr()), "heads")
+    return y
 
 
 def _tiled_mm(lib: ctypes.CDLL, m: _Mat, x: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,20 @@ inline int64_t row_bytes(const Mat& w) {
   }
 }
 
+// Rows [n0, n0 + n) of w as a matrix of its own (no copy): the values and the per-row scales and mins moved down.
+inline Mat rows_view(const Mat& w, int64_t n0, int64_t n) {
+  const int64_t scale_row = w.kind == Q8 || w.kind == Q4 ? w.cols / 32 * 2  // fp16 per 32-block
+                            : w.kind == FP8              ? (w.cols + 127) / 128 * 4  // fp32 per 128 columns
+                            : w.kind == FP4              ? w.cols / 32  // ue8m0 per 32 columns
+                                                         : 0;  // plain kinds and K-quants: none beside the rows
+  Mat v = w;
+  v.rows = n;
+  v.data += n0 * row_bytes(w);
+  if (v.scales) v.scales = (const uint16_t*)((const uint8_t*)v.scales + n0 * scale_row);
+  if (v.mins) v.mins = (const uint16_t*)((const uint8_t*)v.mins + n0 * scale_row);
+  return v;
+}
+
 inline Mat expert(const Mat& w, int64_t e) {
   Mat m = w;
   m.data += e * w.stride;
@@ -1454,6 +1468,40 @@ int selfseek_dequantize(const Mat* w, int64_t n0, int64_t n1, float* out) {
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t a = n0 + c * ROW_CHUNK, b = std::min(n1, a + ROW_CHUNK);
     dequantize_rows(*w, a, b, out + (a - n0) * w->cols);
+  }
+  return 0;
+}
+
+// MLA's absorbed decode products, per head, read from kv_b_proj's rows in their stored format (never a float copy
+// of W^UK or W^UV). W: [H * per_head, K]; head h uses rows h * per_head + off .. + n. x, y: [R, H, *] row-major.
+// transposed == 0 (W^UV): y[r, h, j] = sum_k W_h[j, k] x[r, h, k]   (x width K, y width n)
+// transposed == 1 (W^UK): y[r, h, k] = sum_j W_h[j, k] x[r, h, j]   (x width n, y width K): the head's n rows are
+// widened once into a float tile (n x K, cache-sized) and summed row by row for every r.
+int selfseek_heads(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, int64_t off, int64_t n,
+                   int32_t transposed, float* y) {
+  if (!valid(*w) || R < 0 || H <= 0 || n <= 0 || off < 0 || off + n > per_head || H * per_head != w->rows) return -1;
+  const int64_t K = w->cols;
+#pragma omp parallel if (H > 1 && R * H * n * K >= (1 << 16))
+  {
+    std::vector<float> tile(transposed ? n * K : 0);
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; ++h) {
+      const Mat wh = rows_view(*w, h * per_head + off, n);
+      if (!transposed) {
+        gemm_range(wh, 0, n, x + h * K, R, H * K, y + h * n, H * n);
+        continue;
+      }
+      dequantize_rows(wh, 0, n, tile.data());
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = x + (r * H + h) * n;
+        float* yr = y + (r * H + h) * K;
+        std::fill(yr, yr + K, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = xr[j], *t = tile.data() + j * K;
+          for (int64_t k = 0; k < K; ++k) yr[k] += a * t[k];
+        }
+      }
+    }
   }
   return 0;
 }

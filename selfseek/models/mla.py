@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from selfseek import kernels
 from selfseek.config import ModelConfig
 from selfseek.models.attention_backend import (
     FP8,
@@ -165,17 +166,39 @@ class MLA(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
+    def _kv_b_stored(self) -> tuple[kernels.Weight, object]:
+        """kv_b_proj's weight as stored (a GGUF's q8 / K-quant rows, or float) and its kernel view, made once per
+        weight version: the CPU kernels read W^UK and W^UV from it per head (kernels.heads)."""
+        lin = self.kv_b_proj
+        src = lin.qweight if isinstance(lin, QuantLinear) else lin.weight
+        key = (src.data_ptr(), src._version)
+        cached = self.__dict__.get("_kv_b_view")
+        if cached is None or cached[0] != key:
+            w = lin.packed if isinstance(lin, QuantLinear) else lin.weight.detach()
+            cached = (key, w, kernels.prepare(w))
+            self.__dict__["_kv_b_view"] = cached
+        return cached[1], cached[2]
+
     def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
         """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
-        latent space, then W^UV. [R, h, d], [R, h, r] -> [R, h, v]."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W^UK absorbed into the query
+        latent space, then W^UV. [R, h, d], [R, h, r] -> [R, h, v]. On a CPU with the kernels, W^UK and W^UV are
+        read per head from kv_b_proj's stored rows (a q8 GGUF: a quarter of the bytes of float copies, and no
+        batched GEMMs of one row); elsewhere they are float copies multiplied by bmm."""
+        d, v = self.nope_dim, self.v_dim
+        stored = self._kv_b_stored() if kernels.available() and q_nope.device.type == "cpu" else None
+        q_latent = kernels.heads(q_nope, stored[0], d + v, 0, d, True, stored[1]) if stored else None
+        if q_latent is None:
+            stored = None
+            w_uk, w_uv_t = self.absorbed_weights()
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W^UK absorbed into the query
         if q_rope.dtype != q_latent.dtype:
             q_rope = q_rope.to(q_latent.dtype)
         R, h = q_latent.shape[:2]
         q = torch.cat([q_latent, q_rope], dim=-1).view(R, 1, h, -1)  # [R, 1, h, c + r]: one KV head
         k_cache, v_cache, scales = self._cache_views(pool)
         o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales).view(R, h, -1)
+        if stored:
+            return kernels.heads(o_latent, stored[0], d + v, d, v, False, stored[1])
         if o_latent.dtype != w_uv_t.dtype:
             o_latent = o_latent.to(w_uv_t.dtype)
         return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # W^UV absorbed after attention
