@@ -20,6 +20,8 @@ Shape letters: T flat rows, b batch, s queries, t keys, h heads, d nope/v head d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -154,30 +156,36 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope[:, None].expand(s, self.n_heads, self.rope_dim)], dim=-1)
         return dense_attention(q, k, v, self.scale, mask)
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W^UK [h, d, c] and W^UV transposed, [h, c, v], split out of kv_b_proj, contiguous (both products are then
-        plain batched GEMMs over the heads), made once per weight version."""
-        # a QuantLinear (a GGUF's attn_kv_b) dequantizes on every `.weight`: key on its packed storage instead
-        src = self.kv_b_proj.qweight if isinstance(self.kv_b_proj, QuantLinear) else self.kv_b_proj.weight
-        key = (src.data_ptr(), src._version)
-        if getattr(self, "_absorbed_key", None) != key:
-            w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
-            self._absorbed = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].transpose(1, 2).contiguous())
-            self._absorbed_key = key
-        return self._absorbed
-
-    def _kv_b_stored(self) -> tuple[kernels.Weight, object]:
-        """kv_b_proj's weight as stored (a GGUF's q8 / K-quant rows, or float) and its kernel view, made once per
-        weight version: the CPU kernels read W^UK and W^UV from it per head (kernels.heads)."""
+    def _per_kv_b(self, name: str, make: Callable[[], object]) -> object:
+        """make()'s value, made again only when kv_b_proj's storage changes (a QuantLinear's `.weight` dequantizes
+        on every read: its packed storage is the key)."""
         lin = self.kv_b_proj
         src = lin.qweight if isinstance(lin, QuantLinear) else lin.weight
         key = (src.data_ptr(), src._version)
-        cached = self.__dict__.get("_kv_b_view")
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
+            cached = (key, make())
+            self.__dict__[name] = cached
+        return cached[1]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK [h, d, c] and W^UV transposed, [h, c, v], split out of kv_b_proj, contiguous (both products are then
+        plain batched GEMMs over the heads)."""
+        def split() -> tuple[torch.Tensor, torch.Tensor]:
+            w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
+            return w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].transpose(1, 2).contiguous()
+
+        return self._per_kv_b("_absorbed", split)
+
+    def _kv_b_stored(self) -> tuple[kernels.Weight, object]:
+        """kv_b_proj's weight as stored (a GGUF's q8 / K-quant rows, or float) and its kernel view: the CPU kernels
+        read W^UK and W^UV from it per head (kernels.heads)."""
+        def view() -> tuple[kernels.Weight, object]:
+            lin = self.kv_b_proj
             w = lin.packed if isinstance(lin, QuantLinear) else lin.weight.detach()
-            cached = (key, w, kernels.prepare(w))
-            self.__dict__["_kv_b_view"] = cached
-        return cached[1], cached[2]
+            return w, kernels.prepare(w)
+
+        return self._per_kv_b("_kv_b_view", view)
 
     def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
         """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
