@@ -166,3 +166,17 @@ def greedy_tokens(model, prompt: list[int], n: int, eos: int | None = None) -> l
             if ids[-1] == eos:
                 break
     return ids[len(prompt):]
+
+
+def tiny_model(family: str, model_type: str):
+    """selfseek's own CausalLM of a FAMILIES shape with seeded random weights (no transformers in between)."""
+    from selfseek.config import ModelConfig
+    from selfseek.models.model import CausalLM
+
+    cfg = ModelConfig.from_dict(dict(FAMILIES[family][1], model_type=model_type, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    return model.eval()

@@ -9,9 +9,8 @@ import types
 
 import pytest
 import torch
-from checkpoints import FAMILIES, VOCAB
+from checkpoints import VOCAB, tiny_model
 
-from selfseek.config import ModelConfig
 from selfseek.engine.engine import _cache_dtype
 from selfseek.engine.runner import BlockTables
 from selfseek.engine.sequence import Sequence, Status
@@ -156,16 +155,6 @@ def test_rejects_caches_that_do_not_fit_the_queries():
 
 
 # ---- the model over the engine's batches ---------------------------------------------------------------
-
-def tiny_model(family: str, model_type: str) -> CausalLM:
-    cfg = ModelConfig.from_dict(dict(FAMILIES[family][1], model_type=model_type, vocab_size=VOCAB))
-    torch.manual_seed(0)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
-    return model.eval()
-
 
 @pytest.mark.parametrize("family,model_type", [("v3_noaux", "deepseek_v3"), ("llama_linear", "llama")])
 def test_engine_steps_equal_whole_sequences(backend, family, model_type):

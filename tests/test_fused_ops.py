@@ -251,7 +251,7 @@ def test_sink_attention_declines_what_it_cannot_take():
 def test_fused_stack_matches_layer_by_layer(family, model_type):
     """CausalLM.hidden_states with residuals fused into the norms (no grad) equals DecoderLayer.forward layer by
     layer (grad mode takes that path), and leaves the embedding output it starts from unwritten."""
-    from test_attention import tiny_model
+    from checkpoints import tiny_model
 
     model = tiny_model(family, model_type)
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))

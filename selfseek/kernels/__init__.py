@@ -304,11 +304,16 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
         y = torch.mm(x2, q.t()) if m.kind == _KINDS[torch.float32] else _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
-        int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind in (_KINDS[torch.int8], _KINDS[torch.uint8])
-        fn = lib.selfseek_linear_i8 if int8 else lib.selfseek_linear
         if rows:
-            _check(fn(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows), "linear")
+            _check(row_kernel(lib, m, rows)(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
+                   "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
+
+
+def row_kernel(lib: ctypes.CDLL, m: _Mat, rows: int):
+    """The C function `linear` calls for fewer than GEMM_MIN_ROWS rows of x: (mat, x, rows, cols, y, ldy) -> code."""
+    int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind in (_KINDS[torch.int8], _KINDS[torch.uint8])
+    return lib.selfseek_linear_i8 if int8 else lib.selfseek_linear
 
 
 def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transposed: bool,

@@ -334,6 +334,15 @@ inline void pv_accumulate(float* acc, const float* p, const float* const* v, int
 }
 
 inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : dtype == FP8 ? 1 : 2; }
+
+// A decode step reads each layer's cache rows once, after the layer's weights have pushed them out of cache, and
+// the rows of one KV head are strided (GQA: a slot holds every head's K and V) and scattered over blocks: the
+// hardware prefetcher stops at each 4 KiB page, so without this the loop waits on DRAM latency per key (measured:
+// GQA 3 x 64 heads at 512 keys, 536 us per layer with the caches cold against 111 us warm).
+inline void prefetch_bytes(const char* p, int64_t n) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63), last = reinterpret_cast<uintptr_t>(p) + n - 1;
+  for (uintptr_t a = first; a <= last; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
+}
 }  // namespace
 
 extern "C" {
@@ -374,6 +383,10 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
   const int64_t esize = element_size(dtype);
   const char* kc = static_cast<const char*>(k_cache);
   const char* vc = static_cast<const char*>(v_cache);
+  // Keys ahead to prefetch: about 4 KiB of rows in flight (MLA's one 576-wide latent row is K and V: V not apart).
+  const int64_t k_bytes = k_dim * esize, v_bytes = v_dim * esize;
+  const bool v_apart = vc < kc || vc >= kc + k_bytes;  // V inside K's row (MLA) needs no prefetch of its own
+  const int64_t ahead = std::clamp<int64_t>(8192 / (k_bytes + (v_apart ? v_bytes : 0)), 2, 16);
 
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(items, 1))))
   {
@@ -395,10 +408,20 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
       std::fill(acc.begin(), acc.begin() + static_cast<int64_t>(ng) * v_dim, 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t pf = 0; pf < std::min(ahead, ctx); ++pf) {  // the first keys: the loop prefetches the rest
+        const int64_t pslot = static_cast<int64_t>(table[pf / block_size]) * block_size + pf % block_size;
+        prefetch_bytes(kc + (pslot * k_slot_stride + h * k_head_stride) * esize, k_bytes);
+        if (v_apart) prefetch_bytes(vc + (pslot * v_slot_stride + h * v_head_stride) * esize, v_bytes);
+      }
       for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
         const int nt = static_cast<int>(std::min<int64_t>(TILE, ctx - t0));
         for (int t = 0; t < nt; ++t) {
           const int64_t pos = t0 + t;
+          if (pos + ahead < ctx) {
+            const int64_t pf = pos + ahead, pslot = static_cast<int64_t>(table[pf / block_size]) * block_size + pf % block_size;
+            prefetch_bytes(kc + (pslot * k_slot_stride + h * k_head_stride) * esize, k_bytes);
+            if (v_apart) prefetch_bytes(vc + (pslot * v_slot_stride + h * v_head_stride) * esize, v_bytes);
+          }
           const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
           const char* ksrc = kc + (slot * k_slot_stride + h * k_head_stride) * esize;
           const int64_t sc_off = slot * scale_slot_stride + h * scale_head_stride;

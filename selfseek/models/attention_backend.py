@@ -153,20 +153,39 @@ def paged_attention(
         rows._splits["kernel_checked"] = True
     q32 = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
     out = torch.empty(R, n_kv, g, dv, dtype=torch.float32)
-    rc = lib.selfseek_paged_attention(
+    run_kernel(lib, kernel_args(q32, out, k_cache, v_cache, rows, scale, fp8_scales), rows)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+# Positions of the K and V cache addresses in kernel_args' list (a caller reusing one list across layers whose
+# pools share shapes and strides replaces just these).
+K_ARG, V_ARG = 3, 6
+
+
+def kernel_args(q32: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                rows: PagedRows, scale: float, fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
+    """The C kernel's arguments for contiguous float32 q [R, kv, g, dk] and out [R, kv, g, dv] (paged_attention has
+    checked the rest)."""
+    R, n_kv, g, dk = q32.shape
+    tables, ctx = rows.block_tables, rows.context_lens
+    return [
         q32.data_ptr(), out.data_ptr(), R,
         k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
         v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1),
         _FP8_CODE if fp8_scales is not None else _DTYPE_CODE[k_cache.dtype],
-        tables.data_ptr(), tables.stride(0), rows.block_size, cu_q.data_ptr(), ctx.data_ptr(), len(ctx),
-        n_kv, g, dk, dv, scale, torch.get_num_threads(),
+        tables.data_ptr(), tables.stride(0), rows.block_size, rows.cu_q.data_ptr(), ctx.data_ptr(), len(ctx),
+        n_kv, g, dk, out.shape[-1], scale, torch.get_num_threads(),
         *((None, None, 0, 0, 0) if fp8_scales is None else
           (fp8_scales[0].data_ptr(), fp8_scales[1].data_ptr(), *fp8_scales[0].stride()[:2], FP8_TILE)),
-    )
+    ]
+
+
+def run_kernel(lib: ctypes.CDLL, args: list, rows: PagedRows) -> None:
+    """Call the C kernel with kernel_args' list; a rejected batch is an error naming it."""
+    rc = lib.selfseek_paged_attention(*args)
     if rc != 0:
-        raise ValueError(f"paged attention rejected its batch (code {rc}): cu_q {cu_q.tolist()}, "
-                         f"context_lens {ctx.tolist()}")
-    return out if q.dtype == torch.float32 else out.to(q.dtype)
+        raise ValueError(f"paged attention rejected its batch (code {rc}): cu_q {rows.cu_q.tolist()}, "
+                         f"context_lens {rows.context_lens.tolist()}")
 
 
 def _paged_attention_torch(

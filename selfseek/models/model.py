@@ -20,6 +20,7 @@ from selfseek.models.batch import AttnBatch, build_batch
 from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import RMSNorm
 from selfseek.models.mtp import MTPLayer
+from selfseek.models.native_step import NativeStack
 
 __all__ = ["Backbone", "CausalLM", "DecoderLayer"]
 
@@ -80,6 +81,9 @@ class CausalLM(nn.Module):
         cos_sin = self.rotary.cos_sin(batch.positions)
         h = self.embed(tokens)
         if self._fused_residuals():
+            native = NativeStack.for_model(self)
+            if native is not None and native.takes(h, batch, pools):  # a decode step: the same kernels, no glue
+                return native.run(h, cos_sin, batch, pools)
             return self._fused_layers(h, cos_sin, batch, pools)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos_sin, batch, None if pools is None else pools[i])

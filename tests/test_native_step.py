@@ -1,0 +1,119 @@
+"""The native decode step (models/native_step.py) against the module path it replaces: the same kernels in the same
+order, so greedy tokens and logprobs are bit for bit equal; and it steps aside for whatever it cannot run so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import VOCAB, tiny_model
+
+from selfseek.engine.engine import EngineArgs, LLMEngine
+from selfseek.models import native_step
+from selfseek.models.model import CausalLM
+from selfseek.models.native_step import NativeStack
+from selfseek.models.quant import quantize_model
+from selfseek.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not __import__("selfseek.kernels").kernels.available(),
+                                reason="the native kernels are not built on this machine")
+
+
+def tiny_llama(bits: int | None, family: str = "llama_linear", model_type: str = "llama") -> CausalLM:
+    model = tiny_model(family, model_type)
+    if bits:
+        quantize_model(model, bits)
+    return model
+
+
+PROMPTS = [list(range(5, 8)), list(range(40, 57)), [(7 * i) % VOCAB for i in range(70)], [3, 4]]
+
+
+def run(model: CausalLM, native: bool, monkeypatch, prompts=PROMPTS, **engine_kw) -> tuple[dict, int]:
+    """Greedy tokens with their top-3 logprobs per request, and the number of steps the native path ran."""
+    calls = [0]
+    real_run = NativeStack.run
+
+    def counted(self, *a):
+        calls[0] += 1
+        return real_run(self, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(NativeStack, "run", counted)
+        if not native:
+            m.setattr(NativeStack, "for_model", staticmethod(lambda model: None))
+        engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, block_size=4, max_num_batched_tokens=32,
+                                                   **engine_kw))
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+        out: dict[str, list] = {}
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+            out[f"r{i}"] = []
+        while engine.has_work():
+            for d in engine.step():
+                out[d.request_id] += list(zip(d.token_ids, d.logprobs or [], strict=True))
+    return out, calls[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_step_equals_the_module_path(bits, one_thread, monkeypatch):
+    """Decode batches of 1 to 4 sequences with different contexts over shuffled 4-slot blocks, chunked prefill
+    (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran."""
+    model = tiny_llama(bits)
+    want, none = run(model, False, monkeypatch)
+    got, calls = run(model, True, monkeypatch)
+    assert none == 0 and calls >= 9  # every pure decode step (10 tokens each, the first from the prefill)
+    assert got == want
+
+
+def test_native_step_with_int8_activations(one_thread, monkeypatch):
+    """The opt-in int8-activation kernels are chosen the same way on both paths."""
+    from selfseek import kernels
+
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+    model = tiny_llama(4)
+    want, _ = run(model, False, monkeypatch)
+    got, calls = run(model, True, monkeypatch)
+    assert calls and got == want
+
+
+def test_native_step_takes_only_what_it_runs_exactly(one_thread, monkeypatch):
+    # float weights go through torch's BLAS on the module path; Qwen2's q/k/v biases and Qwen3's q/k norms are
+    # not in the native step: all of them keep the module path
+    assert NativeStack.for_model(tiny_llama(None)) is None
+    assert NativeStack.for_model(tiny_llama(4, "qwen3", "qwen3")) is None
+    model = tiny_llama(4)
+    stack = NativeStack.for_model(model)
+    assert stack is not None and NativeStack.for_model(model) is stack  # kept on the model
+    # a forward hook (a profiler's timer) must run: the step goes through the modules while it is there
+    seen = []
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda mod, a, o: seen.append(o.shape[0]))
+    _, calls = run(model, True, monkeypatch, prompts=PROMPTS[:1])
+    handle.remove()
+    assert calls == 0 and len(seen) == 10
+    # an fp8 cache is not one the native step writes
+    _, calls = run(model, True, monkeypatch, prompts=PROMPTS[:1], kv_cache_dtype="fp8")
+    assert calls == 0
+
+
+def test_a_replaced_weight_makes_the_stack_again(one_thread, monkeypatch):
+    model = tiny_llama(4)
+    before, _ = run(model, True, monkeypatch)
+    stack = NativeStack.for_model(model)
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        down.set_from_float(torch.randn(down.out_features, down.in_features) * 0.1)
+        down.qweight = down.qweight.clone()  # a new tensor: the old kernel view would read stale bytes
+    assert NativeStack.for_model(model) is not stack
+    want, _ = run(model, False, monkeypatch)
+    got, calls = run(model, True, monkeypatch)
+    assert calls and got == want and got != before
+
+
+def test_hooks_are_seen_on_any_submodule():
+    model = tiny_llama(4)
+    layers = list(model.model.layers)
+    assert not native_step._hooked(layers)
+    handle = layers[0].self_attn.o_proj.register_forward_pre_hook(lambda mod, a: None)
+    assert native_step._hooked(layers)
+    handle.remove()
+    assert not native_step._hooked(layers)
