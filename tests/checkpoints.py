@@ -168,12 +168,13 @@ def greedy_tokens(model, prompt: list[int], n: int, eos: int | None = None) -> l
     return ids[len(prompt):]
 
 
-def tiny_model(family: str, model_type: str):
-    """selfseek's own CausalLM of a FAMILIES shape with seeded random weights (no transformers in between)."""
+def tiny_model(family: str, model_type: str, **overrides):
+    """selfseek's own CausalLM of a FAMILIES shape (config fields replaced by `overrides`) with seeded random weights
+    (no transformers in between)."""
     from selfseek.config import ModelConfig
     from selfseek.models.model import CausalLM
 
-    cfg = ModelConfig.from_dict(dict(FAMILIES[family][1], model_type=model_type, vocab_size=VOCAB))
+    cfg = ModelConfig.from_dict(dict(FAMILIES[family][1], model_type=model_type, vocab_size=VOCAB, **overrides))
     torch.manual_seed(0)
     model = CausalLM(cfg)
     with torch.no_grad():

@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(not __import__("selfseek.kernels").kernels.avail
                                 reason="the native kernels are not built on this machine")
 
 
-def tiny_llama(bits: int | None, family: str = "llama_linear", model_type: str = "llama") -> CausalLM:
-    model = tiny_model(family, model_type)
+def tiny_llama(bits: int | None, family: str = "llama_linear", model_type: str = "llama", skip=("kv_b_proj",),
+               **overrides) -> CausalLM:
+    model = tiny_model(family, model_type, **overrides)
     if bits:
-        quantize_model(model, bits)
+        quantize_model(model, bits, skip)
     return model
 
 
@@ -65,6 +66,17 @@ def test_native_step_equals_the_module_path(bits, one_thread, monkeypatch):
     assert got == want
 
 
+@pytest.mark.parametrize("bits,skip", [(8, ("kv_b_proj",)), (4, ())])
+def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, one_thread, monkeypatch):
+    """DeepSeek-V3 layers: MLA's absorbed decode (W^UK / W^UV read per head from kv_b_proj, float or packed as in a
+    GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert."""
+    model = tiny_llama(bits, "v3_noaux", "deepseek_v3", skip, q_lora_rank=64)  # 64: a whole number of 32-blocks
+    assert NativeStack.for_model(model) is not None
+    want, _ = run(model, False, monkeypatch)
+    got, calls = run(model, True, monkeypatch)
+    assert calls >= 9 and got == want
+
+
 def test_native_step_with_int8_activations(one_thread, monkeypatch):
     """The opt-in int8-activation kernels are chosen the same way on both paths."""
     from selfseek import kernels
@@ -81,6 +93,7 @@ def test_native_step_takes_only_what_it_runs_exactly(one_thread, monkeypatch):
     # not in the native step: all of them keep the module path
     assert NativeStack.for_model(tiny_llama(None)) is None
     assert NativeStack.for_model(tiny_llama(4, "qwen3", "qwen3")) is None
+    assert NativeStack.for_model(tiny_llama(8, "v2_lite_greedy", "deepseek_v2")) is None  # no query compression
     model = tiny_llama(4)
     stack = NativeStack.for_model(model)
     assert stack is not None and NativeStack.for_model(model) is stack  # kept on the model

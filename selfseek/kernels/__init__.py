@@ -370,18 +370,25 @@ def moe_native(x: torch.Tensor, *stacks: Weight) -> bool:
     return all(t.dtype in _KINDS for t in tensors[1:]) and _native(*tensors) is not None  # Packed data is uint8
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight, up: Weight,
-        down: Weight, limit: float = 0.0) -> torch.Tensor:
-    """Fused routed experts on the CPU: y[t] = sum_j weights[t, j] FFN_{ids[t, j]}(x[t]), FFN = down(silu(gate x) *
-    up x); gate/up stacks [E, inter, hidden], down [E, hidden, inter]; float32 result. See quant.cpp.
-    limit > 0 (DeepSeek-V4's swiglu_limit): gate x clamped at most limit, up x to [-limit, limit] before SwiGLU."""
-    lib = _native(x)
-    if lib is None:
-        raise RuntimeError("kernels.moe needs the native kernels and CPU tensors (check moe_native first)")
-    g, u, d = _mat(gate, True), _mat(up, True), _mat(down, True)
+def prepare_stacks(gate: Weight, up: Weight, down: Weight) -> tuple[_Mat, _Mat, _Mat, int]:
+    """The checked kernel views of the three expert stacks and their number of experts, for a caller that keeps them
+    (`moe(..., prepared=)`)."""
     n_experts = _split(gate)[0].shape[0]
     if len({n_experts, _split(up)[0].shape[0], _split(down)[0].shape[0]}) != 1:
         raise ValueError("gate, up and down stacks hold different numbers of experts")
+    return _mat(gate, True), _mat(up, True), _mat(down, True), n_experts
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight, up: Weight,
+        down: Weight, limit: float = 0.0, prepared: tuple[_Mat, _Mat, _Mat, int] | None = None) -> torch.Tensor:
+    """Fused routed experts on the CPU: y[t] = sum_j weights[t, j] FFN_{ids[t, j]}(x[t]), FFN = down(silu(gate x) *
+    up x); gate/up stacks [E, inter, hidden], down [E, hidden, inter]; float32 result. See quant.cpp.
+    limit > 0 (DeepSeek-V4's swiglu_limit): gate x clamped at most limit, up x to [-limit, limit] before SwiGLU.
+    `prepared`: prepare_stacks() of these very stacks, else made here."""
+    lib = _native(x)
+    if lib is None:
+        raise RuntimeError("kernels.moe needs the native kernels and CPU tensors (check moe_native first)")
+    g, u, d, n_experts = prepare_stacks(gate, up, down) if prepared is None else prepared
     x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()  # no no-op casts: a decode
     w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
     i = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()

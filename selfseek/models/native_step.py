@@ -1,28 +1,33 @@
-"""The decode step of a Llama-shaped stack as a fixed sequence of native kernel calls: the CPU's captured step.
+"""A decode step as a fixed sequence of native kernel calls: the CPU's captured step.
 
-Every op of a decode step through DecoderLayer(Attention, MLP) with packed weights already runs in a native
-kernel: residual add + RMSNorm, the fused q/k/v and gate/up products, rotary in place, paged attention. What the
-module path adds around them is Python and torch glue (nn.Module calls, views, checks, allocations: about 0.3 ms
-per layer on a 2-core EPYC, a quarter of the default model's step). Here each layer's kernel views are made once
-(rebuilt when a weight is replaced) and a step is ~10 calls per layer into buffers allocated once per step: the
-same kernels with the same arguments in the same order as the module path, so the result is bit for bit the
-same (tests/test_native_step.py). It takes only what it can run exactly so; anything else (prefill rows, LoRA,
-hooks, autograd, other layer types, float weights multiplied by torch's BLAS) runs the module path.
+Every op of a decode step through the decoder layers with packed weights already runs in a native kernel: residual
+add + RMSNorm, the fused projections, rotary, paged attention, MLA's per-head absorbed products, routing and the
+fused experts. What the module path adds around them is Python and torch glue (nn.Module calls, views, checks,
+allocations: about 0.3 ms per Llama layer on a 2-core EPYC, a quarter of the default model's step). Here each
+layer's kernel views are made once (made again when a weight is replaced) and a step is a few calls per layer into
+buffers allocated once per step: the same kernels with the same arguments in the same order as the module path, so
+the result is bit for bit the same (tests/test_native_step.py). It takes only what it can run exactly so; anything
+else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, float weights multiplied by torch's BLAS) runs the
+module path.
 
-    for each layer: x = RMSNorm(residual += m)           add_rms_norm
-                    qkv = x Wqkv^T; rotary on q, k        linear, rope (in place)
-                    pool[slots] = k, v                    index_copy_
-                    o = paged_attention(q, pool)          the C kernel
-                    x = RMSNorm(residual += o Wo^T)       linear, add_rms_norm
-                    m = down(silu(gate) * up)(x)          linear, silu, mul, linear
+    for each layer: x = RMSNorm(residual += ffn)             add_rms_norm
+                    a = attention(x)                          GQA or MLA below
+                    x = RMSNorm(residual += a)               add_rms_norm
+                    ffn = MLP(x) or MoE(x)                    dense below, or router + fused experts + shared MLP
+    GQA: qkv = x Wqkv^T; rotary on q, k in place; pool[slots] = k, v; o = paged_attention(q); a = o Wo^T
+    MLA: [q_a; c; k_r] = x W^DQKV; q = RMSNorm(q_a) W^UQ; pool[slots] = [RMSNorm(c); RoPE(k_r)];
+         q_lat = q_nope W^UK per head; o_lat = paged_attention([q_lat; RoPE(q_rope)]); a = (o_lat W^UV per head) Wo^T
+    dense: a = down(silu(gate x) * up x), gate/up one product
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selfseek import kernels
 from selfseek.kernels import fused_ops
@@ -31,46 +36,219 @@ from selfseek.models.attention import Attention
 from selfseek.models.batch import AttnBatch
 from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import MLP, RMSNorm, fused_rows
-from selfseek.models.quant import QuantLinear
+from selfseek.models.mla import MLA
+from selfseek.models.moe import Experts, MoE
+from selfseek.models.quant import QuantLinear, QuantStack
+
+
+class Unsupported(Exception):
+    """A layer the native step does not run exactly as the module path: the model keeps the module path."""
+
+
+def _product(layer: nn.Module | None) -> tuple[kernels.Weight, kernels._Mat]:
+    """A packed linear layer's weight (held, so the view stays valid) and its kernel view."""
+    if type(layer) is not QuantLinear:  # float nn.Linear runs torch's BLAS on the module path: other sums
+        raise Unsupported(f"{type(layer).__name__} is not a packed linear layer")
+    w = layer.packed
+    return w, kernels.prepare(w)
+
+
+def _norm(norm: nn.Module) -> RMSNorm:
+    w = getattr(norm, "weight", None)
+    if type(norm) is not RMSNorm or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        raise Unsupported("not a float32 RMSNorm")
+    return norm
+
+
+@dataclass
+class _Step:
+    """What every layer of one step shares: the kernels, the batch and the step's buffers (made lazily, once)."""
+
+    qlib: ctypes.CDLL
+    flib: ctypes.CDLL
+    alib: ctypes.CDLL
+    T: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    batch: AttnBatch
+
+    def __post_init__(self) -> None:
+        self._buffers: dict = {}
+        self.attn_args: list | None = None  # paged attention's argument list, made for the first layer's pool
+
+    def buffer(self, name: str, *shape: int) -> torch.Tensor:
+        b = self._buffers.get(name)
+        if b is None:
+            b = self._buffers[name] = torch.empty(self.T, *shape)
+        return b
+
+    def linear(self, product: tuple[kernels.Weight, kernels._Mat], x: torch.Tensor, out: str) -> torch.Tensor:
+        """kernels.linear's row kernel: y = x W^T into the step's buffer `out` (x: contiguous rows)."""
+        m = product[1]
+        y = self.buffer(out, m.rows)
+        rc = kernels.row_kernel(self.qlib, m, self.T)(ctypes.byref(m), x.data_ptr(), self.T, m.cols, y.data_ptr(),
+                                                      m.rows)
+        kernels._check(rc, "linear")
+        return y
+
+    def norm(self, norm: RMSNorm, x: torch.Tensor, out: str) -> torch.Tensor:
+        """RMSNorm(x) of rows with any row stride into a contiguous buffer (add_rms_norm without the add)."""
+        y = self.buffer(out, x.shape[1])
+        self.flib.selfseek_add_rms_norm(x.data_ptr(), x.stride(0), None, 0, norm.weight.data_ptr(), y.data_ptr(),
+                                        self.T, x.shape[1], norm.eps)
+        return y
+
+    def rope(self, x: torch.Tensor, out: torch.Tensor, interleaved: bool) -> None:
+        """Rotary (fused_ops.rope's kernel) of x [T, heads, d] into out (may be x), both with contiguous heads."""
+        self.flib.selfseek_rope(x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+                                self.T, x.shape[1], x.shape[2], self.cos.data_ptr(), self.sin.data_ptr(),
+                                int(interleaved))
+
+    def attend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float) -> None:
+        """Paged attention of q [T, kv, g, dk] into out [T, kv, g, dv]; the layers' pools share shapes and strides,
+        so the argument list is made once and only the cache addresses change."""
+        if self.attn_args is None:
+            self.attn_args = backend.kernel_args(q, out, k_cache, v_cache, self.batch.paged, scale)
+        args = self.attn_args
+        args[backend.K_ARG], args[backend.V_ARG] = k_cache.data_ptr(), v_cache.data_ptr()
+        backend.run_kernel(self.alib, args, self.batch.paged)
+
+
+class _GQA:
+    """Attention's decode branch (models/attention.py): rows that all read the cache in place."""
+
+    def __init__(self, attn: Attention):
+        if type(attn) is not Attention or attn.q_norm is not None:
+            raise Unsupported("not a plain GQA attention")
+        self.attn = attn
+        self.qkv = _product(fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj)))
+        self.o = _product(attn.o_proj)
+        self.parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+
+    def run(self, s: _Step, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        at, T = self.attn, s.T
+        H, K, d = at.n_heads, at.n_kv, at.head_dim
+        qkv = s.linear(self.qkv, x, "qkv")
+        qk = qkv[:, : (H + K) * d].view(T, H + K, d)
+        s.rope(qk, qk, at.rotary.interleaved)  # q and k heads, in place
+        pool.index_copy_(0, s.batch.slot_mapping, qkv[:, H * d :].view(T, 2, K, d))
+        q = qkv[:, : H * d].view(T, K, H // K, d)
+        if T > 1:  # paged_attention takes q contiguous
+            q = s.buffer("q", K, H // K, d).copy_(q)
+        out = s.buffer("attn", K, H // K, d)
+        s.attend(q, out, pool[:, 0], pool[:, 1], at.scale)
+        return s.linear(self.o, out, "a")
+
+
+class _MLA:
+    """MLA's absorbed decode (models/mla.py: forward, _attend_paged) with W^UK / W^UV read per head by kernels.heads."""
+
+    def __init__(self, attn: MLA):
+        if type(attn) is not MLA or attn.indexer is not None or attn.q_lora_rank is None:
+            raise Unsupported("not an MLA layer with query compression and no indexer")
+        self.attn = attn
+        self.down = _product(attn._fused_down())
+        self.q_b, self.o = _product(attn.q_b_proj), _product(attn.o_proj)
+        self.q_norm, self.kv_norm = _norm(attn.q_a_layernorm), _norm(attn.kv_a_layernorm)
+        self.parts = (attn.q_a_proj, attn.kv_a_proj_with_mqa, attn.q_b_proj, attn.o_proj, attn.kv_b_proj)
+
+    def run(self, s: _Step, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        at, T = self.attn, s.T
+        h, d, r, v, c, ql = at.n_heads, at.nope_dim, at.rope_dim, at.v_dim, at.latent_dim, at.q_lora_rank
+        down = s.linear(self.down, x, "down")  # [q_a; c_KV; k_rope]
+        q = s.linear(self.q_b, s.norm(self.q_norm, down[:, :ql], "q_c"), "q").view(T, h, d + r)
+        q_rope = s.buffer("q_rope", h, r)
+        s.rope(q[:, :, d:], q_rope, at.rotary.interleaved)
+        kv = s.buffer("kv", c + r)
+        kv[:, :c].copy_(s.norm(self.kv_norm, down[:, ql : ql + c], "latent"))
+        s.rope(down[:, ql + c :].view(T, 1, r), kv[:, c:].view(T, 1, r), at.rotary.interleaved)
+        pool.index_copy_(0, s.batch.slot_mapping, kv)
+        w, mat = at._kv_b_stored()
+        q_nope = s.buffer("q_nope", h, d).copy_(q[:, :, :d])
+        q_lat = s.buffer("q_latent", h, c)
+        self._heads(s, mat, q_nope, q_lat, 0, d, True)
+        q_att = torch.cat([q_lat, q_rope], dim=-1, out=s.buffer("q_att", h, c + r)).view(T, 1, h, c + r)
+        o_lat = s.buffer("o_latent", 1, h, c)
+        s.attend(q_att, o_lat, pool[:, None, : c + r], pool[:, None, :c], at.scale)
+        o = s.buffer("o_heads", h, v)
+        self._heads(s, mat, o_lat.view(T, h, c), o, d, v, False)
+        return s.linear(self.o, o, "a")
+
+    def _heads(self, s: _Step, mat: kernels._Mat, x: torch.Tensor, y: torch.Tensor, off: int, n: int,
+               transposed: bool) -> None:
+        """kernels.heads into y: head h of kv_b_proj's rows h (d + v) + off .. + n."""
+        at = self.attn
+        rc = s.qlib.selfseek_heads(ctypes.byref(mat), x.data_ptr(), s.T, at.n_heads, at.nope_dim + at.v_dim, off, n,
+                                   int(transposed), y.data_ptr())
+        kernels._check(rc, "heads")
+
+
+class _Dense:
+    """MLP.forward: down(silu(gate x) * up x), gate/up one product."""
+
+    def __init__(self, mlp: MLP, name: str = ""):
+        if type(mlp) is not MLP:
+            raise Unsupported("not a SwiGLU MLP")
+        self.gate_up = _product(fused_rows(mlp, (mlp.gate_proj, mlp.up_proj)))
+        self.down = _product(mlp.down_proj)
+        self.inter, self.name = mlp.gate_proj.out_features, name
+        self.parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    def run(self, s: _Step, x: torch.Tensor) -> torch.Tensor:
+        gate_up = s.linear(self.gate_up, x, self.name + "gate_up")
+        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]  # as MLP.forward computes it
+        return s.linear(self.down, act, self.name + "mlp")
+
+
+class _MoE:
+    """MoE.forward: the router (its module), the fused routed experts, plus the shared experts."""
+
+    def __init__(self, moe: MoE):
+        if type(moe) is not MoE or type(moe.experts) is not Experts:
+            raise Unsupported("not a DeepSeekMoE layer")
+        stacks = [getattr(moe.experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(st) is QuantStack for st in stacks):
+            raise Unsupported("expert stacks not packed")
+        self.moe = moe
+        self.stacks = [st.packed for st in stacks]
+        if not kernels.moe_native(torch.empty(0), *self.stacks):
+            raise Unsupported("the fused experts kernel cannot take these stacks")
+        self.prepared = kernels.prepare_stacks(*self.stacks)
+        self.shared = None if moe.shared_experts is None else _Dense(moe.shared_experts, "shared_")
+        self.parts = (*stacks, *(() if self.shared is None else self.shared.parts))
+
+    def run(self, s: _Step, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.moe.gate(x)
+        y = kernels.moe(x, weights, ids, *self.stacks, prepared=self.prepared)  # Experts.forward's fused_experts
+        return y if self.shared is None else y.add_(self.shared.run(s, x))  # the same sum as y + shared(x)
+
+
+def _attention(layer: DecoderLayer) -> _GQA | _MLA:
+    return _MLA(layer.self_attn) if type(layer.self_attn) is MLA else _GQA(layer.self_attn)
+
+
+def _ffn(layer: DecoderLayer) -> _Dense | _MoE:
+    return _MoE(layer.mlp) if type(layer.mlp) is MoE else _Dense(layer.mlp)
 
 
 class _Layer:
-    """One layer's kernel views, made from its modules (the fused q/k/v and gate/up layers of fused_rows)."""
-
     def __init__(self, layer: DecoderLayer):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        qkv = fused_rows(attn, self.parts[:3])
-        gate_up = fused_rows(mlp, self.parts[4:6])
-        if not isinstance(qkv, QuantLinear) or not isinstance(gate_up, QuantLinear):
-            raise TypeError("q/k/v or gate/up do not fuse into one packed layer")
-        # (weight, its kernel view) per product: the weight tensors are held so the views stay valid
-        self.products = [(w, kernels.prepare(w)) for w in (qkv.packed, attn.o_proj.packed, gate_up.packed,
-                                                          mlp.down_proj.packed)]
-        self.buffers = self._buffers()  # what a replaced weight changes: checked every step
-        self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        if type(layer) is not DecoderLayer:
+            raise Unsupported(f"{type(layer).__name__} is not a DecoderLayer")
+        self.in_norm, self.post_norm = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        self.attn, self.ffn = _attention(layer), _ffn(layer)
+        self.weights = self._weights()  # what a replaced weight changes: checked every step
 
-    def _buffers(self) -> tuple:
-        return tuple(p._buffers[n] for p in self.parts for n in ("qweight", "scales", "mins"))
+    def _weights(self) -> tuple:
+        return tuple(t for p in (*self.attn.parts, *self.ffn.parts) for t in (*p._buffers.values(),
+                                                                               *p._parameters.values()))
 
     def current(self) -> bool:
-        return all(a is b for a, b in zip(self._buffers(), self.buffers, strict=True))
+        return all(a is b for a, b in zip(self._weights(), self.weights, strict=True))
 
 
-def _supported(layer: torch.nn.Module) -> bool:
-    if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not MLP:
-        return False
-    if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
-        return False
-    attn, mlp = layer.self_attn, layer.mlp
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if attn.q_norm is not None or attn.rotary.interleaved or any(type(p) is not QuantLinear for p in parts):
-        return False
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return all(n.dtype == torch.float32 and n.device.type == "cpu" and n.is_contiguous() for n in norms)
-
-
-def _hooked(layers: list[torch.nn.Module]) -> bool:
+def _hooked(layers: list[nn.Module]) -> bool:
     """Whether any module of the stack has forward hooks (a profile's timers, a served LoRA adapter's hook): the
     module path runs them, this one could not."""
     from torch.nn.modules import module as nn_module
@@ -85,17 +263,13 @@ class NativeStack:
     """The decode step over a model's decoder layers (see the module docstring); `for_model` makes or finds it."""
 
     def __init__(self, layers: list[DecoderLayer]):
-        self.layers = [_Layer(layer) for layer in layers]
         self.modules = layers
-        attn = layers[0].self_attn
-        self.n_heads, self.n_kv, self.head_dim, self.scale = attn.n_heads, attn.n_kv, attn.head_dim, attn.scale
-        self.hidden = layers[0].input_layernorm.weight.shape[0]
-        self.inter = layers[0].mlp.gate_proj.out_features
+        self.layers = [_Layer(layer) for layer in layers]
 
     @staticmethod
-    def for_model(model: torch.nn.Module) -> NativeStack | None:
-        """The model's NativeStack (kept on it, made again when a weight is replaced), or None where its layers are
-        not all plain Llama-shaped ones with packed weights or the native kernels are not loaded."""
+    def for_model(model: nn.Module) -> NativeStack | None:
+        """The model's NativeStack (kept on it, made again when a weight is replaced), or None where a layer is not
+        one it runs exactly as the module path or the native kernels are not loaded."""
         layers = list(model.model.layers)
         cached = model.__dict__.get("_native_stack")
         if cached is not None and cached[0] == tuple(map(id, layers)):
@@ -103,11 +277,11 @@ class NativeStack:
             if stack is None or all(layer.current() for layer in stack.layers):
                 return stack
         stack = None
-        if (layers and all(_supported(layer) for layer in layers) and kernels.available()
-                and fused_ops._load() is not None and backend._kernel(torch.device("cpu")) is not None):
+        if (layers and kernels.available() and fused_ops._load() is not None
+                and backend._kernel(torch.device("cpu")) is not None):
             try:
                 stack = NativeStack(layers)
-            except TypeError:
+            except Unsupported:
                 stack = None
         model.__dict__["_native_stack"] = (tuple(map(id, layers)), stack)
         return stack
@@ -117,59 +291,32 @@ class NativeStack:
         reading the cache in place, few enough rows for the row kernels, float32 pools, no autograd, no hooks."""
         paged = batch.paged
         if (torch.is_grad_enabled() or pools is None or paged is None or batch.prefills or paged.start != 0
-                or batch.slot_mapping is None or h.dtype != torch.float32 or h.device.type != "cpu"
-                or h.shape[0] >= kernels.GEMM_MIN_ROWS
-                or any(p.dtype != torch.float32 or p.shape != pools[0].shape for p in pools)):  # run() reuses strides
+                or batch.slot_mapping is None or batch.decode_mode != "absorbed" or h.dtype != torch.float32
+                or h.device.type != "cpu" or h.shape[0] >= kernels.GEMM_MIN_ROWS
+                or any(p.dtype != torch.float32 or p.shape != pools[0].shape for p in pools)):  # one arg list
             return False
         from selfseek.models.layers import _lora_state
 
         if getattr(_lora_state, "rows", None) is not None or _hooked(self.modules):
             return False
-        return paged.split(Attention.GATHER_MIN_ROWS)[0] == 0  # no long chunk: the module path's in-place branch
+        # no long chunk after a cached prefix: those attend gathered / expanded on the module path
+        return paged.split(min(Attention.GATHER_MIN_ROWS, MLA.EXPANDED_MIN_ROWS))[0] == 0
 
     def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
             pools: list[torch.Tensor]) -> torch.Tensor:
         """h [T, m] (the embeddings) -> the last hidden states before the final norm [T, m], as _fused_layers."""
-        qlib, flib, alib = kernels._load(), fused_ops._load(), backend._kernel(torch.device("cpu"))
+        s = _Step(kernels._load(), fused_ops._load(), backend._kernel(torch.device("cpu")), h.shape[0],
+                  *(t.contiguous() for t in cos_sin), batch)
         T, m = h.shape
-        H, K, d, inter = self.n_heads, self.n_kv, self.head_dim, self.inter
-        n_qkv = (H + 2 * K) * d
-        cos, sin = (t.contiguous() for t in cos_sin)
         residual = h.clone()
-        x, a, mlp_out = torch.empty(T, m), torch.empty(T, m), torch.empty(T, m)
-        qkv, gate_up = torch.empty(T, n_qkv), torch.empty(T, 2 * inter)
-        attn = torch.empty(T, K, H // K, d)
-        q = qkv[:, : H * d].view(T, K, H // K, d) if T == 1 else torch.empty(T, K, H // K, d)
-        kv = qkv[:, H * d :].view(T, 2, K, d)
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        slots = batch.slot_mapping
-        pool = pools[0]
-        args = backend.kernel_args(q, attn, pool[:, 0], pool[:, 1], batch.paged, self.scale)
-        v_offset = pool[:, 1].data_ptr() - pool.data_ptr()
-        products = [[(kernels.row_kernel(qlib, mat, T), ctypes.byref(mat)) for _, mat in layer.products]
-                    for layer in self.layers]
-        mlp_prev = None
-        for i, layer in enumerate(self.layers):
-            (qkv_f, qkv_m), (o_f, o_m), (gu_f, gu_m), (down_f, down_m) = products[i]
+        x, ffn = s.buffer("x", m), None
+        for layer, pool in zip(self.layers, pools, strict=True):
             norm = layer.in_norm
-            flib.selfseek_add_rms_norm(residual.data_ptr(), m, mlp_prev, m, norm.weight.data_ptr(), x.data_ptr(), T, m,
-                                       norm.eps)
-            kernels._check(qkv_f(qkv_m, x.data_ptr(), T, m, qkv.data_ptr(), n_qkv), "linear")
-            flib.selfseek_rope(qkv.data_ptr(), n_qkv, d, qkv.data_ptr(), n_qkv, d, T, H + K, d, cos.data_ptr(),
-                               sin.data_ptr(), 0)
-            pool = pools[i]
-            pool.index_copy_(0, slots, kv)
-            if T > 1:
-                q.copy_(qkv[:, : H * d].view(T, K, H // K, d))
-            args[backend.K_ARG], args[backend.V_ARG] = pool.data_ptr(), pool.data_ptr() + v_offset
-            backend.run_kernel(alib, args, batch.paged)
-            kernels._check(o_f(o_m, attn.data_ptr(), T, H * d, a.data_ptr(), m), "linear")
+            s.flib.selfseek_add_rms_norm(residual.data_ptr(), m, None if ffn is None else ffn.data_ptr(), m,
+                                         norm.weight.data_ptr(), x.data_ptr(), T, m, norm.eps)
+            a = layer.attn.run(s, x, pool)
             norm = layer.post_norm
-            flib.selfseek_add_rms_norm(residual.data_ptr(), m, a.data_ptr(), m, norm.weight.data_ptr(), x.data_ptr(),
-                                       T, m, norm.eps)
-            kernels._check(gu_f(gu_m, x.data_ptr(), T, m, gate_up.data_ptr(), 2 * inter), "linear")
-            act = F.silu(gate) * up  # as MLP.forward computes it (torch's SiLU)
-            kernels._check(down_f(down_m, act.data_ptr(), T, inter, mlp_out.data_ptr(), m), "linear")
-            mlp_prev = mlp_out.data_ptr()
-        residual.add_(mlp_out)
-        return residual
+            s.flib.selfseek_add_rms_norm(residual.data_ptr(), m, a.data_ptr(), m, norm.weight.data_ptr(), x.data_ptr(),
+                                         T, m, norm.eps)
+            ffn = layer.ffn.run(s, x)
+        return residual.add_(ffn)
