@@ -494,9 +494,10 @@ def run_prefix(engine, vocab: int, prefix_len: int) -> Result:
 def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) -> Result:
     """Where a decode step's time goes: attention, MoE / MLP, the rest of the forward, sampling, scheduling."""
     from selfseek.models.moe import MoE
+    from selfseek.models.native_step import NativeStack
 
     spent = {"attention": 0.0, "moe": 0.0, "dense_mlp": 0.0}
-    hooks = []
+    hooks, wrapped = [], []
 
     def timed(module, key):
         start = {}
@@ -504,9 +505,28 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         hooks.append(module.register_forward_hook(
             lambda m, a, o: spent.__setitem__(key, spent[key] + time.perf_counter() - start[0])))
 
-    for layer in model.model.layers:
-        timed(layer.self_attn, "attention")
-        timed(layer.mlp, "moe" if isinstance(layer.mlp, MoE) else "dense_mlp")
+    def timed_part(part, key):  # a native step's part: hooks would send the step back to the module path
+        run = part.run
+
+        def run_timed(*a):
+            t = time.perf_counter()
+            try:
+                return run(*a)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        part.run = run_timed
+        wrapped.append(part)
+
+    native = NativeStack.for_model(model) if hasattr(model, "model") else None
+    for i, layer in enumerate(model.model.layers):
+        ffn_key = "moe" if isinstance(layer.mlp, MoE) else "dense_mlp"
+        if native is not None:
+            timed_part(native.layers[i].attn, "attention")
+            timed_part(native.layers[i].ffn, ffn_key)
+        else:
+            timed(layer.self_attn, "attention")
+            timed(layer.mlp, ffn_key)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     for i, p in enumerate(random_prompts(concurrency, input_len, vocab, seed=77)):
         engine.add_request(f"p{i}", p, params)
@@ -521,6 +541,8 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
     wall = time.perf_counter() - t0
     for h in hooks:
         h.remove()
+    for part in wrapped:
+        del part.run
     t = engine.timings
     n = max(1, t["steps"])
     forward_rest = t["forward"] - sum(spent.values())

@@ -77,6 +77,7 @@ LAYOUTS = {  # name -> (kv heads, query heads per kv head, key dim, value dim, v
     "gqa": (2, 3, 40, 40, None),
     "mla": (1, 5, 56, 48, 0),  # K = [latent 48; rope 8], V = the latent
     "mla_wide": (1, 4, 152, 136, 0),  # wide enough for the kernel's 4-vector accumulators
+    "mla_heads": (1, 16, 56, 48, 0),  # V3's 16 heads: more than one group of heads per pass over V
 }
 
 

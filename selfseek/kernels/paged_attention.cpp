@@ -278,58 +278,77 @@ inline float exp_shifted_sum(float* x, int n, float m) {
   return sum;
 }
 
-// acc[d] += sum_t p[t] * v[t][d] for one query head: a chunk of acc stays in registers across the tile.
-inline void pv_accumulate(float* acc, const float* p, const float* const* v, int nt, int n) {
-  int d = 0;
+// acc[g][d] += sum_t p[g][t] * v[t][d] for G query heads (acc rows `acc_stride` apart, p rows TILE apart): a chunk
+// of each head's acc stays in registers across the tile, and each chunk of a V row is loaded once for all G heads.
+// (One head at a time loaded it once per head: MLA's 16 heads over a tile of 512-wide rows, 64 KiB, read V from L2
+// 16 times per tile.) The sums per head and value are the same FMAs in the same order either way.
 #if defined(__AVX512F__)
-  for (; d + 64 <= n; d += 64) {
-    __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
-    __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
-    for (int t = 0; t < nt; ++t) {
-      const __m512 pt = _mm512_set1_ps(p[t]);
-      const float* vt = v[t] + d;
-      a0 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt), a0);
-      a1 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16), a1);
-      a2 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 32), a2);
-      a3 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 48), a3);
-    }
-    _mm512_storeu_ps(acc + d, a0);
-    _mm512_storeu_ps(acc + d + 16, a1);
-    _mm512_storeu_ps(acc + d + 32, a2);
-    _mm512_storeu_ps(acc + d + 48, a3);
-  }
-  for (; d + 16 <= n; d += 16) {
-    __m512 a0 = _mm512_loadu_ps(acc + d);
-    for (int t = 0; t < nt; ++t) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(v[t] + d), a0);
-    _mm512_storeu_ps(acc + d, a0);
-  }
+using VF = __m512;
+constexpr int VWF = 16;
+inline VF vf_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void vf_store(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF vf_fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vf_set1(float f) { return _mm512_set1_ps(f); }
+constexpr int PV_HEADS = 12;  // 24 accumulators + 2 V + 1 p of 32 registers
 #elif defined(__AVX2__)
-  for (; d + 32 <= n; d += 32) {
-    __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
-    __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
-    for (int t = 0; t < nt; ++t) {
-      const __m256 pt = _mm256_set1_ps(p[t]);
-      const float* vt = v[t] + d;
-      a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
-      a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
-      a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
-      a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+using VF = __m256;
+constexpr int VWF = 8;
+inline VF vf_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void vf_store(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF vf_fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF vf_set1(float f) { return _mm256_set1_ps(f); }
+constexpr int PV_HEADS = 6;  // 12 accumulators + 2 V + 1 p of 16 registers
+#else
+constexpr int PV_HEADS = 4;
+#endif
+
+template <int G>
+inline void pv_heads(float* acc, int64_t acc_stride, const float* p, const float* const* v, int nt, int n) {
+  int d = 0;
+#if defined(__AVX2__) || defined(__AVX512F__)
+  for (; d + 2 * VWF <= n; d += 2 * VWF) {
+    VF a[G][2];
+    for (int g = 0; g < G; ++g) {
+      a[g][0] = vf_load(acc + g * acc_stride + d);
+      a[g][1] = vf_load(acc + g * acc_stride + d + VWF);
     }
-    _mm256_storeu_ps(acc + d, a0);
-    _mm256_storeu_ps(acc + d + 8, a1);
-    _mm256_storeu_ps(acc + d + 16, a2);
-    _mm256_storeu_ps(acc + d + 24, a3);
+    for (int t = 0; t < nt; ++t) {
+      const VF v0 = vf_load(v[t] + d), v1 = vf_load(v[t] + d + VWF);
+      for (int g = 0; g < G; ++g) {
+        const VF pt = vf_set1(p[g * TILE + t]);
+        a[g][0] = vf_fma(pt, v0, a[g][0]);
+        a[g][1] = vf_fma(pt, v1, a[g][1]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      vf_store(acc + g * acc_stride + d, a[g][0]);
+      vf_store(acc + g * acc_stride + d + VWF, a[g][1]);
+    }
   }
-  for (; d + 8 <= n; d += 8) {
-    __m256 a0 = _mm256_loadu_ps(acc + d);
-    for (int t = 0; t < nt; ++t) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v[t] + d), a0);
-    _mm256_storeu_ps(acc + d, a0);
+  for (; d + VWF <= n; d += VWF) {
+    VF a[G];
+    for (int g = 0; g < G; ++g) a[g] = vf_load(acc + g * acc_stride + d);
+    for (int t = 0; t < nt; ++t) {
+      const VF v0 = vf_load(v[t] + d);
+      for (int g = 0; g < G; ++g) a[g] = vf_fma(vf_set1(p[g * TILE + t]), v0, a[g]);
+    }
+    for (int g = 0; g < G; ++g) vf_store(acc + g * acc_stride + d, a[g]);
   }
 #endif
-  for (; d < n; ++d) {
-    float s = acc[d];
-    for (int t = 0; t < nt; ++t) s += p[t] * v[t][d];
-    acc[d] = s;
+  for (; d < n; ++d)
+    for (int g = 0; g < G; ++g) {
+      float s = acc[g * acc_stride + d];
+      for (int t = 0; t < nt; ++t) s += p[g * TILE + t] * v[t][d];
+      acc[g * acc_stride + d] = s;
+    }
+}
+
+// pv_heads over ng heads, PV_HEADS at a time.
+template <int G = PV_HEADS>
+inline void pv_accumulate(float* acc, int64_t acc_stride, const float* p, const float* const* v, int nt, int n, int ng) {
+  if constexpr (G > 0) {
+    for (; ng >= G; ng -= G, acc += G * acc_stride, p += G * TILE) pv_heads<G>(acc, acc_stride, p, v, nt, n);
+    if (ng > 0) pv_accumulate<G - 1>(acc, acc_stride, p, v, nt, n, ng);
   }
 }
 
@@ -337,8 +356,8 @@ inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : dtype == 
 
 // A decode step reads each layer's cache rows once, after the layer's weights have pushed them out of cache, and
 // the rows of one KV head are strided (GQA: a slot holds every head's K and V) and scattered over blocks: the
-// hardware prefetcher stops at each 4 KiB page, so without this the loop waits on DRAM latency per key (measured:
-// GQA 3 x 64 heads at 512 keys, 536 us per layer with the caches cold against 111 us warm).
+// hardware prefetcher stops at each 4 KiB page, so without asking a tile ahead the loop waits on DRAM latency per key
+// (measured: GQA 3 x 64 heads at 512 keys, 536 us per layer with the caches cold against 111 us warm).
 inline void prefetch_bytes(const char* p, int64_t n) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63), last = reinterpret_cast<uintptr_t>(p) + n - 1;
   for (uintptr_t a = first; a <= last; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
@@ -383,16 +402,16 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
   const int64_t esize = element_size(dtype);
   const char* kc = static_cast<const char*>(k_cache);
   const char* vc = static_cast<const char*>(v_cache);
-  // Keys ahead to prefetch: about 4 KiB of rows in flight (MLA's one 576-wide latent row is K and V: V not apart).
   const int64_t k_bytes = k_dim * esize, v_bytes = v_dim * esize;
   const bool v_apart = vc < kc || vc >= kc + k_bytes;  // V inside K's row (MLA) needs no prefetch of its own
-  const int64_t ahead = std::clamp<int64_t>(8192 / (k_bytes + (v_apart ? v_bytes : 0)), 2, 16);
+  // Keys ahead to prefetch: about 4 KiB of rows in flight (a whole tile ahead measured slower: too many at once).
+  const int64_t ahead = std::clamp<int64_t>(4096 / (k_bytes + (v_apart ? v_bytes : 0)), 2, 16);
 
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(items, 1))))
   {
     std::vector<float> acc(static_cast<size_t>(per_split) * v_dim), m(per_split), l(per_split);
     std::vector<float> scores(static_cast<size_t>(per_split) * TILE);
-    std::vector<float> kbuf(dtype == F32 ? 0 : static_cast<size_t>(k_dim));
+    std::vector<float> kbuf(dtype == F32 ? 0 : static_cast<size_t>(TILE) * k_dim);
     std::vector<float> vbuf(dtype == F32 ? 0 : static_cast<size_t>(TILE) * v_dim);
     const float* vrows[TILE];
 #pragma omp for schedule(dynamic, 1)
@@ -408,39 +427,47 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
       std::fill(acc.begin(), acc.begin() + static_cast<int64_t>(ng) * v_dim, 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t pf = 0; pf < std::min(ahead, ctx); ++pf) {  // the first keys: the loop prefetches the rest
-        const int64_t pslot = static_cast<int64_t>(table[pf / block_size]) * block_size + pf % block_size;
-        prefetch_bytes(kc + (pslot * k_slot_stride + h * k_head_stride) * esize, k_bytes);
-        if (v_apart) prefetch_bytes(vc + (pslot * v_slot_stride + h * v_head_stride) * esize, v_bytes);
-      }
+      // The rows of key `pos`, asked for `ahead` keys before their scores are computed.
+      auto prefetch_key = [&](int64_t pos) {
+        if (pos >= ctx) return;
+        const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+        prefetch_bytes(kc + (slot * k_slot_stride + h * k_head_stride) * esize, k_bytes);
+        if (v_apart) prefetch_bytes(vc + (slot * v_slot_stride + h * v_head_stride) * esize, v_bytes);
+      };
+      for (int64_t pos = 0; pos < ahead; ++pos) prefetch_key(pos);
       for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
         const int nt = static_cast<int>(std::min<int64_t>(TILE, ctx - t0));
+        const float* krows[TILE];
         for (int t = 0; t < nt; ++t) {
           const int64_t pos = t0 + t;
-          if (pos + ahead < ctx) {
-            const int64_t pf = pos + ahead, pslot = static_cast<int64_t>(table[pf / block_size]) * block_size + pf % block_size;
-            prefetch_bytes(kc + (pslot * k_slot_stride + h * k_head_stride) * esize, k_bytes);
-            if (v_apart) prefetch_bytes(vc + (pslot * v_slot_stride + h * v_head_stride) * esize, v_bytes);
-          }
           const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
           const char* ksrc = kc + (slot * k_slot_stride + h * k_head_stride) * esize;
           const int64_t sc_off = slot * scale_slot_stride + h * scale_head_stride;
-          const float* krow = dtype == FP8 ? fp8_as_f32(reinterpret_cast<const uint8_t*>(ksrc), k_scales + sc_off,
-                                                        scale_tile, k_dim, kbuf.data())
-                                           : as_f32(ksrc, dtype, k_dim, kbuf.data());
-          int g = 0;
-          for (; g + 4 <= ng; g += 4) {
-            float s4[4];
-            dot4(qh + static_cast<int64_t>(g) * k_dim, k_dim, krow, k_dim, s4);
-            for (int u = 0; u < 4; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
-          }
-          for (; g < ng; ++g) scores[g * TILE + t] = dot(qh + static_cast<int64_t>(g) * k_dim, krow, k_dim) * scale;
+          float* kdst = kbuf.data() + static_cast<int64_t>(t) * k_dim;
+          krows[t] = dtype == FP8 ? fp8_as_f32(reinterpret_cast<const uint8_t*>(ksrc), k_scales + sc_off, scale_tile,
+                                               k_dim, kdst)
+                                  : as_f32(ksrc, dtype, k_dim, kdst);
           const char* vsrc = vc + (slot * v_slot_stride + h * v_head_stride) * esize;
           float* vdst = vbuf.data() + static_cast<int64_t>(t) * v_dim;
           vrows[t] = dtype == FP8 ? fp8_as_f32(reinterpret_cast<const uint8_t*>(vsrc), v_scales + sc_off, scale_tile,
                                                v_dim, vdst)
                                   : as_f32(vsrc, dtype, v_dim, vdst);
         }
+        // Scores four heads at a time over the tile's keys: those heads' queries stay in L1 while each key row is
+        // read once per four heads (key by key over all heads read every query from L2 for each key: MLA's 16).
+        int g = 0;
+        for (; g + 4 <= ng; g += 4)
+          for (int t = 0; t < nt; ++t) {
+            if (g == 0) prefetch_key(t0 + t + ahead);
+            float s4[4];
+            dot4(qh + static_cast<int64_t>(g) * k_dim, k_dim, krows[t], k_dim, s4);
+            for (int u = 0; u < 4; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
+          }
+        for (; g < ng; ++g)
+          for (int t = 0; t < nt; ++t) {
+            if (g == 0) prefetch_key(t0 + t + ahead);
+            scores[g * TILE + t] = dot(qh + static_cast<int64_t>(g) * k_dim, krows[t], k_dim) * scale;
+          }
         for (int g = 0; g < ng; ++g) {
           float* sg = scores.data() + g * TILE;
           float mt = m[g];
@@ -451,8 +478,8 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
             for (int d = 0; d < v_dim; ++d) ag[d] *= corr;
           l[g] = l[g] * corr + exp_shifted_sum(sg, nt, mt);
           m[g] = mt;
-          pv_accumulate(ag, sg, vrows, nt, v_dim);
         }
+        pv_accumulate(acc.data(), v_dim, scores.data(), vrows, nt, v_dim, ng);
       }
       float* oh = out + ((r * n_kv + h) * group + g0) * static_cast<int64_t>(v_dim);
       for (int g = 0; g < ng; ++g) {
