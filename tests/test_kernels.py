@@ -193,6 +193,39 @@ def test_fused_moe_layer_equals_its_torch_path():
         close(experts(x, weights, ids), experts._forward_torch(x, weights, ids), scale=4)
 
 
+@needs_native
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_moe_prefill_equals_the_fused_kernel(kind):
+    """Many tokens with packed stacks: busy experts through dequantized weights and torch's GEMM, the few-token ones
+    through the fused kernel, summed per token; the same as the fused kernel over all of them."""
+    from types import SimpleNamespace
+
+    from selfseek.models.moe import Experts
+    from selfseek.models.quant import QuantStack
+
+    n_experts, hidden, inter, n, k = 8, 256, 256, 96, 3
+    experts = Experts(SimpleNamespace(n_routed_experts=n_experts, moe_intermediate_size=inter, hidden_size=hidden))
+    g = torch.Generator().manual_seed(0)
+    for name, (rows, cols) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                               ("down_proj", (hidden, inter))):
+        w = torch.randn(n_experts, rows, cols, generator=g) * 0.05
+        stack = QuantStack(n_experts, cols, rows, int(kind[1]))
+        for e in range(n_experts):
+            stack.set_from_float(e, w[e])
+        del experts._parameters[name]  # as quantize_model swaps a float stack for a packed one
+        setattr(experts, name, stack)
+    x, weights = torch.randn(n, hidden, generator=g), torch.rand(n, k, generator=g)
+    # experts 0-2 busy, every 8th token's last choice one of the rare 3-6, expert 7 idle
+    ids = torch.stack([torch.randperm(3, generator=g) for _ in range(n)])
+    ids[::8, 2] = 3 + torch.arange(0, n, 8) % 4
+    counts = torch.bincount(ids.flatten(), minlength=n_experts)
+    assert counts[:3].min() >= Experts.GEMM_MIN_TOKENS and 0 < counts[3:7].max() < Experts.GEMM_MIN_TOKENS
+    assert n >= kernels.GEMM_MIN_ROWS
+    stacks = [experts._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
+    with torch.no_grad():
+        close(experts(x, weights, ids), kernels.moe(x, weights, ids, *stacks), scale=4)
+
+
 def _isa_results() -> dict:
     out = {}
     for kind in ("q8", "q8_mins", "q4", "bf16", "f16", "f32"):

@@ -233,24 +233,21 @@ def _torch_unpack(w: Packed) -> torch.Tensor:
     return v.reshape(*lead, w.cols)
 
 
-def to_float(w: Weight) -> torch.Tensor:
-    """Any weight -> float32 (a float32 tensor is returned as is)."""
+def to_float(w: Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Any weight -> float32 (a float32 tensor is returned as is unless `out`, a contiguous float32 tensor of the
+    weight's shape to write into, is given)."""
     q, scales, mins = _split(w)
-    if isinstance(w, Packed):
-        if (lib := _native(q)) is not None and q.dim() == 2:
-            m = _mat(w)
-            out = torch.empty(m.rows, m.cols)
-            _check(lib.selfseek_dequantize(ctypes.byref(m), 0, m.rows, out.data_ptr()), "dequantize")
-            return out
-        return _torch_unpack(w)
-    if scales is None:
-        return q.float()
-    if (lib := _native(q)) is not None and q.dim() == 2:
+    if (isinstance(w, Packed) or scales is not None) and (lib := _native(q)) is not None and q.dim() == 2:
         m = _mat(w)
-        out = torch.empty(m.rows, m.cols)
+        if out is None:
+            out = torch.empty(m.rows, m.cols)
+        elif out.shape != (m.rows, m.cols) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out {list(out.shape)} {out.dtype} is not a contiguous float32 [{m.rows}, {m.cols}]")
         _check(lib.selfseek_dequantize(ctypes.byref(m), 0, m.rows, out.data_ptr()), "dequantize")
         return out
-    return _torch_dequantize(q, scales, mins)
+    wf = _torch_unpack(w) if isinstance(w, Packed) else q.float() if scales is None else _torch_dequantize(q, scales,
+                                                                                                          mins)
+    return wf if out is None else out.copy_(wf)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, q4: bool) -> torch.Tensor:

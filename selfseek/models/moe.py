@@ -137,11 +137,52 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """y[n] = sum_k w[n,k] FFN_{ids[n,k]}(x[n]), each expert run once on the tokens routed to it."""
         stacks = [self._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
+        if (x.shape[0] >= kernels.GEMM_MIN_ROWS and x.dtype == torch.float32 and not isinstance(stacks[0], torch.Tensor)
+                and not records_grad(x, stacks) and kernels.moe_native(x, *stacks)):
+            return self._forward_prefill(x, weights, ids, stacks)
         if (y := fused_experts(x, weights, ids, stacks)) is not None:
             return y
         if not records_grad(x, stacks) and _grouped_mm_runs(x, stacks):
             return self._forward_grouped(x, weights, ids)
         return self._forward_torch(x, weights, ids)
+
+    # From this many tokens on, an expert's tokens are multiplied by its dequantized weights with torch's GEMM (MKL's
+    # sgemm ran ~2.4x the fused kernel's multiply-adds per second on the AVX2 EPYC; dequantizing an expert costs about
+    # what ten tokens do in the fused kernel).
+    GEMM_MIN_TOKENS = 16
+
+    def _forward_prefill(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                         stacks: list[kernels.Weight]) -> torch.Tensor:
+        """Many tokens (prefill) with packed stacks on the CPU: experts with at least GEMM_MIN_TOKENS tokens through
+        their dequantized weights and torch's GEMM, the rest as (token, expert) pairs through the fused kernel."""
+        k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        flat_w = weights.flatten().float()
+        y = torch.zeros_like(x)
+        inter = self.down_proj.in_features
+        gate_up, down = torch.empty(2 * inter, x.shape[1]), torch.empty(x.shape[1], inter)  # reused by every expert
+        few, start = [], 0
+        for e, count in enumerate(counts):
+            slots = order[start : start + count]
+            start += count
+            if count < self.GEMM_MIN_TOKENS:
+                few.append(slots)
+                continue
+            tokens = slots // k
+            kernels.to_float(_expert(stacks[0], e), gate_up[:inter])
+            kernels.to_float(_expert(stacks[1], e), gate_up[inter:])
+            kernels.to_float(_expert(stacks[2], e), down)
+            h = x[tokens] @ gate_up.T  # gate and up in one GEMM
+            h = F.silu(h[:, :inter]) * h[:, inter:]
+            y.index_add_(0, tokens, (h @ down.T) * flat_w[slots, None])
+        if few:
+            slots = torch.cat(few)
+            if len(slots):
+                tokens = slots // k
+                y.index_add_(0, tokens, kernels.moe(x[tokens], flat_w[slots, None], flat_ids[slots, None], *stacks))
+        return y
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same math without a host sync, for float stacks where the native kernels do not run (CUDA; bf16 there):
@@ -189,6 +230,13 @@ class Experts(nn.Module):
         if isinstance(w, torch.Tensor):
             return h @ w[e].to(h.dtype).T
         return w.linear(e, h)  # a QuantStack (models/quant.py)
+
+
+def _expert(stack: kernels.Weight, e: int) -> kernels.Weight:
+    """Expert e's [out, in] weight of a packed stack (kernels.Packed or (qweight, scales, mins) [E, ...])."""
+    if isinstance(stack, kernels.Packed):
+        return stack[e]
+    return tuple(None if t is None else t[e] for t in stack)
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
