@@ -124,7 +124,6 @@ class _GQA:
         self.attn = attn
         self.qkv = _product(fused_rows(attn, (attn.q_proj, attn.k_proj, attn.v_proj)))
         self.o = _product(attn.o_proj)
-        self.parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
 
     def run(self, s: _Step, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         at, T = self.attn, s.T
@@ -151,7 +150,6 @@ class _MLA:
         self.down = _product(attn._fused_down())
         self.q_b, self.o = _product(attn.q_b_proj), _product(attn.o_proj)
         self.q_norm, self.kv_norm = _norm(attn.q_a_layernorm), _norm(attn.kv_a_layernorm)
-        self.parts = (attn.q_a_proj, attn.kv_a_proj_with_mqa, attn.q_b_proj, attn.o_proj, attn.kv_b_proj)
 
     def run(self, s: _Step, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         at, T = self.attn, s.T
@@ -164,7 +162,7 @@ class _MLA:
         kv[:, :c].copy_(s.norm(self.kv_norm, down[:, ql : ql + c], "latent"))
         s.rope(down[:, ql + c :].view(T, 1, r), kv[:, c:].view(T, 1, r), at.rotary.interleaved)
         pool.index_copy_(0, s.batch.slot_mapping, kv)
-        w, mat = at._kv_b_stored()
+        _, mat = at._kv_b_stored()
         q_nope = s.buffer("q_nope", h, d).copy_(q[:, :, :d])
         q_lat = s.buffer("q_latent", h, c)
         self._heads(s, mat, q_nope, q_lat, 0, d, True)
@@ -193,7 +191,6 @@ class _Dense:
         self.gate_up = _product(fused_rows(mlp, (mlp.gate_proj, mlp.up_proj)))
         self.down = _product(mlp.down_proj)
         self.inter, self.name = mlp.gate_proj.out_features, name
-        self.parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
     def run(self, s: _Step, x: torch.Tensor) -> torch.Tensor:
         gate_up = s.linear(self.gate_up, x, self.name + "gate_up")
@@ -216,7 +213,6 @@ class _MoE:
             raise Unsupported("the fused experts kernel cannot take these stacks")
         self.prepared = kernels.prepare_stacks(*self.stacks)
         self.shared = None if moe.shared_experts is None else _Dense(moe.shared_experts, "shared_")
-        self.parts = (*stacks, *(() if self.shared is None else self.shared.parts))
 
     def run(self, s: _Step, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.moe.gate(x)
@@ -238,33 +234,30 @@ class _Layer:
             raise Unsupported(f"{type(layer).__name__} is not a DecoderLayer")
         self.in_norm, self.post_norm = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
         self.attn, self.ffn = _attention(layer), _ffn(layer)
-        self.weights = self._weights()  # what a replaced weight changes: checked every step
-
-    def _weights(self) -> tuple:
-        return tuple(t for p in (*self.attn.parts, *self.ffn.parts) for t in (*p._buffers.values(),
-                                                                               *p._parameters.values()))
-
-    def current(self) -> bool:
-        return all(a is b for a, b in zip(self._weights(), self.weights, strict=True))
-
-
-def _hooked(layers: list[nn.Module]) -> bool:
-    """Whether any module of the stack has forward hooks (a profile's timers, a served LoRA adapter's hook): the
-    module path runs them, this one could not."""
-    from torch.nn.modules import module as nn_module
-
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "_lora" in m.__dict__
-               for layer in layers for m in layer.modules())
 
 
 class NativeStack:
     """The decode step over a model's decoder layers (see the module docstring); `for_model` makes or finds it."""
 
     def __init__(self, layers: list[DecoderLayer]):
-        self.modules = layers
-        self.layers = [_Layer(layer) for layer in layers]
+        self.layers = [_Layer(layer) for layer in layers]  # fuses q/k/v and gate/up first: then snapshot
+        self._modules = [m for layer in layers for m in layer.modules()]
+        # every submodule, buffer and parameter of the stack as (its dict, name, object) at build: a module or weight
+        # replaced since (not one changed in place) makes the stack stale; checked each step in one flat pass
+        self._slots = [(d, name, obj) for m in self._modules for d in (m._modules, m._buffers, m._parameters)
+                       for name, obj in d.items()]
+
+    def current(self) -> bool:
+        """Whether the layers hold the modules and weights the stack was made from."""
+        return all(d.get(name) is obj for d, name, obj in self._slots)
+
+    def hooked(self) -> bool:
+        """Whether any module of the stack has forward hooks (a profile's timers, a served LoRA adapter's hook): the
+        module path runs them, this one could not."""
+        from torch.nn.modules import module as nn_module
+
+        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in self._modules)
 
     @staticmethod
     def for_model(model: nn.Module) -> NativeStack | None:
@@ -274,7 +267,7 @@ class NativeStack:
         cached = model.__dict__.get("_native_stack")
         if cached is not None and cached[0] == tuple(map(id, layers)):
             stack = cached[1]
-            if stack is None or all(layer.current() for layer in stack.layers):
+            if stack is None or stack.current():
                 return stack
         stack = None
         if (layers and kernels.available() and fused_ops._load() is not None
@@ -297,7 +290,7 @@ class NativeStack:
             return False
         from selfseek.models.layers import _lora_state
 
-        if getattr(_lora_state, "rows", None) is not None or _hooked(self.modules):
+        if getattr(_lora_state, "rows", None) is not None or self.hooked():
             return False
         # no long chunk after a cached prefix: those attend gathered / expanded on the module path
         return paged.split(min(Attention.GATHER_MIN_ROWS, MLA.EXPANDED_MIN_ROWS))[0] == 0
