@@ -518,7 +518,7 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         part.run = run_timed
         wrapped.append(part)
 
-    native = NativeStack.for_model(model) if hasattr(model, "model") else None
+    native = NativeStack.for_model(model)
     for i, layer in enumerate(model.model.layers):
         ffn_key = "moe" if isinstance(layer.mlp, MoE) else "dense_mlp"
         if native is not None:

@@ -245,8 +245,10 @@ def to_float(w: Weight, out: torch.Tensor | None = None) -> torch.Tensor:
             raise ValueError(f"out {list(out.shape)} {out.dtype} is not a contiguous float32 [{m.rows}, {m.cols}]")
         _check(lib.selfseek_dequantize(ctypes.byref(m), 0, m.rows, out.data_ptr()), "dequantize")
         return out
-    wf = _torch_unpack(w) if isinstance(w, Packed) else q.float() if scales is None else _torch_dequantize(q, scales,
-                                                                                                          mins)
+    if isinstance(w, Packed):
+        wf = _torch_unpack(w)
+    else:
+        wf = q.float() if scales is None else _torch_dequantize(q, scales, mins)
     return wf if out is None else out.copy_(wf)
 
 

@@ -156,32 +156,26 @@ class Experts(nn.Module):
         """Many tokens (prefill) with packed stacks on the CPU: experts with at least GEMM_MIN_TOKENS tokens through
         their dequantized weights and torch's GEMM, the rest as (token, expert) pairs through the fused kernel."""
         k = ids.shape[1]
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
         flat_w = weights.flatten().float()
         y = torch.zeros_like(x)
         inter = self.down_proj.in_features
         gate_up, down = torch.empty(2 * inter, x.shape[1]), torch.empty(x.shape[1], inter)  # reused by every expert
-        few, start = [], 0
-        for e, count in enumerate(counts):
-            slots = order[start : start + count]
-            start += count
-            if count < self.GEMM_MIN_TOKENS:
+        few = []
+        for e, slots in _slots_by_expert(ids, self.n_experts):
+            if len(slots) < self.GEMM_MIN_TOKENS:
                 few.append(slots)
                 continue
             tokens = slots // k
-            kernels.to_float(_expert(stacks[0], e), gate_up[:inter])
-            kernels.to_float(_expert(stacks[1], e), gate_up[inter:])
-            kernels.to_float(_expert(stacks[2], e), down)
+            kernels.to_float(self.gate_proj.expert(e), gate_up[:inter])
+            kernels.to_float(self.up_proj.expert(e), gate_up[inter:])
+            kernels.to_float(self.down_proj.expert(e), down)
             h = x[tokens] @ gate_up.T  # gate and up in one GEMM
             h = F.silu(h[:, :inter]) * h[:, inter:]
             y.index_add_(0, tokens, (h @ down.T) * flat_w[slots, None])
         if few:
             slots = torch.cat(few)
-            if len(slots):
-                tokens = slots // k
-                y.index_add_(0, tokens, kernels.moe(x[tokens], flat_w[slots, None], flat_ids[slots, None], *stacks))
+            tokens = slots // k
+            y.index_add_(0, tokens, kernels.moe(x[tokens], flat_w[slots, None], ids.flatten()[slots, None], *stacks))
         return y
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -202,18 +196,10 @@ class Experts(nn.Module):
 
     def _forward_torch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same math in torch (CUDA, training, no native kernels): one host sync for the expert counts."""
-        n, k = ids.shape
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)  # token-choice slots grouped by expert, ascending
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        k = ids.shape[1]
         flat_w = weights.flatten()
         y = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[start : start + count]
-            start += count
+        for e, slots in _slots_by_expert(ids, self.n_experts):
             tokens = slots // k
             h = x[tokens]
             h = F.silu(self._linear("gate_proj", e, h)) * self._linear("up_proj", e, h)
@@ -232,11 +218,15 @@ class Experts(nn.Module):
         return w.linear(e, h)  # a QuantStack (models/quant.py)
 
 
-def _expert(stack: kernels.Weight, e: int) -> kernels.Weight:
-    """Expert e's [out, in] weight of a packed stack (kernels.Packed or (qweight, scales, mins) [E, ...])."""
-    if isinstance(stack, kernels.Packed):
-        return stack[e]
-    return tuple(None if t is None else t[e] for t in stack)
+def _slots_by_expert(ids: torch.Tensor, n_experts: int):
+    """(expert, its token-choice slots into ids.flatten()) for each expert with tokens, ascending: one host sync."""
+    flat_ids = ids.flatten()
+    order = flat_ids.argsort(stable=True)  # slots grouped by expert
+    start = 0
+    for e, count in enumerate(torch.bincount(flat_ids, minlength=n_experts).tolist()):
+        if count:
+            yield e, order[start : start + count]
+        start += count
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}

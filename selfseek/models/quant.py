@@ -251,11 +251,14 @@ class QuantStack(nn.Module):
             return kernels.Packed(self.bits, self.qweight, self.scales, self.in_features)
         return (self.qweight, self.scales, self.mins)
 
-    def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def expert(self, index: int) -> kernels.Weight:
+        """Expert `index`'s [out, in] weight, as the kernels take it (views, no copy)."""
         if isinstance(self.bits, str):
-            return kernels.linear(x, self.packed[index]).to(x.dtype)
-        m = None if self.mins is None else self.mins[index]
-        return kernels.linear(x, (self.qweight[index], self.scales[index], m)).to(x.dtype)
+            return self.packed[index]
+        return (self.qweight[index], self.scales[index], None if self.mins is None else self.mins[index])
+
+    def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.expert(index)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"experts={self.n}, in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
