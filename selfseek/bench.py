@@ -23,6 +23,7 @@ its GGUFs (F32, Q8_0 by llama.cpp's converter; Q4_0, Q4_K by llama.cpp's quantiz
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import statistics
@@ -574,6 +575,8 @@ def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: i
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(source, args.dtype, args.device or "cpu", progress=False, quantize=args.quantize)
+    gc.collect()
+    gc.freeze()  # as `selfseek serve` does once loaded (bench() thaws it after this configuration)
     vocab = model.config.vocab_size
     bandwidth = read_bandwidth()
     active = active_weight_bytes(model)
@@ -778,7 +781,10 @@ def bench(args) -> list[dict]:
     for source, gguf, hf in zip(models, ggufs, hfs, strict=True):
         source, gguf, hf = _peer_sources(source, gguf, hf)
         for threads in args.threads:
-            configs.append(bench_config(args, source, gguf, hf, threads, hf_cache))
+            try:
+                configs.append(bench_config(args, source, gguf, hf, threads, hf_cache))
+            finally:
+                gc.unfreeze()  # the configuration's model may go now
     print("\n" + format_table(configs), flush=True)
     if args.json:
         out = [{**c, "table": table_rows(c), "results": [asdict(r) for r in c["results"]]} for c in configs]

@@ -226,6 +226,17 @@ def test_moe_prefill_equals_the_fused_kernel(kind):
         got = experts._forward_prefill(x, weights, ids, stacks)
         assert torch.equal(experts(x, weights, ids), got)  # the layer takes this path for these many tokens
         close(got, kernels.moe(x, weights, ids, *stacks), scale=4)
+        # the GEMM experts side by side on 2 threads (one each) add up exactly as one after the other on 1
+        threads = torch.get_num_threads()
+        try:
+            by_thread = {}
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                by_thread[t] = experts._forward_prefill(x, weights, ids, stacks)
+                assert torch.get_num_threads() == t  # the pool's workers leave the caller's count as it was
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(by_thread[1], by_thread[2])
 
 
 def _isa_results() -> dict:

@@ -16,6 +16,8 @@ Shape letters: n tokens, e experts, k experts per token, i expert width, m model
 from __future__ import annotations
 
 import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,12 @@ def _bind_routing(lib: ctypes.CDLL) -> ctypes.CDLL:
                                    ptr, ptr]
     lib.selfseek_route.restype = ctypes.c_int32
     return lib
+
+
+@functools.cache
+def _expert_pool(threads: int) -> ThreadPoolExecutor:
+    """Workers for MoE prefill's expert GEMMs (torch and the kernels release the GIL while they compute)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="selfseek-experts")
 
 
 class Gate(nn.Module):
@@ -154,29 +162,48 @@ class Experts(nn.Module):
     def _forward_prefill(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                          stacks: list[kernels.Weight]) -> torch.Tensor:
         """Many tokens (prefill) with packed stacks on the CPU: experts with at least GEMM_MIN_TOKENS tokens through
-        their dequantized weights and torch's GEMM, the rest as (token, expert) pairs through the fused kernel."""
+        their dequantized weights and torch's GEMM, the rest as (token, expert) pairs through the fused kernel.
+        With several threads the GEMM experts run side by side, one thread each (_expert_pool): a layer's GEMMs are
+        small (tens of tokens x 1024 x 512 on the medium V3), and one GEMM split over threads spends much of its time
+        in their barriers. Outputs are added in expert order either way."""
         k = ids.shape[1]
         flat_w = weights.flatten().float()
         y = torch.zeros_like(x)
-        inter = self.down_proj.in_features
-        gate_up, down = torch.empty(2 * inter, x.shape[1]), torch.empty(x.shape[1], inter)  # reused by every expert
-        few = []
+        few, many = [], []
         for e, slots in _slots_by_expert(ids, self.n_experts):
-            if len(slots) < self.GEMM_MIN_TOKENS:
-                few.append(slots)
-                continue
-            tokens = slots // k
-            kernels.to_float(self.gate_proj.expert(e), gate_up[:inter])
-            kernels.to_float(self.up_proj.expert(e), gate_up[inter:])
-            kernels.to_float(self.down_proj.expert(e), down)
-            h = x[tokens] @ gate_up.T  # gate and up in one GEMM
-            h = F.silu(h[:, :inter]) * h[:, inter:]
-            y.index_add_(0, tokens, (h @ down.T) * flat_w[slots, None])
+            (few if len(slots) < self.GEMM_MIN_TOKENS else many).append((e, slots))
+        threads = torch.get_num_threads()
+        if threads > 1 and len(many) > 1:
+            pool = _expert_pool(threads)
+            torch.set_num_threads(1)  # each worker's GEMM on its own thread (workers set their own OpenMP count too)
+            try:
+                outs = list(pool.map(lambda item: self._expert_gemm(x, k, flat_w, *item, threads=1), many))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            outs = [self._expert_gemm(x, k, flat_w, e, slots) for e, slots in many]
+        for tokens, out in outs:
+            y.index_add_(0, tokens, out)
         if few:
-            slots = torch.cat(few)
+            slots = torch.cat([slots for _, slots in few])
             tokens = slots // k
             y.index_add_(0, tokens, kernels.moe(x[tokens], flat_w[slots, None], ids.flatten()[slots, None], *stacks))
         return y
+
+    def _expert_gemm(self, x: torch.Tensor, k: int, flat_w: torch.Tensor, e: int, slots: torch.Tensor,
+                     threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e on the tokens of its slots through its dequantized weights: (tokens, weighted outputs)."""
+        if threads is not None:
+            torch.set_num_threads(threads)  # a pool worker: OpenMP's thread count is per calling thread
+        inter = self.down_proj.in_features
+        gate_up, down = torch.empty(2 * inter, x.shape[1]), torch.empty(x.shape[1], inter)
+        kernels.to_float(self.gate_proj.expert(e), gate_up[:inter])
+        kernels.to_float(self.up_proj.expert(e), gate_up[inter:])
+        kernels.to_float(self.down_proj.expert(e), down)
+        tokens = slots // k
+        h = x[tokens] @ gate_up.T  # gate and up in one GEMM
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        return tokens, (h @ down.T) * flat_w[slots, None]
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same math without a host sync, for float stacks where the native kernels do not run (CUDA; bf16 there):

@@ -10,6 +10,7 @@ runs one forward before listening; SIGTERM/SIGINT drain in-flight streams (--dra
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import logging
@@ -237,6 +238,10 @@ def serve(args) -> int:
     if parallel is not None:
         launch.stop_server_on_failure(svc.core.model, svc.engine)
     svc.warm_up(grammar=True)  # before listening: no request (and no /health 200) meets a cold model
+    # The model, tokenizer and engine live as long as the process: out of the collector's sight, a decode step no
+    # longer pays for Python's periodic collections walking them (~3% of a step of the default model, 1 thread).
+    gc.collect()
+    gc.freeze()
     app = create_app(svc)
     print(instructions(args.host, args.port, svc.model_id, bool(svc.config.keys())), flush=True)
     # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight streams finish for the drain timeout, then
