@@ -511,3 +511,15 @@ def test_malformed_packed_weights_are_named_errors():
         kernels.linear(torch.randn(1, 64), kernels.Packed("q4_k", w.data, w.scales, 64))
     with pytest.raises(ValueError, match="packed format 'q9_k'"):
         kernels.linear(torch.randn(1, 64), kernels.Packed("q9_k", w.data, w.scales, 64))
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["paged_attention", "quant"])
+def test_built_kernels_keep_their_prefetches(name):
+    """GCC once compiled every software prefetch of paged_attention.cpp away (its loops' forward-progress assumption):
+    the prefetches the decode kernels rely on must be in the machine code of the library this CPU loads."""
+    objdump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(build.build(name, build.chosen_isa()))],
+                             capture_output=True, text=True)
+    if objdump.returncode != 0:
+        pytest.skip(f"objdump failed: {objdump.stderr[-200:]}")
+    assert "prefetch" in objdump.stdout
