@@ -835,6 +835,11 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
     tile_unit<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
     return;
   }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  constexpr bool BY_VECTOR = MR > 1;  // several x rows: vector by vector below, else block_fma per weight row
+#else
+  constexpr bool BY_VECTOR = false;
+#endif
   const int64_t K = w.cols, nb = K / QK, tb = NR * row_bytes(w), ahead = (PF_BYTES + tb - 1) / tb * tb;
   const bool with_mins = w.mins != nullptr;
   Row rows[NR];
@@ -862,18 +867,17 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
           prefetch(rows[j].q + b * block_bytes<KIND>() + ahead);
           if (block_bytes<KIND>() > 64) prefetch(rows[j].q + b * block_bytes<KIND>() + ahead + 64);
         }
-#if defined(__AVX2__) && !defined(__AVX512F__)
-        if constexpr (MR > 1) continue;  // below, vector by vector for all NR rows
-#endif
-        const float d = quantized(KIND) ? dq[j][b - b0] : 0.f, m = quantized(KIND) && with_mins ? mq[j][b - b0] : 0.f;
-        block_fma<KIND, MR>(rows[j], b, d, m, with_mins, xb, ldx, &acc[0][j], NR);
+        if constexpr (!BY_VECTOR) {
+          const float d = quantized(KIND) ? dq[j][b - b0] : 0.f, m = quantized(KIND) && with_mins ? mq[j][b - b0] : 0.f;
+          block_fma<KIND, MR>(rows[j], b, d, m, with_mins, xb, ldx, &acc[0][j], NR);
+        }
       }
 #if defined(__AVX2__) && !defined(__AVX512F__)
       // Several x rows, vector by vector: each weight vector widened once for the MR rows and each x vector loaded
       // once for the NR rows (block_fma widens a whole block per weight row into VPB registers, which with the
       // MR x NR accumulators leaves the compiler short of registers: q8, 129280 x 1024 at 1 thread, 16 rows 121 ->
       // 94 ms, 2 rows 22.5 -> 18.6). Same operations in the same order per (r, j) as block_fma: bit for bit its result.
-      if constexpr (MR > 1) {
+      if constexpr (BY_VECTOR) {
         for (int v = 0; v < VPB; ++v) {
           V wv[NR];
           for (int j = 0; j < NR; ++j) {

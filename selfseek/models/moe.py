@@ -174,10 +174,13 @@ class Experts(nn.Module):
             (few if len(slots) < self.GEMM_MIN_TOKENS else many).append((e, slots))
         threads = torch.get_num_threads()
         if threads > 1 and len(many) > 1:
-            pool = _expert_pool(threads)
-            torch.set_num_threads(1)  # each worker's GEMM on its own thread (workers set their own OpenMP count too)
+            def one_thread(item: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: the worker's own
+                return self._expert_gemm(x, k, flat_w, *item)
+
+            torch.set_num_threads(1)  # torch's and MKL's global count, for the workers' GEMMs
             try:
-                outs = list(pool.map(lambda item: self._expert_gemm(x, k, flat_w, *item, threads=1), many))
+                outs = list(_expert_pool(threads).map(one_thread, many))
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -190,11 +193,9 @@ class Experts(nn.Module):
             y.index_add_(0, tokens, kernels.moe(x[tokens], flat_w[slots, None], ids.flatten()[slots, None], *stacks))
         return y
 
-    def _expert_gemm(self, x: torch.Tensor, k: int, flat_w: torch.Tensor, e: int, slots: torch.Tensor,
-                     threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _expert_gemm(self, x: torch.Tensor, k: int, flat_w: torch.Tensor, e: int,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e on the tokens of its slots through its dequantized weights: (tokens, weighted outputs)."""
-        if threads is not None:
-            torch.set_num_threads(threads)  # a pool worker: OpenMP's thread count is per calling thread
         inter = self.down_proj.in_features
         gate_up, down = torch.empty(2 * inter, x.shape[1]), torch.empty(x.shape[1], inter)
         kernels.to_float(self.gate_proj.expert(e), gate_up[:inter])
