@@ -151,73 +151,34 @@ inline const float* as_f32(const void* src, int32_t dtype, int n, float* dst) {
   return dst;
 }
 
-inline float dot(const float* a, const float* b, int n) {
+// G (<= 4) query heads against one key: the key is loaded once for the G dot products, whose horizontal sums are
+// done together (GQA's 3 heads per KV head took 3 single dot products, each loading the key and summing alone).
+template <int G>
+inline void dot_heads(const float* q, int64_t q_stride, const float* k, int n, float* out) {
+  static_assert(G >= 1 && G <= 4, "one to four heads");
   int i = 0;
-  float s = 0.f;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
 #if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  __m256 v = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  s = _mm_cvtss_f32(h);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// Four query heads against one key: the key is loaded once per four dot products.
-inline void dot4(const float* q, int64_t q_stride, const float* k, int n, float* out) {
-  const float *q0 = q, *q1 = q + q_stride, *q2 = q + 2 * q_stride, *q3 = q + 3 * q_stride;
-  int i = 0;
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  __m512 a[G];
+  for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m512 kv = _mm512_loadu_ps(k + i);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + i), kv, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + i), kv, a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + i), kv, a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + i), kv, a3);
+    for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * q_stride + i), kv, a[g]);
   }
-  s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
-  s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+  for (int g = 0; g < G; ++g) s[g] = _mm512_reduce_add_ps(a[g]);
 #elif defined(__AVX2__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (; i + 8 <= n; i += 8) {
     const __m256 kv = _mm256_loadu_ps(k + i);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), kv, a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), kv, a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), kv, a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), kv, a3);
+    for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + i), kv, a[g]);
   }
-  // 4 horizontal sums at once: hadd pairs, then fold the two 128-bit halves
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  float tmp[4];
-  _mm_storeu_ps(tmp, r);
-  s0 = tmp[0], s1 = tmp[1], s2 = tmp[2], s3 = tmp[3];
+  // the G horizontal sums at once: hadd pairs, then fold the two 128-bit halves
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 #endif
-  for (; i < n; ++i) {
-    s0 += q0[i] * k[i];
-    s1 += q1[i] * k[i];
-    s2 += q2[i] * k[i];
-    s3 += q3[i] * k[i];
-  }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  for (; i < n; ++i)
+    for (int g = 0; g < G; ++g) s[g] += q[g * q_stride + i] * k[i];
+  for (int g = 0; g < G; ++g) out[g] = s[g];
 }
 
 // x[t] = exp(x[t] - m) for t < n; -> their sum. Vector paths use the Cephes exp polynomial (about 1 ulp).
@@ -481,19 +442,21 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
           const bool first = h == h0;  // the run's first head asks for the keys ahead
           // Scores four heads at a time over the tile's keys: those heads' queries stay in L1 while each key row
           // is read once per four heads (key by key over all heads read every query from L2 for each key: MLA's 16).
-          int g = 0;
-          for (; g + 4 <= ng; g += 4)
+          for (int g = 0; g < ng; g += 4) {
+            const int gn = std::min(4, ng - g);
+            const float* qg = qh + static_cast<int64_t>(g) * k_dim;
             for (int t = 0; t < nt; ++t) {
               if (first && g == 0) prefetch_key(t0 + t + ahead);
               float s4[4];
-              dot4(qh + static_cast<int64_t>(g) * k_dim, k_dim, krows[t], k_dim, s4);
-              for (int u = 0; u < 4; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
+              switch (gn) {
+                case 4: dot_heads<4>(qg, k_dim, krows[t], k_dim, s4); break;
+                case 3: dot_heads<3>(qg, k_dim, krows[t], k_dim, s4); break;
+                case 2: dot_heads<2>(qg, k_dim, krows[t], k_dim, s4); break;
+                default: dot_heads<1>(qg, k_dim, krows[t], k_dim, s4); break;
+              }
+              for (int u = 0; u < gn; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
             }
-          for (; g < ng; ++g)
-            for (int t = 0; t < nt; ++t) {
-              if (first && g == 0) prefetch_key(t0 + t + ahead);
-              scores[g * TILE + t] = dot(qh + static_cast<int64_t>(g) * k_dim, krows[t], k_dim) * scale;
-            }
+          }
           for (int g = 0; g < ng; ++g) {
             float* sg = scores.data() + g * TILE;
             float mt = m_h[g];
