@@ -181,6 +181,19 @@ inline void dot_heads(const float* q, int64_t q_stride, const float* k, int n, f
   for (int g = 0; g < G; ++g) out[g] = s[g];
 }
 
+// scores[g * TILE + t] = scale * (head g's query . key t) for G heads (queries k_dim apart) and the nt keys of a tile;
+// ahead(t) is called before key t (the prefetch of a key further on).
+template <int G, class Ahead>
+inline void score_keys(const float* q, const float* const* krows, int nt, int k_dim, float scale, float* scores,
+                       Ahead&& ahead) {
+  for (int t = 0; t < nt; ++t) {
+    ahead(t);
+    float s[4];
+    dot_heads<G>(q, k_dim, krows[t], k_dim, s);
+    for (int g = 0; g < G; ++g) scores[g * TILE + t] = s[g] * scale;
+  }
+}
+
 // x[t] = exp(x[t] - m) for t < n; -> their sum. Vector paths use the Cephes exp polynomial (about 1 ulp).
 inline float exp_shifted_sum(float* x, int n, float m) {
   int t = 0;
@@ -442,19 +455,21 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
           const bool first = h == h0;  // the run's first head asks for the keys ahead
           // Scores four heads at a time over the tile's keys: those heads' queries stay in L1 while each key row
           // is read once per four heads (key by key over all heads read every query from L2 for each key: MLA's 16).
+          auto ahead_of = [&](int t) { prefetch_key(t0 + t + ahead); };
+          auto none = [](int) {};
           for (int g = 0; g < ng; g += 4) {
-            const int gn = std::min(4, ng - g);
             const float* qg = qh + static_cast<int64_t>(g) * k_dim;
-            for (int t = 0; t < nt; ++t) {
-              if (first && g == 0) prefetch_key(t0 + t + ahead);
-              float s4[4];
-              switch (gn) {
-                case 4: dot_heads<4>(qg, k_dim, krows[t], k_dim, s4); break;
-                case 3: dot_heads<3>(qg, k_dim, krows[t], k_dim, s4); break;
-                case 2: dot_heads<2>(qg, k_dim, krows[t], k_dim, s4); break;
-                default: dot_heads<1>(qg, k_dim, krows[t], k_dim, s4); break;
-              }
-              for (int u = 0; u < gn; ++u) scores[(g + u) * TILE + t] = s4[u] * scale;
+            float* sg = scores.data() + g * TILE;
+            const bool pf = first && g == 0;
+            switch (std::min(4, ng - g)) {
+              case 4: pf ? score_keys<4>(qg, krows, nt, k_dim, scale, sg, ahead_of)
+                         : score_keys<4>(qg, krows, nt, k_dim, scale, sg, none); break;
+              case 3: pf ? score_keys<3>(qg, krows, nt, k_dim, scale, sg, ahead_of)
+                         : score_keys<3>(qg, krows, nt, k_dim, scale, sg, none); break;
+              case 2: pf ? score_keys<2>(qg, krows, nt, k_dim, scale, sg, ahead_of)
+                         : score_keys<2>(qg, krows, nt, k_dim, scale, sg, none); break;
+              default: pf ? score_keys<1>(qg, krows, nt, k_dim, scale, sg, ahead_of)
+                          : score_keys<1>(qg, krows, nt, k_dim, scale, sg, none); break;
             }
           }
           for (int g = 0; g < ng; ++g) {
