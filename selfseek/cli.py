@@ -145,9 +145,10 @@ def _add_server_commands(sub) -> None:
                    help="size cap of --prefix-cache-dir, least recently used blocks deleted first (default 16 GiB)")
     s.add_argument("--speculative-tokens", type=int, default=None,
                    help="tokens the MTP module drafts per step (up to 3), verified in the same forward (0: off)")
-    s.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=None,
-                   help="fp8: the KV cache (MLA's latent, GQA's K and V; not DeepSeek-V4) as float8_e4m3fn with "
-                        "scales (about half of bf16, a quarter of fp32); default auto, the compute dtype")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "float16", "bfloat16", "fp8"], default=None,
+                   help="float16 / bfloat16: the KV cache in 16 bits (half of fp32; llama.cpp's default f16); fp8: "
+                        "as float8_e4m3fn with scales (about half of bf16, a quarter of fp32; not DeepSeek-V4); "
+                        "default auto, the compute dtype")
     s.add_argument("--lora", action="append", type=_lora_option, metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter folder on the model as model name NAME (repeatable: several "
                    "adapters at once, picked by each request's `model`)")

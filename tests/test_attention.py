@@ -451,7 +451,7 @@ def test_engine_kv_cache_dtype_option():
     while engine.has_work():
         out += [t for d in engine.step() for t in d.token_ids]
     assert len(out) == 5 and engine.blocks.num_free == engine.blocks.num_blocks
-    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or 'fp8'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto', 'float16', 'bfloat16' or 'fp8'"):
         LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, kv_cache_dtype="int4"))
 
 
@@ -516,3 +516,34 @@ def test_engine_fp8_cache_on_a_gqa_model_decodes_greedily():
     v4 = types.SimpleNamespace(config=types.SimpleNamespace(model_type="deepseek_v4", is_mla=False))
     with pytest.raises(ValueError, match="kv_cache_dtype fp8: not for DeepSeek-V4"):
         _cache_dtype("fp8", v4)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family,model_type", [("llama_linear", "llama"), ("v3_noaux", "deepseek_v3")])
+def test_engine_16_bit_cache_decodes_greedily(name, family, model_type):
+    """`kv_cache_dtype="float16"` / `"bfloat16"` on an fp32 model: pools of that dtype at half the fp32 cache's
+    bytes per token; the engine's greedy tokens equal the same steps by hand over such pools, whose last logits
+    differ from the fp32 cache's (the 16-bit rows were really read) by rounding only; V3.2 and V4 are refused."""
+    from selfseek.engine.engine import EngineArgs, LLMEngine
+
+    model = tiny_model(family, model_type)
+    dtype = getattr(torch, name)
+    fp32 = LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, block_size=16))
+    engine = LLMEngine(model, None, EngineArgs(kv_cache_memory=1 << 22, block_size=16, kv_cache_dtype=name))
+    assert 2 * engine.kv_bytes_per_token == fp32.kv_bytes_per_token
+    assert all(p.dtype == dtype for p in engine.runner.pools)
+    prompt = list(range(2, 40))
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    out = []
+    while engine.has_work():
+        out += [t for d in engine.step() for t in d.token_ids]
+    want, half_logits = greedy_on_pools(model, prompt, 8, dtype)
+    assert out == want and engine.blocks.num_free == engine.blocks.num_blocks
+    _, fp32_logits = greedy_on_pools(model, prompt, 8, torch.float32)
+    assert not torch.equal(half_logits, fp32_logits)
+    torch.testing.assert_close(half_logits, fp32_logits, rtol=0, atol=0.02)  # measured: 5e-4 fp16, 6e-3 bf16
+    for model_type in ("deepseek_v4", "deepseek_v32"):
+        other = types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type,
+                                                                   has_indexer=model_type == "deepseek_v32"))
+        with pytest.raises(ValueError, match=f"kv_cache_dtype {name}: not for DeepSeek-V4 or V3.2"):
+            _cache_dtype(name, other)

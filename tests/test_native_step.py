@@ -54,25 +54,26 @@ def run(model: CausalLM, native: bool, monkeypatch, prompts=PROMPTS, **engine_kw
     return out, calls[0]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_native_step_equals_the_module_path(bits, one_thread, monkeypatch):
+@pytest.mark.parametrize("bits,cache", [(4, "auto"), (8, "auto"), (4, "float16"), (8, "bfloat16")])
+def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch):
     """Decode batches of 1 to 4 sequences with different contexts over shuffled 4-slot blocks, chunked prefill
-    (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran."""
+    (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
+    and with a 16-bit one the new rows are rounded into)."""
     model = tiny_llama(bits)
-    want, _ = run(model, False, monkeypatch)
-    got, calls = run(model, True, monkeypatch)
+    want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
+    got, calls = run(model, True, monkeypatch, kv_cache_dtype=cache)
     assert calls >= 9  # every pure decode step (10 tokens each, the first from the prefill)
     assert got == want
 
 
-@pytest.mark.parametrize("bits,skip", [(8, ("kv_b_proj",)), (4, ())])
-def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, one_thread, monkeypatch):
+@pytest.mark.parametrize("bits,skip,cache", [(8, ("kv_b_proj",), "auto"), (4, (), "auto"), (8, (), "float16")])
+def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, one_thread, monkeypatch):
     """DeepSeek-V3 layers: MLA's absorbed decode (W^UK / W^UV read per head from kv_b_proj, float or packed as in a
     GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert."""
     model = tiny_llama(bits, "v3_noaux", "deepseek_v3", skip, q_lora_rank=64)  # 64: a whole number of 32-blocks
     assert NativeStack.for_model(model) is not None
-    want, _ = run(model, False, monkeypatch)
-    got, calls = run(model, True, monkeypatch)
+    want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
+    got, calls = run(model, True, monkeypatch, kv_cache_dtype=cache)
     assert calls >= 9 and got == want
 
 

@@ -63,9 +63,10 @@ class EngineArgs:
     # Speculative decoding (engine/speculative.py): tokens the model's MTP module drafts per step, verified in
     # the same forward. 0: off.
     speculative_tokens: int = 0
-    # The paged cache's storage: "auto" (the compute dtype) or "fp8" (MLA: the latent and roped key, GQA: each
-    # head's K and V, as float8_e4m3fn with one fp32 scale per 64 values of a token, dequantized per tile by
-    # attention; not DeepSeek-V4).
+    # The paged cache's storage: "auto" (the compute dtype), "float16" / "bfloat16" (half an fp32 cache's bytes,
+    # widened per tile by attention: llama.cpp's default f16 cache; not DeepSeek-V4 or V3.2) or "fp8" (MLA: the
+    # latent and roped key, GQA: each head's K and V, as float8_e4m3fn with one fp32 scale per 64 values of a
+    # token, dequantized per tile by attention; not DeepSeek-V4).
     kv_cache_dtype: str = "auto"
     # LoRA adapters served on the model, {name: PEFT folder} or [(name, folder)] (models/lora_serving.py); a
     # request picks one with SamplingParams.lora_name. A name given twice is an error.
@@ -94,7 +95,13 @@ def _cache_dtype(name: str, model: CausalLM) -> torch.dtype | None:
         if model.config.model_type == "deepseek_v4":
             raise ValueError("kv_cache_dtype fp8: not for DeepSeek-V4 (its compressed pools have no fp8 layout)")
         return torch.float8_e4m3fn
-    raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {name!r}")
+    if name in ("float16", "bfloat16"):
+        if model.config.model_type == "deepseek_v4" or model.config.has_indexer:
+            raise ValueError(f"kv_cache_dtype {name}: not for DeepSeek-V4 or V3.2 (their pools keep the compute "
+                             "dtype)")
+        dtype = getattr(torch, name)
+        return None if dtype == model.dtype else dtype
+    raise ValueError(f"kv_cache_dtype must be 'auto', 'float16', 'bfloat16' or 'fp8', got {name!r}")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -115,6 +115,14 @@ class _Step:
         backend.run_kernel(self.alib, args, self.batch.paged)
 
 
+_POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _store(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """The step's new cache rows into their slots, rounded to a 16-bit pool's dtype as the module path does."""
+    pool.index_copy_(0, slots, rows if rows.dtype == pool.dtype else rows.to(pool.dtype))
+
+
 class _GQA:
     """Attention's decode branch (models/attention.py): rows that all read the cache in place."""
 
@@ -131,7 +139,7 @@ class _GQA:
         qkv = s.linear(self.qkv, x, "qkv")
         qk = qkv[:, : (H + K) * d].view(T, H + K, d)
         s.rope(qk, qk, at.rotary.interleaved)  # q and k heads, in place
-        pool.index_copy_(0, s.batch.slot_mapping, qkv[:, H * d :].view(T, 2, K, d))
+        _store(pool, s.batch.slot_mapping, qkv[:, H * d :].view(T, 2, K, d))
         q = qkv[:, : H * d].view(T, K, H // K, d)
         if T > 1:  # paged_attention takes q contiguous
             q = s.buffer("q", K, H // K, d).copy_(q)
@@ -161,7 +169,7 @@ class _MLA:
         kv = s.buffer("kv", c + r)
         kv[:, :c].copy_(s.norm(self.kv_norm, down[:, ql : ql + c], "latent"))
         s.rope(down[:, ql + c :].view(T, 1, r), kv[:, c:].view(T, 1, r), at.rotary.interleaved)
-        pool.index_copy_(0, s.batch.slot_mapping, kv)
+        _store(pool, s.batch.slot_mapping, kv)
         _, mat = at._kv_b_stored()
         q_nope = s.buffer("q_nope", h, d).copy_(q[:, :, :d])
         q_lat = s.buffer("q_latent", h, c)
@@ -281,12 +289,14 @@ class NativeStack:
 
     def takes(self, h: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor] | None) -> bool:
         """Whether this step is one it runs exactly as the module path would: every row a decode (or a short chunk)
-        reading the cache in place, few enough rows for the row kernels, float32 pools, no autograd, no hooks."""
+        reading the cache in place, few enough rows for the row kernels, float pools (fp32, or 16-bit: rows
+        rounded to the pool's dtype as they are written), no autograd, no hooks."""
         paged = batch.paged
         if (torch.is_grad_enabled() or pools is None or paged is None or batch.prefills or paged.start != 0
                 or batch.slot_mapping is None or batch.decode_mode != "absorbed" or h.dtype != torch.float32
                 or h.device.type != "cpu" or h.shape[0] >= kernels.GEMM_MIN_ROWS
-                or any(p.dtype != torch.float32 or p.shape != pools[0].shape for p in pools)):  # one arg list
+                or pools[0].dtype not in _POOL_DTYPES
+                or any(p.dtype != pools[0].dtype or p.shape != pools[0].shape for p in pools)):  # one arg list
             return False
         from selfseek.models.layers import _lora_state
 
