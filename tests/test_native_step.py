@@ -77,6 +77,39 @@ def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, on
     assert calls >= 9 and got == want
 
 
+def test_gguf_split_kv_b_halves_are_read_as_the_file_packs_them(one_thread, monkeypatch, tmp_path):
+    """A Q8_0 GGUF writes kv_b_proj as attn_k_b / attn_v_b (llama.cpp's split): the absorbed decode reads W^UK and
+    W^UV from those packed halves, on the native step and the module path alike (bit for bit), with the same
+    greedy tokens as through kv_b_proj's float copy; once kv_b_proj changes, the halves are no longer used."""
+    from gguf import GGMLQuantizationType
+
+    from selfseek.weights import load_model
+    from selfseek.weights.gguf_writer import write_gguf
+
+    dims = dict(qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=64, q_lora_rank=64)  # whole 32-blocks
+    write_gguf(tmp_path / "v3.gguf", tiny_llama(None, "v3_noaux", "deepseek_v3", **dims), GGMLQuantizationType.Q8_0)
+    model, _ = load_model(tmp_path / "v3.gguf", progress=False)
+    attns = [layer.self_attn for layer in model.model.layers]
+    c = model.config.kv_lora_rank
+    assert all(a.absorbed_products()[0][2:] == (c, 0, c, False) for a in attns)  # W^UK: k_b's c rows per head
+    want, _ = run(model, False, monkeypatch)
+    got, calls = run(model, True, monkeypatch)
+    assert calls >= 9 and got == want
+    for a in attns:  # the float copy instead
+        del a.__dict__["_split_kv_b"]
+    via_float, _ = run(model, False, monkeypatch)
+    for rid, steps in want.items():
+        assert [t for t, _ in steps] == [t for t, _ in via_float[rid]]
+        for (_, a), (_, b) in zip(steps, via_float[rid], strict=True):
+            assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    model, _ = load_model(tmp_path / "v3.gguf", progress=False)
+    kv_b = model.model.layers[0].self_attn.kv_b_proj.weight
+    with torch.no_grad():
+        kv_b.mul_(2)  # a weight changed in place (fine-tuning): its halves from the file no longer hold
+    assert model.model.layers[0].self_attn.absorbed_products()[0][5] is True  # kv_b_proj as stored, transposed
+    assert model.model.layers[1].self_attn.absorbed_products()[0][5] is False
+
+
 def test_native_step_with_int8_activations(one_thread, monkeypatch):
     """The opt-in int8-activation kernels are chosen the same way on both paths."""
     from selfseek import kernels

@@ -42,6 +42,12 @@ from selfseek.models.layers import RMSNorm, Rotary, fused_rows
 from selfseek.models.quant import QuantLinear
 
 
+def _heads(x: torch.Tensor, product: tuple) -> torch.Tensor | None:
+    """kernels.heads for one of MLA.absorbed_products' (weight, view, rows per head, first row, rows, transposed)."""
+    w, view, per_head, off, n, transposed = product
+    return kernels.heads(x, w, per_head, off, n, transposed, view)
+
+
 class MLA(nn.Module):
     # Chunks after a cached prefix with at least this many rows attend expanded (W^UKV applied to the context
     # once, then per-head attention, SDPA): per query row and key the absorbed form costs h (2c + r) multiply-adds,
@@ -187,14 +193,34 @@ class MLA(nn.Module):
 
         return self._per_kv_b("_kv_b_view", view)
 
+    def keep_split_kv_b(self, k_b: kernels.Weight, v_b: kernels.Weight) -> None:
+        """A GGUF's attn_k_b [H c, d] and attn_v_b [H v, c] as the file packs them, kept by the loader beside
+        kv_b_proj's float copy (W^UK's blocks run along d there, so they cannot fill kv_b_proj's rows): while
+        kv_b_proj still holds the weights they were loaded with, the absorbed decode reads W^UK and W^UV from
+        them, a quarter of the float copy's bytes for Q8_0."""
+        w = self.kv_b_proj.weight
+        self.__dict__["_split_kv_b"] = ((w.data_ptr(), w._version), (k_b, kernels.prepare(k_b)),
+                                        (v_b, kernels.prepare(v_b)))
+
+    def absorbed_products(self) -> tuple[tuple, tuple]:
+        """W^UK and W^UV as the CPU kernels read them per head (kernels.heads): (weight, kernel view, rows per head,
+        first row, rows, transposed) each, from a GGUF's split halves (keep_split_kv_b) or kv_b_proj as stored."""
+        d, v, c = self.nope_dim, self.v_dim, self.latent_dim
+        split, lin = self.__dict__.get("_split_kv_b"), self.kv_b_proj
+        if (split is not None and not isinstance(lin, QuantLinear)
+                and split[0] == (lin.weight.data_ptr(), lin.weight._version)):
+            (k_b, k_view), (v_b, v_view) = split[1:]
+            return (k_b, k_view, c, 0, c, False), (v_b, v_view, v, 0, v, False)
+        w, view = self._kv_b_stored()
+        return (w, view, d + v, 0, d, True), (w, view, d + v, d, v, False)
+
     def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
         """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
         latent space, then W^UV. [R, h, d], [R, h, r] -> [R, h, v]. On a CPU with the kernels, W^UK and W^UV are
-        read per head from kv_b_proj's stored rows (a q8 GGUF: a quarter of the bytes of float copies, and no
-        batched GEMMs of one row); elsewhere they are float copies multiplied by bmm."""
-        d, v = self.nope_dim, self.v_dim
-        stored = self._kv_b_stored() if kernels.available() and q_nope.device.type == "cpu" else None
-        q_latent = kernels.heads(q_nope, stored[0], d + v, 0, d, True, stored[1]) if stored else None
+        read per head as stored (absorbed_products: a q8 GGUF's bytes, a quarter of float copies', and no batched
+        GEMMs of one row); elsewhere they are float copies multiplied by bmm."""
+        stored = self.absorbed_products() if kernels.available() and q_nope.device.type == "cpu" else None
+        q_latent = _heads(q_nope, stored[0]) if stored else None
         if q_latent is None:
             stored = None
             w_uk, w_uv_t = self.absorbed_weights()
@@ -206,7 +232,7 @@ class MLA(nn.Module):
         k_cache, v_cache, scales = self._cache_views(pool)
         o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales).view(R, h, -1)
         if stored:
-            return kernels.heads(o_latent, stored[0], d + v, d, v, False, stored[1])
+            return _heads(o_latent, stored[1])
         if o_latent.dtype != w_uv_t.dtype:
             o_latent = o_latent.to(w_uv_t.dtype)
         return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # W^UV absorbed after attention

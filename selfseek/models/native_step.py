@@ -170,22 +170,22 @@ class _MLA:
         kv[:, :c].copy_(s.norm(self.kv_norm, down[:, ql : ql + c], "latent"))
         s.rope(down[:, ql + c :].view(T, 1, r), kv[:, c:].view(T, 1, r), at.rotary.interleaved)
         _store(pool, s.batch.slot_mapping, kv)
-        _, mat = at._kv_b_stored()
+        w_uk, w_uv = at.absorbed_products()
         q_nope = s.buffer("q_nope", h, d).copy_(q[:, :, :d])
         q_lat = s.buffer("q_latent", h, c)
-        self._heads(s, mat, q_nope, q_lat, 0, d, True)
+        self._heads(s, w_uk, q_nope, q_lat)
         q_att = torch.cat([q_lat, q_rope], dim=-1, out=s.buffer("q_att", h, c + r)).view(T, 1, h, c + r)
         o_lat = s.buffer("o_latent", 1, h, c)
         s.attend(q_att, o_lat, pool[:, None, : c + r], pool[:, None, :c], at.scale)
         o = s.buffer("o_heads", h, v)
-        self._heads(s, mat, o_lat.view(T, h, c), o, d, v, False)
+        self._heads(s, w_uv, o_lat.view(T, h, c), o)
         return s.linear(self.o, o, "a")
 
-    def _heads(self, s: _Step, mat: kernels._Mat, x: torch.Tensor, y: torch.Tensor, off: int, n: int,
-               transposed: bool) -> None:
-        """kernels.heads into y: head h of kv_b_proj's rows h (d + v) + off .. + n."""
-        at = self.attn
-        rc = s.qlib.selfseek_heads(ctypes.byref(mat), x.data_ptr(), s.T, at.n_heads, at.nope_dim + at.v_dim, off, n,
+    def _heads(self, s: _Step, product: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
+        """kernels.heads into y for one of MLA.absorbed_products' (weight, view, rows per head, first row, rows,
+        transposed)."""
+        _, mat, per_head, off, n, transposed = product
+        rc = s.qlib.selfseek_heads(ctypes.byref(mat), x.data_ptr(), s.T, self.attn.n_heads, per_head, off, n,
                                    int(transposed), y.data_ptr())
         kernels._check(rc, "heads")
 

@@ -888,6 +888,7 @@ def file_bits(g: GGUFFile, cfg: ModelConfig):
 
 def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, loaded: set[str],
                   kv_parts: dict[str, set[str]], progress: bool, stats: dict[str, _PackStats]) -> None:
+    halves: dict[str, dict[str, tuple]] = {}
     with tqdm(total=len(g.tensors), desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for t in iter_gguf_tensors(g, cfg, getattr(model, "shard", None)):
             if t.param not in params:
@@ -900,9 +901,28 @@ def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, 
             bar.update(t.part != "up")
             if t.part in ("k_b", "v_b"):
                 kv_parts.setdefault(t.param, set()).add(t.part)
+                packed = _split_kv_b_packed(t)
+                if packed is not None:
+                    halves.setdefault(t.param, {})[t.part] = packed
                 if len(kv_parts[t.param]) < 2:
                     continue
             loaded.add(t.param)
+    # the split kv_b_proj halves as the file packs them, for MLA's absorbed decode (MLA.keep_split_kv_b), once
+    # kv_b_proj holds both (its weight's version then is the one they match)
+    for param, parts in halves.items():
+        if len(parts) == 2:
+            model.get_submodule(param.rsplit(".", 2)[0]).keep_split_kv_b(parts["k_b"], parts["v_b"])
+
+
+def _split_kv_b_packed(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """attn_k_b [H, c, d] / attn_v_b [H, v, c] as a packed [H * rows, cols] weight straight from the file's Q8_0 /
+    Q4_0 / Q4_1 blocks (exact), or None (other encodings: the absorbed decode reads kv_b_proj's float copy)."""
+    bits = 8 if t.type == T.Q8_0 else 4 if t.type in (T.Q4_0, T.Q4_1) else None
+    if bits is None:
+        return None
+    raw = np.ascontiguousarray(t.raw).reshape(-1, t.raw.shape[-1])
+    packed = _direct_pack(raw, t.type, bits)
+    return None if packed is None else tuple(x.clone() if x is not None else None for x in packed)
 
 
 @torch.no_grad()
