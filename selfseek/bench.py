@@ -216,6 +216,12 @@ def active_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     head = {t.untyped_storage().data_ptr() for n, t in tensors if n.startswith("lm_head.")}
     out = {"embedding_row": 0, "routed_experts": 0, "other": 0}
     seen: set[int] = set()
+    for name, m in model.named_modules():  # MLA decoding from a GGUF's packed k_b / v_b reads those, not kv_b_proj
+        if hasattr(m, "absorbed_products") and "mtp" not in name.split("."):
+            products = m.absorbed_products()
+            if products[0][0] is not products[1][0]:
+                seen.add(m.kv_b_proj.weight.untyped_storage().data_ptr())
+                out["other"] += sum(t.numel() * t.element_size() for w, *_ in products for t in w if t is not None)
     for name, t in tensors:
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:

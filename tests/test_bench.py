@@ -53,6 +53,20 @@ def test_gguf_active_bytes_match_the_loaded_float_model(v3, tmp_path):
     assert from_file["total"] == pytest.approx(loaded["total"], rel=0.01)
 
 
+def test_q8_0_gguf_active_bytes_count_the_split_kv_b_halves_read():
+    """Loaded from a Q8_0 GGUF, MLA decodes from the file's packed attn_k_b / attn_v_b, not kv_b_proj's float
+    copy: the bytes a token reads are the file's, exactly."""
+    from checkpoints import tiny_model
+
+    from selfseek.weights import load_model
+
+    model = tiny_model("v3_noaux", "deepseek_v3", qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=64, q_lora_rank=64)
+    with __import__("tempfile").TemporaryDirectory() as d:
+        write_gguf(f"{d}/v3.gguf", model, T.Q8_0)
+        loaded, _ = load_model(f"{d}/v3.gguf", progress=False)
+        assert bench.active_weight_bytes(loaded) == bench.gguf_active_bytes(f"{d}/v3.gguf")
+
+
 def test_tied_head_reads_the_whole_shared_matrix(v3):
     model = load_checkpoint(v3, progress=False)
     untied = bench.active_weight_bytes(model)
