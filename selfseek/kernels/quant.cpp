@@ -618,13 +618,28 @@ void tile_fp(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, in
 // Q6_K in registers: the 16 int8 scales times d in one vector conversion per super-block; per 128 values ql (64
 // bytes) and qh (32 bytes) are loaded once and give four 32-value groups q - 32 as signed bytes; w = (q - 32) * D
 // is the reference's d * sc * (q - 32) (d * sc is exact in fp32: 11-bit mantissa times 8 bits).
+// Groups 4c .. 4c + 3 of the Q6_K unit at b as signed bytes q - 32: each group's ql nibbles (bytes 64c .. 64c + 63,
+// low then high) with bits 4..5 from qh (bytes 128 + 32c ..): group k's are qh bits 2k..2k+1.
+inline void q6k_groups(const uint8_t* b, int c, __m256i* q) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
+  const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * c));
+  const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * c + 32));
+  const __m256i h = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * c));
+  // epi16 shifts: the 0x30 mask keeps each byte's own bits
+  q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), bits45));
+  q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), bits45));
+  q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, bits45));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                         _mm256_and_si256(_mm256_srli_epi16(h, 2), bits45));
+  for (int k = 0; k < 4; ++k) q[k] = _mm256_sub_epi8(q[k], m32);
+}
+
 template <int MR, int NR>
 void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
   const int64_t units = w.cols / 256, rb = row_bytes(w);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
   for (int64_t u = 0; u < units; ++u) {
     for (int j = 0; j < NR; ++j) {
       const uint8_t* b = w.data + (n0 + j) * rb + u * 210;
@@ -643,21 +658,13 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
       // a group fewer than scaling each weight vector first, and two short chains instead of one of 32 FMAs)
       [[maybe_unused]] V a0 = vzero(), a1 = vzero();
       for (int c = 0; c < 2; ++c) {
-        const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * c));
-        const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * c + 32));
-        const __m256i h = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * c));
-        // bits 4..5 of group k's values: qh bits 2k..2k+1 (epi16 shifts: the 0x30 mask keeps each byte's own bits)
-        const __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), bits45)),
-            _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), bits45)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, bits45)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                            _mm256_and_si256(_mm256_srli_epi16(h, 2), bits45))};
+        __m256i q[4];
+        q6k_groups(b, c, q);
         for (int k = 0; k < 4; ++k) {
           const int g = 4 * c + k;
           const float* xb = x + u * 256 + g * 32;
           V wv[VPB];
-          sbytes_to_floats(_mm256_sub_epi8(q[k], m32), wv);
+          sbytes_to_floats(q[k], wv);
 #if defined(__AVX2__) && !defined(__AVX512F__)
           if constexpr (MR == 1) {  // one x row: q . x per 16 values first, then D once (see below)
             a0 = vfma(vfma(wv[1], vload(xb + 8), _mm256_mul_ps(wv[0], vload(xb))), vset1(D[2 * g]), a0);
@@ -676,6 +683,51 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Q6_K rows [n0, n1) against one x row, y[n] for each. Widening bytes to floats bound tile_q6k here (per 32 values
+// 7 shuffles: extracts, byte shifts, pmovsxbd). Instead each 32-bit lane of a group's 32 bytes gives its 4 bytes by
+// shifts alone ((v << 24) >> 24 ...), so vector m holds bytes 4l + m of lanes l: x is read in that order, made once
+// per call (xp), and lanes 0-3 / 4-7 are the group's two 16-value halves, scaled by one [D0 x4, D1 x4] vector.
+void q6k_rows_one(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
+  const int64_t K = w.cols, units = K / 256, rb = row_bytes(w);
+  std::vector<float> xp(K);
+  for (int64_t g = 0; g < K / 32; ++g)
+    for (int m = 0; m < 4; ++m)
+      for (int l = 0; l < 8; ++l) xp[g * 32 + m * 8 + l] = x[g * 32 + 4 * l + m];
+  for (int64_t n = n0; n < n1; ++n) {
+    V a0 = vzero(), a1 = vzero();
+    for (int64_t u = 0; u < units; ++u) {
+      const uint8_t* b = w.data + n * rb + u * 210;
+      prefetch_range(b + PF_BYTES, 210);
+      alignas(32) float D[16];
+      const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+      const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
+      _mm256_store_ps(D, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d));
+      _mm256_store_ps(D + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d));
+      for (int c = 0; c < 2; ++c) {
+        __m256i q[4];
+        q6k_groups(b, c, q);
+        for (int k = 0; k < 4; ++k) {
+          const int g = 4 * c + k;
+          const float* xb = xp.data() + u * 256 + g * 32;
+          const __m256i v = q[k];
+          const V w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+          const V w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+          const V w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+          const V w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+          const V s = vadd(vfma(w1, vload(xb + 8), _mm256_mul_ps(w0, vload(xb))),
+                           vfma(w3, vload(xb + 24), _mm256_mul_ps(w2, vload(xb + 16))));
+          const V dv = _mm256_set_m128(_mm_set1_ps(D[2 * g + 1]), _mm_set1_ps(D[2 * g]));
+          if (k % 2) a1 = vfma(s, dv, a1);
+          else a0 = vfma(s, dv, a0);
+        }
+      }
+    }
+    y[n] = vsum(vadd(a0, a1));
+  }
+}
+#endif
 
 // Q2_K / Q3_K in registers: per super-block the 16 scales (Q2_K: and mins) times d in vector conversions; per 128
 // values the 32 bytes of 2-bit fields (Q3_K: and the 32 bytes of high bits) are loaded once and give four 32-value
@@ -1084,6 +1136,12 @@ void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64
     rows_dot<KIND>(w, n0, n1, x, y);
     return;
   }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (M == 1 && KIND == Q6K) {
+    q6k_rows_one(w, n0, n1, x, y);
+    return;
+  }
+#endif
   if (M == 1) {
     for (; n + NR_ONE <= n1; n += NR_ONE) tile<KIND, 1, NR_ONE>(w, n, x, ldx, y + n, ldy);
   } else {
