@@ -218,10 +218,11 @@ def active_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     seen: set[int] = set()
     for name, m in model.named_modules():  # MLA decoding from a GGUF's packed k_b / v_b reads those, not kv_b_proj
         if hasattr(m, "absorbed_products") and "mtp" not in name.split("."):
-            products = m.absorbed_products()
-            if products[0][0] is not products[1][0]:
+            w_uk, w_uv = m.absorbed_products()
+            if w_uk.weight is not w_uv.weight:
                 seen.add(m.kv_b_proj.weight.untyped_storage().data_ptr())
-                out["other"] += sum(t.numel() * t.element_size() for w, *_ in products for t in w if t is not None)
+                out["other"] += sum(t.numel() * t.element_size() for p in (w_uk, w_uv) for t in p.weight
+                                    if t is not None)
     for name, t in tensors:
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:

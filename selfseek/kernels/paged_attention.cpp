@@ -455,21 +455,18 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
           const bool first = h == h0;  // the run's first head asks for the keys ahead
           // Scores four heads at a time over the tile's keys: those heads' queries stay in L1 while each key row
           // is read once per four heads (key by key over all heads read every query from L2 for each key: MLA's 16).
-          auto ahead_of = [&](int t) { prefetch_key(t0 + t + ahead); };
-          auto none = [](int) {};
           for (int g = 0; g < ng; g += 4) {
             const float* qg = qh + static_cast<int64_t>(g) * k_dim;
             float* sg = scores.data() + g * TILE;
             const bool pf = first && g == 0;
+            auto ahead_of = [&](int t) {
+              if (pf) prefetch_key(t0 + t + ahead);
+            };
             switch (std::min(4, ng - g)) {
-              case 4: pf ? score_keys<4>(qg, krows, nt, k_dim, scale, sg, ahead_of)
-                         : score_keys<4>(qg, krows, nt, k_dim, scale, sg, none); break;
-              case 3: pf ? score_keys<3>(qg, krows, nt, k_dim, scale, sg, ahead_of)
-                         : score_keys<3>(qg, krows, nt, k_dim, scale, sg, none); break;
-              case 2: pf ? score_keys<2>(qg, krows, nt, k_dim, scale, sg, ahead_of)
-                         : score_keys<2>(qg, krows, nt, k_dim, scale, sg, none); break;
-              default: pf ? score_keys<1>(qg, krows, nt, k_dim, scale, sg, ahead_of)
-                          : score_keys<1>(qg, krows, nt, k_dim, scale, sg, none); break;
+              case 4: score_keys<4>(qg, krows, nt, k_dim, scale, sg, ahead_of); break;
+              case 3: score_keys<3>(qg, krows, nt, k_dim, scale, sg, ahead_of); break;
+              case 2: score_keys<2>(qg, krows, nt, k_dim, scale, sg, ahead_of); break;
+              default: score_keys<1>(qg, krows, nt, k_dim, scale, sg, ahead_of); break;
             }
           }
           for (int g = 0; g < ng; ++g) {

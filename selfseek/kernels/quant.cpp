@@ -457,25 +457,15 @@ inline void k4_scales(const uint8_t* b, float* DM) {
 // group is unpacked to integer-valued floats q and turned into D q - M with one fused multiply-subtract, which is
 // exact (D q is exact in fp32) and so the same value as the reference's D * q - M.
 template <int KIND, int MR, int NR>
-void tile_kq(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+void tile_kq(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy,
+             [[maybe_unused]] const float* xs = nullptr) {
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = vzero();
   const int64_t units = w.cols / 256, rb = row_bytes(w);
   const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  // One x row: sum_g D_g (q_g . x_g) - M_g xs_g, xs_g the elementwise sum of group g's 4 vectors of x (made once per
-  // call): 4 FMAs a group fewer than turning every weight vector into D q - M first (fp32 summation order only)
-  constexpr bool BY_SUMS = MR == 1;
-  constexpr int64_t XS_MAX = 16384 / 4;
-  alignas(32) float xs_stack[BY_SUMS ? XS_MAX : 1];
-  std::vector<float> xs_heap(BY_SUMS && w.cols / 4 > XS_MAX ? w.cols / 4 : 0);
-  float* xs = xs_heap.empty() ? xs_stack : xs_heap.data();
-  if constexpr (BY_SUMS)
-    for (int64_t g = 0; g < w.cols / 32; ++g)
-      _mm256_store_ps(xs + 8 * g, vadd(vadd(vload(x + 32 * g), vload(x + 32 * g + 8)),
-                                       vadd(vload(x + 32 * g + 16), vload(x + 32 * g + 24))));
-#endif
+  // xs (one x row, AVX2; group_sums): sum_g D_g (q_g . x_g) - M_g xs_g, 4 FMAs a group fewer than turning every
+  // weight vector into D q - M first (fp32 summation order only)
   for (int64_t u = 0; u < units; ++u) {
     for (int j = 0; j < NR; ++j) {
       const uint8_t* b = w.data + (n0 + j) * rb + u * unit_bytes(KIND);
@@ -515,11 +505,11 @@ void tile_kq(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, in
         V wv[VPB];
         bytes_to_floats(q, wv);
 #if defined(__AVX2__) && !defined(__AVX512F__)
-        if constexpr (BY_SUMS) {
+        if (MR == 1 && xs) {
           const V qx = vadd(vfma(wv[1], vload(xb + 8), _mm256_mul_ps(wv[0], vload(xb))),
                             vfma(wv[3], vload(xb + 24), _mm256_mul_ps(wv[2], vload(xb + 16))));
           a0 = vfma(qx, vset1(DM[g]), a0);
-          a1 = _mm256_fnmadd_ps(vset1(DM[8 + g]), _mm256_load_ps(xs + 8 * (u * 8 + g)), a1);
+          a1 = _mm256_fnmadd_ps(vset1(DM[8 + g]), vload(xs + 8 * (u * 8 + g)), a1);
           continue;
         }
 #endif
@@ -634,6 +624,19 @@ inline void q6k_groups(const uint8_t* b, int c, __m256i* q) {
   for (int k = 0; k < 4; ++k) q[k] = _mm256_sub_epi8(q[k], m32);
 }
 
+// The 16 scales of the Q6_K unit at b times its d (D[16], 64-byte aligned).
+inline void q6k_scales(const uint8_t* b, float* D) {
+  const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+#if defined(__AVX512F__)
+  _mm512_store_ps(D, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+                                   _mm512_set1_ps(half_to_float(b[208] | b[209] << 8))));
+#else
+  const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
+  _mm256_store_ps(D, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d));
+  _mm256_store_ps(D + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d));
+#endif
+}
+
 template <int MR, int NR>
 void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   V acc[MR][NR];
@@ -645,18 +648,7 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
       const uint8_t* b = w.data + (n0 + j) * rb + u * 210;
       prefetch_range(b + NR * rb, 210);  // the next tile's row j
       alignas(64) float D[16];
-      const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
-#if defined(__AVX512F__)
-      _mm512_store_ps(D, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
-                                       _mm512_set1_ps(half_to_float(b[208] | b[209] << 8))));
-#else
-      const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
-      _mm256_store_ps(D, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d));
-      _mm256_store_ps(D + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d));
-#endif
-      // One x row on AVX2: per 16 values sum q x, then scale by D into two accumulators of the row's unit (4 FMAs
-      // a group fewer than scaling each weight vector first, and two short chains instead of one of 32 FMAs)
-      [[maybe_unused]] V a0 = vzero(), a1 = vzero();
+      q6k_scales(b, D);
       for (int c = 0; c < 2; ++c) {
         __m256i q[4];
         q6k_groups(b, c, q);
@@ -665,19 +657,11 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
           const float* xb = x + u * 256 + g * 32;
           V wv[VPB];
           sbytes_to_floats(q[k], wv);
-#if defined(__AVX2__) && !defined(__AVX512F__)
-          if constexpr (MR == 1) {  // one x row: q . x per 16 values first, then D once (see below)
-            a0 = vfma(vfma(wv[1], vload(xb + 8), _mm256_mul_ps(wv[0], vload(xb))), vset1(D[2 * g]), a0);
-            a1 = vfma(vfma(wv[3], vload(xb + 24), _mm256_mul_ps(wv[2], vload(xb + 16))), vset1(D[2 * g + 1]), a1);
-            continue;
-          }
-#endif
           for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], vset1(D[2 * g + v * VW / 16]), vzero());
           for (int r = 0; r < MR; ++r)
             for (int v = 0; v < VPB; ++v) acc[r][j] = vfma(wv[v], vload(xb + r * ldx + v * VW), acc[r][j]);
         }
       }
-      if constexpr (MR == 1) acc[0][j] = vadd(acc[0][j], vadd(a0, a1));
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -700,11 +684,8 @@ void q6k_rows_one(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y
     for (int64_t u = 0; u < units; ++u) {
       const uint8_t* b = w.data + n * rb + u * 210;
       prefetch_range(b + PF_BYTES, 210);
-      alignas(32) float D[16];
-      const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
-      const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
-      _mm256_store_ps(D, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d));
-      _mm256_store_ps(D + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d));
+      alignas(64) float D[16];
+      q6k_scales(b, D);
       for (int c = 0; c < 2; ++c) {
         __m256i q[4];
         q6k_groups(b, c, q);
@@ -1139,6 +1120,15 @@ void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (M == 1 && KIND == Q6K) {
     q6k_rows_one(w, n0, n1, x, y);
+    return;
+  }
+  if (M == 1 && (KIND == Q4K || KIND == Q5K)) {  // the group sums of x once for all rows (tile_kq)
+    std::vector<float> xs(w.cols / 4);
+    for (int64_t g = 0; g < w.cols / 32; ++g)
+      _mm256_storeu_ps(xs.data() + 8 * g, vadd(vadd(vload(x + 32 * g), vload(x + 32 * g + 8)),
+                                              vadd(vload(x + 32 * g + 16), vload(x + 32 * g + 24))));
+    for (; n + NR_ONE <= n1; n += NR_ONE) tile_kq<KIND, 1, NR_ONE>(w, n, x, ldx, y + n, ldy, xs.data());
+    for (; n < n1; ++n) tile_kq<KIND, 1, 1>(w, n, x, ldx, y + n, ldy, xs.data());
     return;
   }
 #endif

@@ -21,6 +21,7 @@ Shape letters: T flat rows, b batch, s queries, t keys, h heads, d nope/v head d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,10 +43,19 @@ from selfseek.models.layers import RMSNorm, Rotary, fused_rows
 from selfseek.models.quant import QuantLinear
 
 
-def _heads(x: torch.Tensor, product: tuple) -> torch.Tensor | None:
-    """kernels.heads for one of MLA.absorbed_products' (weight, view, rows per head, first row, rows, transposed)."""
-    w, view, per_head, off, n, transposed = product
-    return kernels.heads(x, w, per_head, off, n, transposed, view)
+class HeadProduct(NamedTuple):
+    """W^UK or W^UV as kernels.heads reads it: head h uses rows h * per_head + off .. + n of `weight` (`view`: its
+    kernel view), transposed or not."""
+
+    weight: kernels.Weight
+    view: object
+    per_head: int
+    off: int
+    n: int
+    transposed: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        return kernels.heads(x, self.weight, self.per_head, self.off, self.n, self.transposed, self.view)
 
 
 class MLA(nn.Module):
@@ -202,17 +212,17 @@ class MLA(nn.Module):
         self.__dict__["_split_kv_b"] = ((w.data_ptr(), w._version), (k_b, kernels.prepare(k_b)),
                                         (v_b, kernels.prepare(v_b)))
 
-    def absorbed_products(self) -> tuple[tuple, tuple]:
-        """W^UK and W^UV as the CPU kernels read them per head (kernels.heads): (weight, kernel view, rows per head,
-        first row, rows, transposed) each, from a GGUF's split halves (keep_split_kv_b) or kv_b_proj as stored."""
+    def absorbed_products(self) -> tuple[HeadProduct, HeadProduct]:
+        """W^UK and W^UV as the CPU kernels read them per head, from a GGUF's split halves (keep_split_kv_b) or
+        kv_b_proj as stored."""
         d, v, c = self.nope_dim, self.v_dim, self.latent_dim
         split, lin = self.__dict__.get("_split_kv_b"), self.kv_b_proj
         if (split is not None and not isinstance(lin, QuantLinear)
                 and split[0] == (lin.weight.data_ptr(), lin.weight._version)):
             (k_b, k_view), (v_b, v_view) = split[1:]
-            return (k_b, k_view, c, 0, c, False), (v_b, v_view, v, 0, v, False)
+            return HeadProduct(k_b, k_view, c, 0, c, False), HeadProduct(v_b, v_view, v, 0, v, False)
         w, view = self._kv_b_stored()
-        return (w, view, d + v, 0, d, True), (w, view, d + v, d, v, False)
+        return HeadProduct(w, view, d + v, 0, d, True), HeadProduct(w, view, d + v, d, v, False)
 
     def _attend_paged(self, q_nope, q_rope, pool, rows: PagedRows) -> torch.Tensor:
         """Absorbed ("MQA mode") through the block tables: scores q^C W^UK . c_KV + q^R . k^R, output in the
@@ -220,7 +230,7 @@ class MLA(nn.Module):
         read per head as stored (absorbed_products: a q8 GGUF's bytes, a quarter of float copies', and no batched
         GEMMs of one row); elsewhere they are float copies multiplied by bmm."""
         stored = self.absorbed_products() if kernels.available() and q_nope.device.type == "cpu" else None
-        q_latent = _heads(q_nope, stored[0]) if stored else None
+        q_latent = stored[0](q_nope) if stored else None
         if q_latent is None:
             stored = None
             w_uk, w_uv_t = self.absorbed_weights()
@@ -232,7 +242,7 @@ class MLA(nn.Module):
         k_cache, v_cache, scales = self._cache_views(pool)
         o_latent = paged_attention(q, k_cache, v_cache, rows, self.scale, scales).view(R, h, -1)
         if stored:
-            return _heads(o_latent, stored[1])
+            return stored[1](o_latent)
         if o_latent.dtype != w_uv_t.dtype:
             o_latent = o_latent.to(w_uv_t.dtype)
         return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # W^UV absorbed after attention

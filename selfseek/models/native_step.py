@@ -36,7 +36,7 @@ from selfseek.models.attention import Attention
 from selfseek.models.batch import AttnBatch
 from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import MLP, RMSNorm, fused_rows
-from selfseek.models.mla import MLA
+from selfseek.models.mla import MLA, HeadProduct
 from selfseek.models.moe import Experts, MoE
 from selfseek.models.quant import QuantLinear, QuantStack
 
@@ -181,12 +181,10 @@ class _MLA:
         self._heads(s, w_uv, o_lat.view(T, h, c), o)
         return s.linear(self.o, o, "a")
 
-    def _heads(self, s: _Step, product: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
-        """kernels.heads into y for one of MLA.absorbed_products' (weight, view, rows per head, first row, rows,
-        transposed)."""
-        _, mat, per_head, off, n, transposed = product
-        rc = s.qlib.selfseek_heads(ctypes.byref(mat), x.data_ptr(), s.T, self.attn.n_heads, per_head, off, n,
-                                   int(transposed), y.data_ptr())
+    def _heads(self, s: _Step, p: HeadProduct, x: torch.Tensor, y: torch.Tensor) -> None:
+        """kernels.heads's kernel into y for one of MLA.absorbed_products."""
+        rc = s.qlib.selfseek_heads(ctypes.byref(p.view), x.data_ptr(), s.T, self.attn.n_heads, p.per_head, p.off, p.n,
+                                   int(p.transposed), y.data_ptr())
         kernels._check(rc, "heads")
 
 
