@@ -80,6 +80,19 @@ def test_linear_matches_the_reference_for_every_batch_size(kind):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["q8", "q8_mins", "q4", "bf16", "f16"])
+def test_several_rows_through_weight_panels(kind):
+    """From 6 rows of x on, weights are widened 512 columns at a time into a float panel shared by all rows
+    (quant.cpp, rows_panel): rows of three panels, the last partial, every tail of 4-row and 3-weight-row tiles."""
+    k = 512 * 2 + 96
+    w, ref = make_weight(kind, 41, k)
+    torch.manual_seed(2)
+    for rows in (6, 7, 8, 9, 10, 11, 16, kernels.GEMM_MIN_ROWS - 1):
+        x = torch.randn(rows, k)
+        close(kernels.linear(x, w), x @ ref.T, scale=k**0.5)
+
+
+@needs_native
 @pytest.mark.parametrize("kind", [*KINDS, "q4_k", "fp8"])
 def test_per_head_products_match_the_reference_on_every_level(kind, kernel_env):
     """kernels.heads (MLA's absorbed W^UK and W^UV from kv_b_proj's stored rows): every head's slice of rows, in both

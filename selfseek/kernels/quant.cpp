@@ -25,7 +25,9 @@
 // One register-tiled micro-kernel serves every kind and batch size: NR weight rows x MR activation rows per pass;
 // each 32-block of a weight row is dequantized (d * q + m) in registers once and multiplied against MR rows of x,
 // so the weight is read once per MR rows and never materialised (AVX-512 q4: a 16-entry table d * k + m per block,
-// looked up by nibble with vpermps; one q8 row: sum q * x per block, then one multiply by d). Float activations:
+// looked up by nibble with vpermps; one q8 row: sum q * x per block, then one multiply by d). From PANEL_MIN_ROWS
+// rows on, the plain kinds widen NR_PANEL weight rows 512 columns at a time into a float panel shared by all rows
+// of x instead (rows_panel: the micro-kernel then only loads and multiplies). Float activations:
 // the result is the dequantized weight times x up to fp32 rounding order. Paths: AVX-512, AVX2 (+FMA, F16C),
 // generic (compiler-vectorized), chosen by the build level (kernels/build.py). Threads: OpenMP over output rows
 // (and (expert, row chunk) items for the fused MoE), sharing torch's libgomp pool. Large batches (prefill) are
@@ -175,9 +177,11 @@ inline float elem(const Row& r, int64_t k) {
 using V = __m512;
 constexpr int VW = 16;
 constexpr int MR_MAX = 4, NR_WIDE = 4;  // 16 accumulators of 32 registers
+constexpr int MR_PANEL = 4, NR_PANEL = 4;  // rows_panel: x rows x weight rows per micro-tile
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float f) { return _mm512_set1_ps(f); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
@@ -185,9 +189,11 @@ inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 using V = __m256;
 constexpr int VW = 8;
 constexpr int MR_MAX = 4, NR_WIDE = 2;  // 8 accumulators + 4 weight registers of 16
+constexpr int MR_PANEL = 4, NR_PANEL = 3;  // 12 accumulators + 3 weight + 1 x register (best of 2x4 .. 6x2)
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float f) { return _mm256_set1_ps(f); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline float vsum(V v) {
@@ -202,6 +208,7 @@ struct V {
 };
 constexpr int VW = 8;
 constexpr int MR_MAX = 4, NR_WIDE = 2;
+constexpr int MR_PANEL = 4, NR_PANEL = 3;
 inline V vzero() { return V{}; }
 inline V vset1(float f) {
   V r;
@@ -213,6 +220,7 @@ inline V vload(const float* p) {
   for (int i = 0; i < 8; ++i) r.v[i] = p[i];
   return r;
 }
+inline void vstore(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
 inline V vfma(V a, V b, V c) {
   for (int i = 0; i < 8; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i];
   return c;
@@ -1108,6 +1116,80 @@ void rows_tile(const Mat& w, int64_t n0, const float* x, int64_t M, int64_t ldx,
   tail_tile<KIND, NR>(M - r, w, n0, x + r * ldx, ldx, y + r * ldy + n0, ldy);
 }
 
+// ---------------------------------------------------------------- several rows of x: float weight panels
+// From PANEL_MIN_ROWS rows of x on, the plain kinds dequantize NR_PANEL weight rows KC columns at a time into a float
+// panel (a few KiB, L1-resident) once for all M rows, and the micro-kernel does loads and FMAs only. `tile` widens
+// and scales every weight vector again for each MR_MAX rows of x, a conversion and a multiply per 4 FMAs, which held
+// q8 at 16 rows to ~60% of FMA peak. Same weight values and the same per-lane order of sums as `tile`: bit for bit.
+constexpr int64_t KC = 512;          // columns per panel: NR_PANEL x KC weights and MR_PANEL x KC of x per pass
+constexpr int64_t PANEL_M = 64;      // rows of x per group (accumulators for them kept in a stack buffer)
+constexpr int64_t PANEL_MIN_ROWS = 6;
+
+// Blocks [b0, b1) of a plain-kind row as floats (d * q + m for the quantized kinds).
+template <int KIND>
+inline void dequantize_blocks(const Row& r, int64_t b0, int64_t b1, float* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    V wv[VPB];
+    load_block<KIND>(r, b, wv);
+    if constexpr (quantized(KIND)) {
+      const V d = vset1(half_to_float(r.d[b])), m = r.m ? vset1(half_to_float(r.m[b])) : vzero();
+      for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], d, m);
+    }
+    for (int v = 0; v < VPB; ++v) vstore(out + (b - b0) * QK + v * VW, wv[v]);
+  }
+}
+
+// acc[r * NR + j] += panel row j . x row r over kc columns (panel rows kc floats apart), r < MR, j < NR.
+template <int MR, int NR>
+inline void panel_tile(const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc) {
+  V a[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) a[r][j] = acc[r * NR + j];
+  for (int64_t k = 0; k < kc; k += VW) {
+    V wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = vload(wp + j * kc + k);
+    for (int r = 0; r < MR; ++r) {
+      const V xv = vload(x + r * ldx + k);
+      for (int j = 0; j < NR; ++j) a[r][j] = vfma(wv[j], xv, a[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r * NR + j] = a[r][j];
+}
+
+template <int NR, int R = MR_PANEL - 1>
+inline void panel_tail(int64_t rem, const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc) {
+  if constexpr (R > 0) {
+    if (rem == R) panel_tile<R, NR>(wp, kc, x, ldx, acc);
+    else panel_tail<NR, R - 1>(rem, wp, kc, x, ldx, acc);
+  }
+}
+
+// y[r, n0 + j] for r < M (<= PANEL_M), j < NR: weight rows n0 .. n0 + NR through panels of KC columns.
+template <int KIND, int NR>
+void rows_panel(const Mat& w, int64_t n0, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  const int64_t K = w.cols;
+  alignas(64) float wp[NR * KC];
+  V acc[PANEL_M * NR];
+  for (int64_t i = 0; i < M * NR; ++i) acc[i] = vzero();
+  Row rows[NR];
+  for (int j = 0; j < NR; ++j) rows[j] = row_of(w, n0 + j);
+  const int64_t rb = row_bytes(w);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int j = 0; j < NR; ++j) {
+      // the same columns of the next panel's row j, while this one is multiplied
+      prefetch_range(rows[j].q + k0 * rb / K + NR * rb, kc * rb / K);
+      dequantize_blocks<KIND>(rows[j], k0 / QK, (k0 + kc) / QK, wp + j * kc);
+    }
+    int64_t r = 0;
+    for (; r + MR_PANEL <= M; r += MR_PANEL) panel_tile<MR_PANEL, NR>(wp, kc, x + r * ldx + k0, ldx, acc + r * NR);
+    panel_tail<NR>(M - r, wp, kc, x + r * ldx + k0, ldx, acc + r * NR);
+  }
+  for (int64_t r = 0; r < M; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + n0 + j] = vsum(acc[r * NR + j]);
+}
+
 // Output columns [n0, n1) of y = x W^T for M rows of x, on the calling thread.
 template <int KIND>
 void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx, float* y,
@@ -1132,6 +1214,19 @@ void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64
     return;
   }
 #endif
+  if constexpr (KIND == Q8 || KIND == Q4 || KIND == BF16 || KIND == F16) {
+    if (M >= PANEL_MIN_ROWS && w.cols % QK == 0) {
+      for (int64_t r0 = 0; r0 < M; r0 += PANEL_M) {
+        const int64_t m = std::min(PANEL_M, M - r0);
+        const float* xr = x + r0 * ldx;
+        float* yr = y + r0 * ldy;
+        int64_t i = n0;
+        for (; i + NR_PANEL <= n1; i += NR_PANEL) rows_panel<KIND, NR_PANEL>(w, i, xr, m, ldx, yr, ldy);
+        for (; i < n1; ++i) rows_panel<KIND, 1>(w, i, xr, m, ldx, yr, ldy);
+      }
+      return;
+    }
+  }
   if (M == 1) {
     for (; n + NR_ONE <= n1; n += NR_ONE) tile<KIND, 1, NR_ONE>(w, n, x, ldx, y + n, ldy);
   } else {
@@ -1178,15 +1273,7 @@ void dequantize_rows_kind(const Mat& w, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const Row r = row_of(w, n);
     float* o = out + (n - n0) * K;
-    for (int64_t b = 0; b < nb; ++b) {
-      V wv[VPB];
-      load_block<KIND>(r, b, wv);
-      if constexpr (quantized(KIND)) {
-        const V d = vset1(half_to_float(r.d[b])), m = r.m ? vset1(half_to_float(r.m[b])) : vzero();
-        for (int v = 0; v < VPB; ++v) wv[v] = vfma(wv[v], d, m);
-      }
-      std::memcpy(o + b * QK, wv, sizeof(wv));
-    }
+    dequantize_blocks<KIND>(r, 0, nb, o);
     if constexpr (KIND == F32 || KIND == BF16 || KIND == F16)
       for (int64_t k = nb * QK; k < K; ++k) o[k] = elem<KIND>(r, k);
   }
