@@ -60,6 +60,7 @@ def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch
     (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
     and with a 16-bit one the new rows are rounded into)."""
     model = tiny_llama(bits)
+    assert NativeStack.for_model(model).gqa is not None  # fp32 caches: the layers as one native call
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
     got, calls = run(model, True, monkeypatch, kv_cache_dtype=cache)
     assert calls >= 9  # every pure decode step (10 tokens each, the first from the prefill)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfseek.config import RopeConfig, yarn_mscale
-from selfseek.kernels.fused_ops import add_rms_norm
+from selfseek.kernels.fused_ops import add_rms_norm, silu_mul
 from selfseek.kernels.fused_ops import rope as fused_rope
 
 
@@ -256,8 +256,7 @@ class MLP(nn.Module):
         fused = fused_rows(self, (self.gate_proj, self.up_proj))
         if fused is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = fused(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(fused(x), self.gate_proj.out_features))
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:

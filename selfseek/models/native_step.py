@@ -26,7 +26,6 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfseek import kernels
@@ -200,7 +199,8 @@ class _Dense:
 
     def run(self, s: _Step, x: torch.Tensor) -> torch.Tensor:
         gate_up = s.linear(self.gate_up, x, self.name + "gate_up")
-        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]  # as MLP.forward computes it
+        act = s.buffer(self.name + "act", self.inter)
+        s.flib.selfseek_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), s.T, self.inter)  # MLP's
         return s.linear(self.down, act, self.name + "mlp")
 
 
@@ -242,11 +242,56 @@ class _Layer:
         self.attn, self.ffn = _attention(layer), _ffn(layer)
 
 
+class _GqaLayers:
+    """Layers that are all GQA + SwiGLU of one shape (Llama, DeepSeek-LLM, the Llama distills): the step's loop over
+    them as one call into fused_ops.cpp (selfseek_gqa_layers: _GQA.run then _Dense.run per layer, the same kernels
+    with the same arguments), without the Python glue between kernels. fp32 pools and float activations only."""
+
+    def __init__(self, layers: list[_Layer]):
+        if not layers or not all(type(la.attn) is _GQA and type(la.ffn) is _Dense for la in layers):
+            raise Unsupported("not all layers GQA + SwiGLU")
+        shapes = {(at.n_heads, at.n_kv, at.head_dim, at.scale, at.rotary.interleaved, la.ffn.inter)
+                  for la in layers for at in [la.attn.attn]}
+        if len(shapes) != 1:
+            raise Unsupported("layers of different shapes")
+        (self.heads, self.n_kv, self.head_dim, self.scale, self.interleaved, self.inter), = shapes
+        self.structs = (fused_ops.GqaLayer * len(layers))()
+        for st, la in zip(self.structs, layers, strict=True):
+            st.qkv, st.o = ctypes.addressof(la.attn.qkv[1]), ctypes.addressof(la.attn.o[1])
+            st.gate_up, st.down = ctypes.addressof(la.ffn.gate_up[1]), ctypes.addressof(la.ffn.down[1])
+            st.in_norm, st.in_eps = la.in_norm.weight.data_ptr(), la.in_norm.eps
+            st.post_norm, st.post_eps = la.post_norm.weight.data_ptr(), la.post_norm.eps
+
+    def run(self, s: _Step, h: torch.Tensor, pools: list[torch.Tensor]) -> torch.Tensor:
+        for st, pool in zip(self.structs, pools, strict=True):
+            st.pool = pool.data_ptr()
+        paged, slots = s.batch.paged, s.batch.slot_mapping.contiguous()
+        step = fused_ops.GqaStep(
+            linear=ctypes.cast(s.qlib.selfseek_linear, ctypes.c_void_p).value,
+            attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
+            rows=s.T, hidden=h.shape[1], heads=self.heads, n_kv=self.n_kv, head_dim=self.head_dim, inter=self.inter,
+            cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
+            block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
+            context_lens=paged.context_lens.data_ptr(), table_stride=paged.block_tables.stride(0),
+            block_size=paged.block_size, num_seqs=len(paged.context_lens), n_threads=torch.get_num_threads(),
+            interleaved=int(self.interleaved), scale=self.scale)
+        residual = h.clone()
+        rc = s.flib.selfseek_gqa_layers(ctypes.byref(step), self.structs, len(self.structs), residual.data_ptr())
+        if rc:
+            what = "attention" if rc <= -2000000 else "a product"
+            raise ValueError(f"decode step: {what} of layer {-rc % 1000000} rejected its arguments (code {rc})")
+        return residual
+
+
 class NativeStack:
     """The decode step over a model's decoder layers (see the module docstring); `for_model` makes or finds it."""
 
     def __init__(self, layers: list[DecoderLayer]):
         self.layers = [_Layer(layer) for layer in layers]  # fuses q/k/v and gate/up first: then snapshot
+        try:
+            self.gqa: _GqaLayers | None = _GqaLayers(self.layers)
+        except Unsupported:
+            self.gqa = None
         self._modules = [m for layer in layers for m in layer.modules()]
         # every submodule, buffer and parameter of the stack as (its dict, name, object) at build: a module or weight
         # replaced since (not one changed in place) makes the stack stale; checked each step in one flat pass
@@ -308,6 +353,8 @@ class NativeStack:
         """h [T, m] (the embeddings) -> the last hidden states before the final norm [T, m], as _fused_layers."""
         s = _Step(kernels._load(), fused_ops._load(), backend._kernel(torch.device("cpu")), h.shape[0],
                   *(t.contiguous() for t in cos_sin), batch)
+        if self.gqa is not None and pools[0].dtype == torch.float32 and not kernels.INT8_ACTIVATIONS:
+            return self.gqa.run(s, h, pools)
         T, m = h.shape
         residual = h.clone()
         x, ffn = s.buffer("x", m), None
