@@ -130,7 +130,8 @@ def test_chunk_covering_the_whole_context(backend):
 
 
 def test_kernel_uses_several_threads_like_one(monkeypatch):
-    """Work split across threads (query heads sliced for a single decode) changes nothing."""
+    """Work split across threads changes nothing: query heads sliced, and rows' keys cut into ranges whose softmax
+    states are merged (fewer rows than threads and 128 keys or more; a short row's later ranges are empty)."""
     monkeypatch.delenv("SELFSEEK_NO_KERNELS", raising=False)
     monkeypatch.delenv("SELFSEEK_ISA", raising=False)
     build.library.cache_clear()
@@ -141,6 +142,9 @@ def test_kernel_uses_several_threads_like_one(monkeypatch):
             torch.set_num_threads(threads)
             check("mla_wide", torch.float32, 4, ctx_lens=[50], num_new=[1], seed=3)
             check("gqa", torch.float32, 4, ctx_lens=[50, 9], num_new=[3, 1], seed=4)
+            check("mla_wide", torch.float32, 16, ctx_lens=[200], num_new=[1], seed=5)
+            check("gqa", torch.float32, 4, ctx_lens=[300, 20], num_new=[1, 1], seed=6)
+            check("gqa", torch.float32, 16, ctx_lens=[150, 130], num_new=[2, 1], seed=7)
     finally:
         torch.set_num_threads(before)
 

@@ -426,14 +426,28 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
   // slots, one sequential stream per cache block, where one head per item read a 1/n_kv part of each slot and came
   // back for the rest (GQA 3 x 64 at 512 keys: 24% -> 22% of a default-model decode step). Runs are shortened, then
   // query heads sliced, only when the rows alone would leave threads idle (one MLA decode has a single KV head).
+  // Fewer rows than threads with a context of a few tiles or more (a decode of one or a few sequences): each row's
+  // keys are cut into `chunks` ranges instead, each item all of the row's heads over one range, and the ranges'
+  // softmax states merged at the end. Every thread then reads its own part of the cache once: splitting 3 GQA heads
+  // over 2 threads gave one thread 2 heads (the other idled a third of the time), and slicing MLA's 16 query heads
+  // had both threads read the whole latent cache.
   const int64_t threads = std::max<int32_t>(n_threads, 1);
   const int64_t per_row = (threads + num_rows - 1) / num_rows;  // items wanted per row
-  const int32_t run = per_row < n_kv ? static_cast<int32_t>((n_kv + per_row - 1) / per_row) : 1;
-  const int32_t runs = (n_kv + run - 1) / run;
-  const int64_t per_head = (per_row + n_kv - 1) / n_kv;  // items wanted per KV head
+  int32_t longest = 0;
+  for (int32_t s = 0; s < num_seqs; ++s) longest = std::max(longest, context_lens[s]);
+  const int32_t chunks = static_cast<int32_t>(std::min<int64_t>(num_rows < threads ? per_row : 1, longest / (2 * TILE)));
+  const bool chunked = chunks > 1;
+  const int64_t cut = chunked ? 1 : per_row;  // items per row still wanted from heads
+  const int32_t run = cut < n_kv ? static_cast<int32_t>((n_kv + cut - 1) / cut) : 1;
+  const int32_t runs = chunked ? 1 : (n_kv + run - 1) / run;
+  const int64_t per_head = (cut + n_kv - 1) / n_kv;  // items wanted per KV head
   const int32_t splits = static_cast<int32_t>(std::min<int64_t>(group, std::max<int64_t>(1, per_head)));
   const int32_t per_split = (group + splits - 1) / splits;
-  const int64_t items = num_rows * runs * splits;
+  const int32_t n_chunks = chunked ? chunks : 1;
+  const int64_t items = num_rows * runs * splits * n_chunks;
+  // chunked: each item's softmax state per head, [item][run heads][per_split] x (v_dim acc, m, l)
+  const int64_t state = v_dim + 2;
+  std::vector<float> part(chunked ? static_cast<size_t>(items) * run * per_split * state : 0);
   const int64_t esize = element_size(dtype);
   const char* kc = static_cast<const char*>(k_cache);
   const char* vc = static_cast<const char*>(v_cache);
@@ -455,12 +469,15 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
     int64_t slots[TILE];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t r = item / (runs * splits);
-      const int32_t h0 = static_cast<int32_t>((item / splits) % runs) * run, h1 = std::min(n_kv, h0 + run);
-      const int32_t g0 = static_cast<int32_t>(item % splits) * per_split, g1 = std::min(group, g0 + per_split);
+      const int64_t r = item / (runs * splits * n_chunks), c = item % n_chunks, rs = item / n_chunks;
+      const int32_t h0 = static_cast<int32_t>((rs / splits) % runs) * run, h1 = std::min(n_kv, h0 + run);
+      const int32_t g0 = static_cast<int32_t>(rs % splits) * per_split, g1 = std::min(group, g0 + per_split);
       if (g0 >= g1) continue;
       const int32_t ng = g1 - g0, s = row_seq[r];
-      const int64_t ctx = context_lens[s] - (cu_q[s + 1] - 1 - r);  // causal: keys up to this row's own
+      const int64_t keys = context_lens[s] - (cu_q[s + 1] - 1 - r);  // causal: keys up to this row's own
+      // this item's keys [first, ctx): the row's c-th range of whole tiles
+      const int64_t span = (keys + n_chunks - 1) / n_chunks, len = (span + TILE - 1) / TILE * TILE;
+      const int64_t first = std::min(keys, c * len), ctx = std::min(keys, first + len);
       const int32_t* table = block_tables + s * table_stride;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -468,7 +485,7 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
       // The rows of the next key for the run's heads, asked for `ahead` keys before their scores are computed: keys
       // are prefetched in order, so a (block, offset) cursor finds their slots without a division per key (two
       // integer divisions per key, here and for `slots`, cost about a fifth of a warm GQA step).
-      int64_t pf_pos = 0, pf_block = 0, pf_off = 0;
+      int64_t pf_pos = first, pf_block = first / block_size, pf_off = first % block_size;
       auto prefetch_next = [&]() {
         if (pf_pos >= ctx) return;
         const int64_t slot = static_cast<int64_t>(table[pf_block]) * block_size + pf_off;
@@ -478,7 +495,7 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
         if (++pf_off == block_size) pf_off = 0, ++pf_block;
       };
       for (int64_t pos = 0; pos < ahead; ++pos) prefetch_next();
-      for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
+      for (int64_t t0 = first; t0 < ctx; t0 += TILE) {
         const int nt = static_cast<int>(std::min<int64_t>(TILE, ctx - t0));
         for (int64_t t = 0, b = t0 / block_size, o = t0 % block_size; t < nt; ++t) {
           slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
@@ -536,14 +553,44 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
         }
       }
       for (int32_t h = h0; h < h1; ++h) {
-        float* oh = out + ((r * n_kv + h) * group + g0) * static_cast<int64_t>(v_dim);
         const float* acc_h = acc.data() + static_cast<int64_t>(h - h0) * per_split * v_dim;
+        const float* m_h = m.data() + (h - h0) * per_split;
         const float* l_h = l.data() + (h - h0) * per_split;
+        if (chunked) {  // the state, merged below
+          float* st = part.data() + ((item * run + (h - h0)) * per_split) * state;
+          for (int g = 0; g < ng; ++g, st += state) {
+            std::copy(acc_h + static_cast<int64_t>(g) * v_dim, acc_h + static_cast<int64_t>(g + 1) * v_dim, st);
+            st[v_dim] = m_h[g];
+            st[v_dim + 1] = l_h[g];
+          }
+          continue;
+        }
+        float* oh = out + ((r * n_kv + h) * group + g0) * static_cast<int64_t>(v_dim);
         for (int g = 0; g < ng; ++g) {
           const float inv = 1.f / l_h[g];
           for (int d = 0; d < v_dim; ++d)
             oh[static_cast<int64_t>(g) * v_dim + d] = acc_h[static_cast<int64_t>(g) * v_dim + d] * inv;
         }
+      }
+    }
+    if (chunked) {
+      // out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M), M the largest m_c (an empty range: m = -inf, weight 0)
+#pragma omp for schedule(static)
+      for (int64_t rh = 0; rh < num_rows * n_kv * group; ++rh) {
+        const int64_t r = rh / (n_kv * group), h = rh / group % n_kv, g = rh % group;
+        auto at = [&](int64_t c) { return part.data() + (((r * n_chunks + c) * run + h) * per_split + g) * state; };
+        float big = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t c = 0; c < n_chunks; ++c) big = std::max(big, at(c)[v_dim]);
+        float* o = out + rh * static_cast<int64_t>(v_dim);
+        std::fill(o, o + v_dim, 0.f);
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const float* st = at(c);
+          const float w = st[v_dim] == big ? 1.f : std::exp(st[v_dim] - big);
+          sum += st[v_dim + 1] * w;
+          for (int d = 0; d < v_dim; ++d) o[d] += st[d] * w;
+        }
+        const float inv = 1.f / sum;
+        for (int d = 0; d < v_dim; ++d) o[d] *= inv;
       }
     }
   }
