@@ -1059,6 +1059,35 @@ inline float q4_row_dot(const Mat& w, int64_t n, const float* x, const float* dq
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// A q8 row without mins against one row of x as sum_b d_b (q_b . x_b), two blocks (one cache line of q) per step with
+// no branch inside: row_dot's generic loop tested for mins and for its prefetch stride at every block, and its
+// blocks' products summed in one chain of 4 FMAs. 1024 x 1024 0.8x the time; fp32 summation order only.
+inline float q8_row_dot(const Mat& w, int64_t n, const float* x, const float* dq, int64_t ahead) {
+  const int64_t nb = w.cols / QK;
+  const int8_t* q = (const int8_t*)(w.data + n * row_bytes(w));
+  prefetch_range(w.scales + (n + ahead) * nb, nb * 2);
+  auto qx = [&](int64_t b) {  // q_b . x_b in two partial sums
+    const int8_t* qb = q + b * QK;
+    const float* xb = x + b * QK;
+    auto wv = [&](int v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qb + 8 * v)))); };
+    V s0 = _mm256_mul_ps(wv(0), vload(xb)), s1 = _mm256_mul_ps(wv(1), vload(xb + 8));
+    s0 = vfma(wv(2), vload(xb + 16), s0);
+    s1 = vfma(wv(3), vload(xb + 24), s1);
+    return vadd(s0, s1);
+  };
+  V a0 = vzero(), a1 = vzero();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    prefetch(q + b * QK + PF_BYTES);
+    a0 = vfma(qx(b), vset1(dq[b]), a0);
+    a1 = vfma(qx(b + 1), vset1(dq[b + 1]), a1);
+  }
+  if (b < nb) a0 = vfma(qx(b), vset1(dq[b]), a0);
+  return vsum(vadd(a0, a1));
+}
+#endif
+
 // y[n] = row_dot(row n) for n in [n0, n1): the scales of several rows (up to SC blocks) widened to float together.
 template <int KIND>
 void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
@@ -1091,6 +1120,12 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
         if constexpr (KIND == Q4) {
           y[n] = q4_row_dot(w, n, x, d, m, sx.data(), ahead);
           continue;
+        }
+        if constexpr (KIND == Q8) {
+          if (!m) {
+            y[n] = q8_row_dot(w, n, x, d, ahead);
+            continue;
+          }
         }
 #endif
         y[n] = row_dot<KIND>(w, n, x, d, m, ahead);
