@@ -60,7 +60,7 @@ def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch
     (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
     and with a 16-bit one the new rows are rounded into)."""
     model = tiny_llama(bits)
-    assert NativeStack.for_model(model).gqa is not None  # fp32 caches: the layers as one native call
+    assert NativeStack.for_model(model).native is not None  # fp32 caches: the layers as one native call
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
     got, calls = run(model, True, monkeypatch, kv_cache_dtype=cache)
     assert calls >= 9  # every pure decode step (10 tokens each, the first from the prefill)
@@ -72,7 +72,7 @@ def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, on
     """DeepSeek-V3 layers: MLA's absorbed decode (W^UK / W^UV read per head from kv_b_proj, float or packed as in a
     GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert."""
     model = tiny_llama(bits, "v3_noaux", "deepseek_v3", skip, q_lora_rank=64)  # 64: a whole number of 32-blocks
-    assert NativeStack.for_model(model) is not None
+    assert NativeStack.for_model(model).native is not None  # fp32 caches: two native calls per layer and the router
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
     got, calls = run(model, True, monkeypatch, kv_cache_dtype=cache)
     assert calls >= 9 and got == want

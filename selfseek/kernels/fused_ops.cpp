@@ -268,12 +268,19 @@ void selfseek_silu_mul(const float* gu, int64_t gu_stride, float* out, int64_t r
     silu_mul_rows(gu, gu_stride, out, rows, inter);
 }
 
-// ---------------------------------------------------------------- Llama-shaped decode layers in one call
-// models/native_step.py's loop over GQA + SwiGLU layers (its _GQA.run and _Dense.run, the same kernels with the same
-// arguments in the same order), here so that a step is one call instead of about ten per layer from Python, each with
-// its tensor views: ~60 us of glue per layer, a fifth of the default model's step at 2 threads. The products and the
-// attention are the other libraries' kernels, reached through the pointers the caller passes.
-typedef int32_t (*LinearFn)(const void* mat, const float* x, int64_t rows, int64_t cols, float* y, int64_t ldy);
+// ---------------------------------------------------------------- a decode step's layers, few calls
+// models/native_step.py's layer loop (_GQA.run or _MLA.run, then _Dense.run or _MoE.run: the same kernels with the same
+// arguments in the same order), here so that a step is one call (layers without routed experts) or two per layer plus
+// the router (whose torch product stays in Python, so its sums stay torch's), instead of ten to thirty per layer from
+// Python, each with its tensor views: ~90 us of glue per Llama layer, a sixth of the default model's step at 1 thread.
+// The products, per-head products, fused experts and attention are the other libraries' kernels, reached through the
+// pointers the caller passes. Errors: -(1000000 + layer) where a kernel refused its arguments.
+typedef int32_t (*LinearFn)(const void* mat, const float* x, int64_t rows, int64_t ldx, float* y, int64_t ldy);
+typedef int32_t (*HeadsFn)(const void* mat, const float* x, int64_t rows, int64_t heads, int64_t per_head, int64_t off,
+                           int64_t n, int32_t transposed, float* y);
+typedef int32_t (*MoeFn)(const float* x, int64_t rows, int64_t hidden, const int64_t* ids, const float* weights,
+                         int64_t k, int64_t n_experts, const void* gate, const void* up, const void* down, float* y,
+                         float limit);
 typedef int32_t (*AttentionFn)(const float* q, float* out, int64_t num_rows, const void* k_cache, int64_t k_slot_stride,
                                int64_t k_head_stride, const void* v_cache, int64_t v_slot_stride, int64_t v_head_stride,
                                int32_t dtype, const int32_t* block_tables, int64_t table_stride, int32_t block_size,
@@ -282,60 +289,179 @@ typedef int32_t (*AttentionFn)(const float* q, float* out, int64_t num_rows, con
                                const float* k_scales, const float* v_scales, int64_t scale_slot_stride,
                                int64_t scale_head_stride, int32_t scale_tile);
 
-struct GqaLayer {
-    const void *qkv, *o, *gate_up, *down;  // quant.cpp Mat views: [q; k; v] rows, o, [gate; up] rows, down
-    const float *in_norm, *post_norm;
-    float in_eps, post_eps;
-    float* pool;  // fp32 [slots, 2, n_kv, head_dim]: K then V of each slot
+struct HeadProduct {  // mla.py's HeadProduct: head h uses rows h * per_head + off .. + n of the view
+    const void* view;
+    int64_t per_head, off, n;
+    int32_t transposed;
 };
 
-struct GqaStep {
+struct DecodeLayer {
+    const float *in_norm, *post_norm;
+    float in_eps, post_eps;
+    float* pool;  // fp32 cache rows: GQA [slots, 2, n_kv, head_dim], MLA [slots, latent + rope]
+    int32_t mla, moe;
+    float scale;
+    int32_t interleaved;
+    // GQA: [q; k; v] rows and o; heads, KV heads and head dim
+    const void *qkv, *o;
+    int64_t heads, n_kv, head_dim;
+    // MLA: [q_a; c_KV; k_rope] rows (down), q_b, the two norms, W^UK and W^UV per head; o above
+    const void *down, *q_b;
+    const float *q_norm, *kv_norm;
+    float q_eps, kv_eps;
+    HeadProduct uk, uv;
+    int64_t nope, rope, v_dim, latent, q_lora;
+    // SwiGLU MLP (the dense layer, or the routed layer's shared experts when gate_up is set)
+    const void *gate_up, *mlp_down;
+    int64_t inter;
+    // routed experts: stacks, count, top-k
+    const void *e_gate, *e_up, *e_down;
+    int64_t n_experts, top_k;
+};
+
+struct DecodeStep {
     LinearFn linear;
     AttentionFn attention;
-    int64_t rows, hidden, heads, n_kv, head_dim, inter;
-    const float *cos, *sin;  // [rows, head_dim / 2]
+    HeadsFn heads;
+    MoeFn moe;
+    int64_t rows, hidden;
+    const float *cos, *sin;  // [rows, rotary dim / 2]
     const int64_t* slots;    // each row's cache slot
     const int32_t *block_tables, *cu_q, *context_lens;
     int64_t table_stride;
-    int32_t block_size, num_seqs, n_threads, interleaved;
-    float scale;
+    int32_t block_size, num_seqs, n_threads;
+    // the attention kernel's view of every layer's pool (they share shapes): floats from the pool's start
+    int64_t k_slot_stride, k_head_stride, v_offset, v_slot_stride, v_head_stride;
 };
 
-// residual [rows, hidden] -> the hidden states after the last layer (before the final norm), in place. Returns 0, or
-// -(1000000 + layer) where a product's kernel refused its arguments, -(2000000 + layer) where attention's did.
-int32_t selfseek_gqa_layers(const GqaStep* s, const GqaLayer* layers, int64_t n_layers, float* residual) {
-    const int64_t T = s->rows, m = s->hidden, H = s->heads, K = s->n_kv, d = s->head_dim, inter = s->inter;
-    const int64_t nqkv = (H + 2 * K) * d, slot = 2 * K * d;
-    std::vector<float> x(T * m), qkv(T * nqkv), q(T > 1 ? T * H * d : 0), attn(T * H * d), a(T * m),
-        gu(T * 2 * inter), act(T * inter), ffn(T * m);
-    const float* prev = nullptr;
-    for (int64_t l = 0; l < n_layers; l++) {
-        const GqaLayer& L = layers[l];
-        const int32_t bad_product = static_cast<int32_t>(-(1000000 + l));
-        selfseek_add_rms_norm(residual, m, prev, m, L.in_norm, x.data(), T, m, L.in_eps);
-        if (s->linear(L.qkv, x.data(), T, m, qkv.data(), nqkv) != 0) return bad_product;
-        selfseek_rope(qkv.data(), nqkv, d, qkv.data(), nqkv, d, T, H + K, d, s->cos, s->sin, s->interleaved);
-        for (int64_t t = 0; t < T; t++)  // the rows' K and V into their slots
-            std::memcpy(L.pool + s->slots[t] * slot, qkv.data() + t * nqkv + H * d, slot * sizeof(float));
-        const float* qp = qkv.data();
-        if (T > 1) {  // the kernel takes q contiguous
-            for (int64_t t = 0; t < T; t++) std::memcpy(q.data() + t * H * d, qkv.data() + t * nqkv, H * d * sizeof(float));
-            qp = q.data();
-        }
-        if (s->attention(qp, attn.data(), T, L.pool, slot, d, L.pool + K * d, slot, d, 0, s->block_tables,
-                         s->table_stride, s->block_size, s->cu_q, s->context_lens, s->num_seqs,
-                         static_cast<int32_t>(K), static_cast<int32_t>(H / K), static_cast<int32_t>(d),
-                         static_cast<int32_t>(d), s->scale, s->n_threads, nullptr, nullptr, 0, 0, 0) != 0)
-            return static_cast<int32_t>(-(2000000 + l));
-        if (s->linear(L.o, attn.data(), T, H * d, a.data(), m) != 0) return bad_product;
-        selfseek_add_rms_norm(residual, m, a.data(), m, L.post_norm, x.data(), T, m, L.post_eps);
-        if (s->linear(L.gate_up, x.data(), T, m, gu.data(), 2 * inter) != 0) return bad_product;
-        silu_mul_rows(gu.data(), 2 * inter, act.data(), T, inter);
-        if (s->linear(L.down, act.data(), T, inter, ffn.data(), m) != 0) return bad_product;
-        prev = ffn.data();
+namespace {
+struct Fail {};  // a kernel refused its arguments: unwinds to the exported function, which returns the code
+
+void ok(int32_t rc) {
+    if (rc != 0) throw Fail{};
+}
+
+// q [T, n_kv, group, k_dim] against layer L's pool -> out [T, n_kv, group, v_dim]
+void attend(const DecodeStep& s, const DecodeLayer& L, const float* q, float* out, int64_t n_kv, int64_t group,
+            int64_t k_dim, int64_t v_dim) {
+    ok(s.attention(q, out, s.rows, L.pool, s.k_slot_stride, s.k_head_stride, L.pool + s.v_offset, s.v_slot_stride,
+                   s.v_head_stride, 0, s.block_tables, s.table_stride, s.block_size, s.cu_q, s.context_lens,
+                   s.num_seqs, static_cast<int32_t>(n_kv), static_cast<int32_t>(group), static_cast<int32_t>(k_dim),
+                   static_cast<int32_t>(v_dim), L.scale, s.n_threads, nullptr, nullptr, 0, 0, 0));
+}
+
+void store_rows(const DecodeStep& s, float* pool, const float* rows, int64_t stride, int64_t n) {
+    for (int64_t t = 0; t < s.rows; t++) std::memcpy(pool + s.slots[t] * n, rows + t * stride, n * sizeof(float));
+}
+
+// _GQA.run: x [T, hidden] -> a [T, hidden]
+void gqa(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
+    const int64_t T = s.rows, H = L.heads, K = L.n_kv, d = L.head_dim, nqkv = (H + 2 * K) * d;
+    std::vector<float> qkv(T * nqkv), q(T > 1 ? T * H * d : 0), o(T * H * d);
+    ok(s.linear(L.qkv, x, T, s.hidden, qkv.data(), nqkv));
+    selfseek_rope(qkv.data(), nqkv, d, qkv.data(), nqkv, d, T, H + K, d, s.cos, s.sin, L.interleaved);  // q and k
+    store_rows(s, L.pool, qkv.data() + H * d, nqkv, 2 * K * d);  // k, v
+    const float* qp = qkv.data();
+    if (T > 1) {  // the kernel takes q contiguous
+        for (int64_t t = 0; t < T; t++) std::memcpy(q.data() + t * H * d, qkv.data() + t * nqkv, H * d * sizeof(float));
+        qp = q.data();
     }
-    if (prev != nullptr)
-        for (int64_t i = 0; i < T * m; i++) residual[i] += prev[i];
+    attend(s, L, qp, o.data(), K, H / K, d, d);
+    ok(s.linear(L.o, o.data(), T, H * d, a, s.hidden));
+}
+
+// _MLA.run: x [T, hidden] -> a [T, hidden]
+void mla(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
+    const int64_t T = s.rows, h = L.heads, d = L.nope, r = L.rope, c = L.latent, ql = L.q_lora, nd = ql + c + r;
+    std::vector<float> down(T * nd), q_c(T * ql), q(T * h * (d + r)), q_rope(T * h * r), latent(T * c),
+        kv(T * (c + r)), q_nope(T * h * d), q_lat(T * h * c), q_att(T * h * (c + r)), o_lat(T * h * c),
+        o(T * h * L.v_dim);
+    ok(s.linear(L.down, x, T, s.hidden, down.data(), nd));  // [q_a; c_KV; k_rope]
+    selfseek_add_rms_norm(down.data(), nd, nullptr, 0, L.q_norm, q_c.data(), T, ql, L.q_eps);
+    ok(s.linear(L.q_b, q_c.data(), T, ql, q.data(), h * (d + r)));
+    selfseek_rope(q.data() + d, h * (d + r), d + r, q_rope.data(), h * r, r, T, h, r, s.cos, s.sin, L.interleaved);
+    selfseek_add_rms_norm(down.data() + ql, nd, nullptr, 0, L.kv_norm, latent.data(), T, c, L.kv_eps);
+    for (int64_t t = 0; t < T; t++) std::memcpy(kv.data() + t * (c + r), latent.data() + t * c, c * sizeof(float));
+    selfseek_rope(down.data() + ql + c, nd, r, kv.data() + c, c + r, r, T, 1, r, s.cos, s.sin, L.interleaved);
+    store_rows(s, L.pool, kv.data(), c + r, c + r);
+    for (int64_t i = 0; i < T * h; i++) std::memcpy(q_nope.data() + i * d, q.data() + i * (d + r), d * sizeof(float));
+    ok(s.heads(L.uk.view, q_nope.data(), T, h, L.uk.per_head, L.uk.off, L.uk.n, L.uk.transposed, q_lat.data()));
+    for (int64_t i = 0; i < T * h; i++) {  // [q_latent; q_rope]
+        std::memcpy(q_att.data() + i * (c + r), q_lat.data() + i * c, c * sizeof(float));
+        std::memcpy(q_att.data() + i * (c + r) + c, q_rope.data() + i * r, r * sizeof(float));
+    }
+    attend(s, L, q_att.data(), o_lat.data(), 1, h, c + r, c);
+    ok(s.heads(L.uv.view, o_lat.data(), T, h, L.uv.per_head, L.uv.off, L.uv.n, L.uv.transposed, o.data()));
+    ok(s.linear(L.o, o.data(), T, h * L.v_dim, a, s.hidden));
+}
+
+// _Dense.run: y = down(silu(gate x) * up x)
+void dense(const DecodeStep& s, const DecodeLayer& L, const float* x, float* y) {
+    const int64_t T = s.rows;
+    std::vector<float> gu(T * 2 * L.inter), act(T * L.inter);
+    ok(s.linear(L.gate_up, x, T, s.hidden, gu.data(), 2 * L.inter));
+    silu_mul_rows(gu.data(), 2 * L.inter, act.data(), T, L.inter);
+    ok(s.linear(L.mlp_down, act.data(), T, L.inter, y, s.hidden));
+}
+
+// x = post_norm(residual += attention(in_norm(residual += ffn))), ffn null for the first layer
+void attention_block(const DecodeStep& s, const DecodeLayer& L, float* residual, const float* ffn, float* x) {
+    const int64_t T = s.rows, m = s.hidden;
+    std::vector<float> a(T * m);
+    selfseek_add_rms_norm(residual, m, ffn, m, L.in_norm, x, T, m, L.in_eps);
+    if (L.mla) mla(s, L, x, a.data());
+    else gqa(s, L, x, a.data());
+    selfseek_add_rms_norm(residual, m, a.data(), m, L.post_norm, x, T, m, L.post_eps);
+}
+
+// the layer's MLP, or its routed experts (weights, ids from the router) plus the shared experts
+void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, const float* weights, const int64_t* ids,
+               float* y) {
+    if (!L.moe) return dense(s, L, x, y);
+    ok(s.moe(x, s.rows, s.hidden, ids, weights, L.top_k, L.n_experts, L.e_gate, L.e_up, L.e_down, y, 0.0f));
+    if (L.gate_up == nullptr) return;
+    std::vector<float> shared(s.rows * s.hidden);
+    dense(s, L, x, shared.data());
+    for (int64_t i = 0; i < s.rows * s.hidden; i++) y[i] += shared[i];
+}
+}  // namespace
+
+// Layers [0, n) without routed experts: residual [rows, hidden] -> the hidden states after them (before the final
+// norm), in place.
+int32_t selfseek_decode_layers(const DecodeStep* s, const DecodeLayer* layers, int64_t n, float* residual) {
+    const int64_t size = s->rows * s->hidden;
+    std::vector<float> x(size), ffn(size);
+    for (int64_t l = 0; l < n; l++) {
+        try {
+            attention_block(*s, layers[l], residual, l ? ffn.data() : nullptr, x.data());
+            ffn_block(*s, layers[l], x.data(), nullptr, nullptr, ffn.data());
+        } catch (const Fail&) {
+            return static_cast<int32_t>(-(1000000 + l));
+        }
+    }
+    for (int64_t i = 0; i < size && n; i++) residual[i] += ffn[i];
+    return 0;
+}
+
+// One layer's attention half: x = post_norm(residual += attention(in_norm(residual += ffn))) (ffn null: none).
+int32_t selfseek_decode_attention(const DecodeStep* s, const DecodeLayer* layer, int64_t index, float* residual,
+                                  const float* ffn, float* x) {
+    try {
+        attention_block(*s, *layer, residual, ffn, x);
+    } catch (const Fail&) {
+        return static_cast<int32_t>(-(1000000 + index));
+    }
+    return 0;
+}
+
+// One layer's FFN half: y = MLP(x), or the routed experts (router weights, ids [rows, top_k]) plus shared experts.
+int32_t selfseek_decode_ffn(const DecodeStep* s, const DecodeLayer* layer, int64_t index, const float* x,
+                            const float* weights, const int64_t* ids, float* y) {
+    try {
+        ffn_block(*s, *layer, x, weights, ids, y);
+    } catch (const Fail&) {
+        return static_cast<int32_t>(-(1000000 + index));
+    }
     return 0;
 }
 

@@ -1,6 +1,6 @@
 """Fused small ops of the decode step: residual add + RMSNorm, rotary in place, SwiGLU's silu(gate) * up, and
 DeepSeek-V4's hyper-connection weights and stream mixing, and its sink attention over one shared K = V head
-(kernels/fused_ops.cpp); and the structures of its one-call decode step of Llama-shaped layers (GqaStep, GqaLayer).
+(kernels/fused_ops.cpp); and the structures of its decode step in few calls (DecodeStep, DecodeLayer).
 
 Each wrapper runs the C++ kernel for contiguous-row float32 CPU tensors and the same math in plain torch
 otherwise (SELFSEEK_NO_KERNELS=1, no compiler, another device or dtype), so callers need no second path.
@@ -18,29 +18,48 @@ from selfseek.kernels import build
 _c_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-class GqaLayer(ctypes.Structure):
-    """fused_ops.cpp's GqaLayer: one GQA + SwiGLU layer's kernel views (quant.cpp Mat addresses), norms and pool."""
+class HeadProduct(ctypes.Structure):
+    """fused_ops.cpp's HeadProduct: mla.py's HeadProduct as the kernel reads it (its view's address)."""
 
-    _fields_ = [("qkv", _ptr), ("o", _ptr), ("gate_up", _ptr), ("down", _ptr), ("in_norm", _ptr), ("post_norm", _ptr),
-                ("in_eps", ctypes.c_float), ("post_eps", ctypes.c_float), ("pool", _ptr)]
+    _fields_ = [("view", _ptr), ("per_head", _c_i64), ("off", _c_i64), ("n", _c_i64), ("transposed", ctypes.c_int32)]
 
 
-class GqaStep(ctypes.Structure):
-    """fused_ops.cpp's GqaStep: the kernels to call (function addresses), the shapes and one decode batch."""
+class DecodeLayer(ctypes.Structure):
+    """fused_ops.cpp's DecodeLayer: one decoder layer's kernel views (quant.cpp Mat addresses), norms, pool and shapes:
+    GQA or MLA attention, then a SwiGLU MLP or routed experts (plus shared experts when gate_up is set)."""
 
-    _fields_ = [("linear", _ptr), ("attention", _ptr), ("rows", _c_i64), ("hidden", _c_i64), ("heads", _c_i64),
-                ("n_kv", _c_i64), ("head_dim", _c_i64), ("inter", _c_i64), ("cos", _ptr), ("sin", _ptr),
-                ("slots", _ptr), ("block_tables", _ptr), ("cu_q", _ptr), ("context_lens", _ptr),
-                ("table_stride", _c_i64), ("block_size", ctypes.c_int32), ("num_seqs", ctypes.c_int32),
-                ("n_threads", ctypes.c_int32), ("interleaved", ctypes.c_int32), ("scale", ctypes.c_float)]
+    _fields_ = [("in_norm", _ptr), ("post_norm", _ptr), ("in_eps", ctypes.c_float), ("post_eps", ctypes.c_float),
+                ("pool", _ptr), ("mla", ctypes.c_int32), ("moe", ctypes.c_int32), ("scale", ctypes.c_float),
+                ("interleaved", ctypes.c_int32), ("qkv", _ptr), ("o", _ptr), ("heads", _c_i64), ("n_kv", _c_i64),
+                ("head_dim", _c_i64), ("down", _ptr), ("q_b", _ptr), ("q_norm", _ptr), ("kv_norm", _ptr),
+                ("q_eps", ctypes.c_float), ("kv_eps", ctypes.c_float), ("uk", HeadProduct), ("uv", HeadProduct),
+                ("nope", _c_i64), ("rope", _c_i64), ("v_dim", _c_i64), ("latent", _c_i64), ("q_lora", _c_i64),
+                ("gate_up", _ptr), ("mlp_down", _ptr), ("inter", _c_i64), ("e_gate", _ptr), ("e_up", _ptr),
+                ("e_down", _ptr), ("n_experts", _c_i64), ("top_k", _c_i64)]
+
+
+class DecodeStep(ctypes.Structure):
+    """fused_ops.cpp's DecodeStep: the kernels to call (function addresses), one decode batch and the attention
+    kernel's strides over the layers' pools."""
+
+    _fields_ = [("linear", _ptr), ("attention", _ptr), ("heads", _ptr), ("moe", _ptr), ("rows", _c_i64),
+                ("hidden", _c_i64), ("cos", _ptr), ("sin", _ptr), ("slots", _ptr), ("block_tables", _ptr),
+                ("cu_q", _ptr), ("context_lens", _ptr), ("table_stride", _c_i64), ("block_size", ctypes.c_int32),
+                ("num_seqs", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("k_slot_stride", _c_i64),
+                ("k_head_stride", _c_i64), ("v_offset", _c_i64), ("v_slot_stride", _c_i64),
+                ("v_head_stride", _c_i64)]
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures of a loaded fused_ops library (any level)."""
     lib.selfseek_silu_mul.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _c_i64]
     lib.selfseek_silu_mul.restype = None
-    lib.selfseek_gqa_layers.argtypes = [ctypes.POINTER(GqaStep), ctypes.POINTER(GqaLayer), _c_i64, _ptr]
-    lib.selfseek_gqa_layers.restype = ctypes.c_int32
+    step, layer = ctypes.POINTER(DecodeStep), ctypes.POINTER(DecodeLayer)
+    lib.selfseek_decode_layers.argtypes = [step, layer, _c_i64, _ptr]
+    lib.selfseek_decode_attention.argtypes = [step, layer, _c_i64, _ptr, _ptr, _ptr]
+    lib.selfseek_decode_ffn.argtypes = [step, layer, _c_i64, _ptr, _ptr, _ptr, _ptr]
+    for f in (lib.selfseek_decode_layers, lib.selfseek_decode_attention, lib.selfseek_decode_ffn):
+        f.restype = ctypes.c_int32
     lib.selfseek_add_rms_norm.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _ptr, _ptr, _c_i64, _c_i64, ctypes.c_float]
     lib.selfseek_add_rms_norm.restype = None
     lib.selfseek_rope.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _ptr,

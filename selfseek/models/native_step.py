@@ -8,7 +8,9 @@ layer's kernel views are made once (made again when a weight is replaced) and a 
 buffers allocated once per step: the same kernels with the same arguments in the same order as the module path, so
 the result is bit for bit the same (tests/test_native_step.py). It takes only what it can run exactly so; anything
 else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, float weights multiplied by torch's BLAS) runs the
-module path.
+module path. With an fp32 cache and float activations the layer loop itself runs in fused_ops.cpp (_CLayers: one
+call per step, or two per layer around the router where experts are routed): the Python glue left between kernels,
+about 90 us per Llama layer and more per MLA + MoE layer, was a sixth to a fifth of a decode step.
 
     for each layer: x = RMSNorm(residual += ffn)             add_rms_norm
                     a = attention(x)                          GQA or MLA below
@@ -242,45 +244,96 @@ class _Layer:
         self.attn, self.ffn = _attention(layer), _ffn(layer)
 
 
-class _GqaLayers:
-    """Layers that are all GQA + SwiGLU of one shape (Llama, DeepSeek-LLM, the Llama distills): the step's loop over
-    them as one call into fused_ops.cpp (selfseek_gqa_layers: _GQA.run then _Dense.run per layer, the same kernels
-    with the same arguments), without the Python glue between kernels. fp32 pools and float activations only."""
+def _fill_dense(st: fused_ops.DecodeLayer, mlp: _Dense) -> None:
+    st.gate_up, st.mlp_down = ctypes.addressof(mlp.gate_up[1]), ctypes.addressof(mlp.down[1])
+    st.inter = mlp.inter
+
+
+class _CLayers:
+    """The layer loop as fused_ops.cpp runs it (selfseek_decode_*: each layer's _GQA / _MLA then _Dense / _MoE with the
+    same kernels and arguments), for fp32 pools and float activations: one call per step when no layer routes, else
+    per layer an attention call, the router (its module: torch's product, as the module path), an FFN call."""
 
     def __init__(self, layers: list[_Layer]):
-        if not layers or not all(type(la.attn) is _GQA and type(la.ffn) is _Dense for la in layers):
-            raise Unsupported("not all layers GQA + SwiGLU")
-        shapes = {(at.n_heads, at.n_kv, at.head_dim, at.scale, at.rotary.interleaved, la.ffn.inter)
-                  for la in layers for at in [la.attn.attn]}
-        if len(shapes) != 1:
-            raise Unsupported("layers of different shapes")
-        (self.heads, self.n_kv, self.head_dim, self.scale, self.interleaved, self.inter), = shapes
-        self.structs = (fused_ops.GqaLayer * len(layers))()
+        if len({type(la.attn) for la in layers}) != 1:
+            raise Unsupported("GQA and MLA layers mixed")
+        self.layers = layers
+        self.mla = type(layers[0].attn) is _MLA
+        self.routed = any(type(la.ffn) is _MoE for la in layers)
+        self.structs = (fused_ops.DecodeLayer * len(layers))()
         for st, la in zip(self.structs, layers, strict=True):
-            st.qkv, st.o = ctypes.addressof(la.attn.qkv[1]), ctypes.addressof(la.attn.o[1])
-            st.gate_up, st.down = ctypes.addressof(la.ffn.gate_up[1]), ctypes.addressof(la.ffn.down[1])
+            at = la.attn.attn
             st.in_norm, st.in_eps = la.in_norm.weight.data_ptr(), la.in_norm.eps
             st.post_norm, st.post_eps = la.post_norm.weight.data_ptr(), la.post_norm.eps
+            st.mla, st.scale, st.interleaved = self.mla, at.scale, at.rotary.interleaved
+            st.o, st.heads = ctypes.addressof(la.attn.o[1]), at.n_heads
+            if self.mla:
+                a = la.attn
+                st.down, st.q_b = ctypes.addressof(a.down[1]), ctypes.addressof(a.q_b[1])
+                st.q_norm, st.q_eps = a.q_norm.weight.data_ptr(), a.q_norm.eps
+                st.kv_norm, st.kv_eps = a.kv_norm.weight.data_ptr(), a.kv_norm.eps
+                st.nope, st.rope, st.v_dim, st.latent, st.q_lora = (at.nope_dim, at.rope_dim, at.v_dim,
+                                                                     at.latent_dim, at.q_lora_rank)
+            else:
+                st.qkv, st.n_kv, st.head_dim = ctypes.addressof(la.attn.qkv[1]), at.n_kv, at.head_dim
+            if type(la.ffn) is _Dense:
+                _fill_dense(st, la.ffn)
+            else:
+                moe = la.ffn
+                st.moe, st.n_experts, st.top_k = True, moe.prepared[3], moe.moe.gate.top_k
+                st.e_gate, st.e_up, st.e_down = (ctypes.addressof(m) for m in moe.prepared[:3])
+                if moe.shared is not None:
+                    _fill_dense(st, moe.shared)
 
-    def run(self, s: _Step, h: torch.Tensor, pools: list[torch.Tensor]) -> torch.Tensor:
-        for st, pool in zip(self.structs, pools, strict=True):
-            st.pool = pool.data_ptr()
+    def _step(self, s: _Step, h: torch.Tensor, pool: torch.Tensor) -> fused_ops.DecodeStep:
         paged, slots = s.batch.paged, s.batch.slot_mapping.contiguous()
-        step = fused_ops.GqaStep(
+        if self.mla:  # as _MLA.run hands them to the attention kernel
+            c, r = self.layers[0].attn.attn.latent_dim, self.layers[0].attn.attn.rope_dim
+            k, v = pool[:, None, : c + r], pool[:, None, :c]
+        else:
+            k, v = pool[:, 0], pool[:, 1]
+        return fused_ops.DecodeStep(
             linear=ctypes.cast(s.qlib.selfseek_linear, ctypes.c_void_p).value,
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
-            rows=s.T, hidden=h.shape[1], heads=self.heads, n_kv=self.n_kv, head_dim=self.head_dim, inter=self.inter,
-            cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
+            heads=ctypes.cast(s.qlib.selfseek_heads, ctypes.c_void_p).value,
+            moe=ctypes.cast(s.qlib.selfseek_moe, ctypes.c_void_p).value,
+            rows=s.T, hidden=h.shape[1], cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
             block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
             context_lens=paged.context_lens.data_ptr(), table_stride=paged.block_tables.stride(0),
             block_size=paged.block_size, num_seqs=len(paged.context_lens), n_threads=torch.get_num_threads(),
-            interleaved=int(self.interleaved), scale=self.scale)
-        residual = h.clone()
-        rc = s.flib.selfseek_gqa_layers(ctypes.byref(step), self.structs, len(self.structs), residual.data_ptr())
+            k_slot_stride=k.stride(0), k_head_stride=k.stride(1), v_offset=(v.data_ptr() - pool.data_ptr()) // 4,
+            v_slot_stride=v.stride(0), v_head_stride=v.stride(1)), slots
+
+    def run(self, s: _Step, h: torch.Tensor, pools: list[torch.Tensor]) -> torch.Tensor:
+        for st, la, pool in zip(self.structs, self.layers, pools, strict=True):
+            st.pool = pool.data_ptr()
+            if self.mla:  # read per step, as _MLA.run does (a GGUF's split halves or kv_b_proj as stored)
+                for field, p in zip(("uk", "uv"), la.attn.attn.absorbed_products(), strict=True):
+                    setattr(st, field, fused_ops.HeadProduct(ctypes.addressof(p.view), p.per_head, p.off, p.n,
+                                                             p.transposed))
+        step, _slots = self._step(s, h, pools[0])  # _slots: kept alive for the calls
+        residual, lib = h.clone(), s.flib
+        if not self.routed:
+            self._check(lib.selfseek_decode_layers(ctypes.byref(step), self.structs, len(self.structs),
+                                                   residual.data_ptr()))
+            return residual
+        x, ffn = torch.empty_like(h), torch.empty_like(h)
+        for i, (st, la) in enumerate(zip(self.structs, self.layers, strict=True)):
+            self._check(lib.selfseek_decode_attention(ctypes.byref(step), ctypes.byref(st), i, residual.data_ptr(),
+                                                      ffn.data_ptr() if i else None, x.data_ptr()))
+            weights = ids = None
+            if st.moe:
+                weights, ids = la.ffn.moe.gate(x)
+                weights, ids = weights.float().contiguous(), ids.to(torch.int64).contiguous()
+            self._check(lib.selfseek_decode_ffn(ctypes.byref(step), ctypes.byref(st), i, x.data_ptr(),
+                                                None if weights is None else weights.data_ptr(),
+                                                None if ids is None else ids.data_ptr(), ffn.data_ptr()))
+        return residual.add_(ffn)
+
+    @staticmethod
+    def _check(rc: int) -> None:
         if rc:
-            what = "attention" if rc <= -2000000 else "a product"
-            raise ValueError(f"decode step: {what} of layer {-rc % 1000000} rejected its arguments (code {rc})")
-        return residual
+            raise ValueError(f"decode step: a kernel of layer {-rc % 1000000} rejected its arguments (code {rc})")
 
 
 class NativeStack:
@@ -289,9 +342,9 @@ class NativeStack:
     def __init__(self, layers: list[DecoderLayer]):
         self.layers = [_Layer(layer) for layer in layers]  # fuses q/k/v and gate/up first: then snapshot
         try:
-            self.gqa: _GqaLayers | None = _GqaLayers(self.layers)
+            self.native: _CLayers | None = _CLayers(self.layers)
         except Unsupported:
-            self.gqa = None
+            self.native = None
         self._modules = [m for layer in layers for m in layer.modules()]
         # every submodule, buffer and parameter of the stack as (its dict, name, object) at build: a module or weight
         # replaced since (not one changed in place) makes the stack stale; checked each step in one flat pass
@@ -353,8 +406,8 @@ class NativeStack:
         """h [T, m] (the embeddings) -> the last hidden states before the final norm [T, m], as _fused_layers."""
         s = _Step(kernels._load(), fused_ops._load(), backend._kernel(torch.device("cpu")), h.shape[0],
                   *(t.contiguous() for t in cos_sin), batch)
-        if self.gqa is not None and pools[0].dtype == torch.float32 and not kernels.INT8_ACTIVATIONS:
-            return self.gqa.run(s, h, pools)
+        if self.native is not None and pools[0].dtype == torch.float32 and not kernels.INT8_ACTIVATIONS:
+            return self.native.run(s, h, pools)
         T, m = h.shape
         residual = h.clone()
         x, ffn = s.buffer("x", m), None
