@@ -285,7 +285,9 @@ class _CLayers:
                 if moe.shared is not None:
                     _fill_dense(st, moe.shared)
 
-    def _step(self, s: _Step, h: torch.Tensor, pool: torch.Tensor) -> fused_ops.DecodeStep:
+    def _step(self, s: _Step, h: torch.Tensor, pool: torch.Tensor) -> tuple[fused_ops.DecodeStep, torch.Tensor]:
+        """The step's kernels, batch and pool strides (the first pool's: they all share shapes), and the slot
+        mapping the struct points into (the caller keeps it alive)."""
         paged, slots = s.batch.paged, s.batch.slot_mapping.contiguous()
         if self.mla:  # as _MLA.run hands them to the attention kernel
             c, r = self.layers[0].attn.attn.latent_dim, self.layers[0].attn.attn.rope_dim
@@ -311,7 +313,7 @@ class _CLayers:
                 for field, p in zip(("uk", "uv"), la.attn.attn.absorbed_products(), strict=True):
                     setattr(st, field, fused_ops.HeadProduct(ctypes.addressof(p.view), p.per_head, p.off, p.n,
                                                              p.transposed))
-        step, _slots = self._step(s, h, pools[0])  # _slots: kept alive for the calls
+        step, _slots = self._step(s, h, pools[0])
         residual, lib = h.clone(), s.flib
         if not self.routed:
             self._check(lib.selfseek_decode_layers(ctypes.byref(step), self.structs, len(self.structs),
