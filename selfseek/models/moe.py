@@ -154,10 +154,11 @@ class Experts(nn.Module):
             return self._forward_grouped(x, weights, ids)
         return self._forward_torch(x, weights, ids)
 
-    # From this many tokens on, an expert's tokens are multiplied by its dequantized weights with torch's GEMM (MKL's
-    # sgemm ran ~2.4x the fused kernel's multiply-adds per second on the AVX2 EPYC; dequantizing an expert costs about
-    # what ten tokens do in the fused kernel).
-    GEMM_MIN_TOKENS = 16
+    # From this many tokens on, an expert's tokens are multiplied by its dequantized weights with torch's GEMM. Below
+    # it the fused kernel's weight panels (6+ rows) beat dequantizing the expert and MKL's packing for so few rows:
+    # the medium V3's 512-token prefill spent 559 ms in the experts with 16 here, 527 / 503 / 551 ms with 48 / 64 /
+    # 96 (2 threads; 864 -> 829 ms at 1 thread with 64); with every expert fused, the large ones lost again.
+    GEMM_MIN_TOKENS = 64
 
     def _forward_prefill(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                          stacks: list[kernels.Weight]) -> torch.Tensor:
