@@ -200,10 +200,10 @@ inline void dot_keys(const float* q, int64_t q_stride, const float* const* k, in
       for (int t = 0; t < NK; ++t) a[g][t] = _mm256_fmadd_ps(qv, kv[t], a[g][t]);
     }
   }
-  const __m256 z = _mm256_setzero_ps();
-  for (int g = 0; g < G; ++g) {  // dot_heads' horizontal sums, keys in the place of heads
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], NK > 1 ? a[g][NK > 1 ? 1 : 0] : z),
-                                    _mm256_hadd_ps(NK > 2 ? a[g][NK > 2 ? 2 : 0] : z, NK > 3 ? a[g][NK > 3 ? 3 : 0] : z));
+  for (int g = 0; g < G; ++g) {  // dot_heads' horizontal sums, keys in the place of heads (zeros past NK)
+    __m256 s4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int t = 0; t < NK; ++t) s4[t] = a[g][t];
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s4[0], s4[1]), _mm256_hadd_ps(s4[2], s4[3]));
     const __m128 s = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale));
     if constexpr (NK == 4) {
       _mm_storeu_ps(out + g * TILE, s);
@@ -427,7 +427,7 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
   // back for the rest (GQA 3 x 64 at 512 keys: 24% -> 22% of a default-model decode step). Runs are shortened, then
   // query heads sliced, only when the rows alone would leave threads idle (one MLA decode has a single KV head).
   // Fewer rows than threads with a context of a few tiles or more (a decode of one or a few sequences): each row's
-  // keys are cut into `chunks` ranges instead, each item all of the row's heads over one range, and the ranges'
+  // keys are cut into `n_chunks` ranges instead, each item all of the row's heads over one range, and the ranges'
   // softmax states merged at the end. Every thread then reads its own part of the cache once: splitting 3 GQA heads
   // over 2 threads gave one thread 2 heads (the other idled a third of the time), and slicing MLA's 16 query heads
   // had both threads read the whole latent cache.
@@ -435,15 +435,15 @@ int32_t selfseek_paged_attention(const float* q, float* out, int64_t num_rows, c
   const int64_t per_row = (threads + num_rows - 1) / num_rows;  // items wanted per row
   int32_t longest = 0;
   for (int32_t s = 0; s < num_seqs; ++s) longest = std::max(longest, context_lens[s]);
-  const int32_t chunks = static_cast<int32_t>(std::min<int64_t>(num_rows < threads ? per_row : 1, longest / (2 * TILE)));
-  const bool chunked = chunks > 1;
+  const int32_t n_chunks = static_cast<int32_t>(
+      std::max<int64_t>(1, std::min<int64_t>(num_rows < threads ? per_row : 1, longest / (2 * TILE))));
+  const bool chunked = n_chunks > 1;
   const int64_t cut = chunked ? 1 : per_row;  // items per row still wanted from heads
   const int32_t run = cut < n_kv ? static_cast<int32_t>((n_kv + cut - 1) / cut) : 1;
   const int32_t runs = chunked ? 1 : (n_kv + run - 1) / run;
   const int64_t per_head = (cut + n_kv - 1) / n_kv;  // items wanted per KV head
   const int32_t splits = static_cast<int32_t>(std::min<int64_t>(group, std::max<int64_t>(1, per_head)));
   const int32_t per_split = (group + splits - 1) / splits;
-  const int32_t n_chunks = chunked ? chunks : 1;
   const int64_t items = num_rows * runs * splits * n_chunks;
   // chunked: each item's softmax state per head, [item][run heads][per_split] x (v_dim acc, m, l)
   const int64_t state = v_dim + 2;
