@@ -67,8 +67,12 @@ def torch_fallback(kernel_env):
 
 
 @needs_native
+@pytest.mark.parametrize("gemm", ["blas", "panels"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_linear_matches_the_reference_for_every_batch_size(kind):
+def test_linear_matches_the_reference_for_every_batch_size(kind, gemm, kernel_env):
+    """Every row count, with the compute-bound products (GEMM_MIN_ROWS rows on) through BLAS on dequantized tiles
+    and through the kernels' own weight panels (SELFSEEK_GEMM; which one a CPU takes: build.panels_for_gemm)."""
+    kernel_env(SELFSEEK_GEMM=gemm)
     k = 100 if kind in ("f32", "bf16", "f16") else 96  # float kinds: a tail past the last 32-block too
     w, ref = make_weight(kind, 37, k)
     torch.manual_seed(1)
@@ -208,9 +212,10 @@ def test_fused_moe_layer_equals_its_torch_path():
 
 @needs_native
 @pytest.mark.parametrize("kind", ["q8", "q4"])
-def test_moe_prefill_equals_the_fused_kernel(kind):
+def test_moe_prefill_equals_the_fused_kernel(kind, kernel_env):
     """Many tokens with packed stacks: busy experts through dequantized weights and torch's GEMM, the few-token ones
-    through the fused kernel, summed per token; the same as the fused kernel over all of them."""
+    through the fused kernel, summed per token; the same as the fused kernel over all of them. Where the kernels'
+    panels take compute-bound products (SELFSEEK_GEMM=panels), the layer gives all of them to the fused kernel."""
     from types import SimpleNamespace
 
     from selfseek.models.moe import Experts
@@ -236,6 +241,9 @@ def test_moe_prefill_equals_the_fused_kernel(kind):
     assert n >= kernels.GEMM_MIN_ROWS
     stacks = [experts._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
     with torch.no_grad():
+        kernel_env(SELFSEEK_GEMM="panels")
+        assert torch.equal(experts(x, weights, ids), kernels.moe(x, weights, ids, *stacks))
+        kernel_env(SELFSEEK_GEMM="blas")
         got = experts._forward_prefill(x, weights, ids, stacks)
         assert torch.equal(experts(x, weights, ids), got)  # the layer takes this path for these many tokens
         close(got, kernels.moe(x, weights, ids, *stacks), scale=4)
@@ -293,6 +301,24 @@ def test_selfseek_isa_forces_a_path(isa, tmp_path):
     chosen, got = torch.load(tmp_path / "out.pt")
     assert chosen == isa
     _same(got, _isa_results())
+
+
+def test_panels_for_gemm_follows_the_cpu_or_selfseek_gemm(kernel_env, monkeypatch):
+    """Prefill products of packed weights: the kernels' panels on an AMD CPU running the AVX-512 kernels, BLAS
+    elsewhere, unless SELFSEEK_GEMM says; a bad value is a clear error."""
+    kernel_env(SELFSEEK_GEMM=None)
+    for isa, vendor, want in [("avx512vnni", "AuthenticAMD", True), ("avx512", "AuthenticAMD", True),
+                              ("avx2", "AuthenticAMD", False), ("avx512vnni", "GenuineIntel", False),
+                              ("generic", "", False)]:
+        monkeypatch.setattr(build, "chosen_isa", lambda isa=isa: isa)
+        monkeypatch.setattr(build, "_cpuinfo", lambda field, vendor=vendor: vendor if field == "vendor_id" else "")
+        build.reset()
+        assert build.panels_for_gemm() is want, (isa, vendor)
+    kernel_env(SELFSEEK_GEMM="blas")
+    assert build.panels_for_gemm() is False
+    kernel_env(SELFSEEK_GEMM="gemv")
+    with pytest.raises(build.KernelBuildError, match="SELFSEEK_GEMM='gemv': must be panels or blas"):
+        build.panels_for_gemm()
 
 
 def test_bad_isa_is_a_clear_error():
@@ -447,8 +473,10 @@ def test_packed_formats_match_their_reference_on_every_level(fmt, kernel_env):
         assert torch.equal(kernels.to_float(w), ref), isa
         ids = torch.tensor([[130, 0], [7, 7]])
         assert torch.equal(kernels.gather_rows(w, ids), ref[ids]), isa
-        for x in xs:
-            close(kernels.linear(x, w), x @ ref.T, scale=scale)
+        for gemm in ("blas", "panels"):  # the last x: GEMM_MIN_ROWS rows and more, through BLAS or the row kernel
+            kernel_env(SELFSEEK_GEMM=gemm)
+            for x in xs:
+                close(kernels.linear(x, w), x @ ref.T, scale=scale)
 
 
 def _every_code(fmt: str, rows: int, cols: int) -> tuple[kernels.Packed, torch.Tensor]:

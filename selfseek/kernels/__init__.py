@@ -49,7 +49,8 @@ class Packed:
 
 Weight = torch.Tensor | QuantWeight | Packed
 # From this many rows of x on, a quantized product is compute-bound: dequantize a tile of weight rows at a time
-# into a cache-sized buffer and multiply it with torch's sgemm (never a whole-weight float copy).
+# into a cache-sized buffer and multiply it with torch's sgemm (never a whole-weight float copy), or where the
+# kernels' float panels measured faster (build.panels_for_gemm) keep the row kernel.
 GEMM_MIN_ROWS = 64
 TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
 # Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 weights with at most INT8_MAX_ROWS rows of x (decode)
@@ -299,8 +300,10 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()  # decode's usual case: no copies
     x2 = x if flat else x.reshape(-1, m.cols).float().contiguous()
     rows = x2.shape[0]
-    if rows >= GEMM_MIN_ROWS:
-        y = torch.mm(x2, q.t()) if m.kind == _KINDS[torch.float32] else _tiled_mm(lib, m, x2)
+    if rows >= GEMM_MIN_ROWS and m.kind == _KINDS[torch.float32]:
+        y = torch.mm(x2, q.t())
+    elif rows >= GEMM_MIN_ROWS and not build.panels_for_gemm():
+        y = _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
         if rows:

@@ -173,6 +173,28 @@ inline float elem(const Row& r, int64_t k) {
 }
 
 // ---------------------------------------------------------------- vectors: VW floats, VPB of them per 32-block
+#if defined(__AVX2__)
+// 256-bit vectors, which the AVX-512 build uses too for one weight row against one x row of q8, q4, q6_k and 16-bit
+// weights (q8_row_dot, q4_row_dot, q6k_rows_one, half_row_dot): such a row is bound by widening its bytes, and on a
+// CPU that runs AVX-512 in 256-bit halves (AMD Zen 4) the 512-bit block loops were slower (1 thread, 32768 x 2048,
+// ms, 512-bit vs these: q8 4.0 vs 3.6, q4 4.9 vs 3.7, q6_k 6.4 vs 5.6, bf16 11.6 vs 6.9).
+namespace y8 {
+using V = __m256;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V set1(float f) { return _mm256_set1_ps(f); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline float sum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+}  // namespace y8
+#endif
+
 #if defined(__AVX512F__)
 using V = __m512;
 constexpr int VW = 16;
@@ -196,12 +218,7 @@ inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline float vsum(V v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float vsum(V v) { return y8::sum(v); }
 #else
 struct V {
   float v[8];
@@ -303,12 +320,25 @@ inline void load_block(const Row& r, int64_t b, V* out) {
   }
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// Vector v (values 8v .. 8v + 7) of block b of a plain-kind row, as load_block widens it (q: the integers).
+#if defined(__AVX2__)
+// Vector v (values VW v .. VW v + VW - 1) of block b of a plain-kind row, as load_block widens it (q: the integers).
 template <int KIND>
 inline V load_vec(const Row& r, int64_t b, int v) {
   if constexpr (KIND == F32) {
     return vload((const float*)r.q + b * QK + v * VW);
+#if defined(__AVX512F__)
+  } else if constexpr (KIND == Q8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r.q + b * QK + 16 * v))));
+  } else if constexpr (KIND == Q4) {  // vector 0: the low nibbles of bytes 0..15, 1: their high nibbles
+    __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r.q + b * QK / 2)));
+    if (v) u = _mm512_srli_epi32(u, 4);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x0F)));
+  } else {
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)r.q + b * QK + 16 * v));
+    if constexpr (KIND == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+#else
   } else if constexpr (KIND == Q8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r.q + b * QK + 8 * v))));
   } else if constexpr (KIND == Q4) {  // vectors 0, 1: low nibbles of bytes 0..7, 8..15; 2, 3: their high nibbles
@@ -320,6 +350,7 @@ inline V load_vec(const Row& r, int64_t b, int v) {
     if constexpr (KIND == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     else return _mm256_cvtph_ps(h);
   }
+#endif
 }
 #endif
 
@@ -681,7 +712,7 @@ void tile_q6k(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, i
     for (int j = 0; j < NR; ++j) y[r * ldy + j] = vsum(acc[r][j]);
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 // Q6_K rows [n0, n1) against one x row, y[n] for each. Widening bytes to floats bound tile_q6k here (per 32 values
 // 7 shuffles: extracts, byte shifts, pmovsxbd). Instead each 32-bit lane of a group's 32 bytes gives its 4 bytes by
 // shifts alone ((v << 24) >> 24 ...), so vector m holds bytes 4l + m of lanes l: x is read in that order, made once
@@ -693,24 +724,24 @@ void q6k_rows_one(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y
     for (int m = 0; m < 4; ++m)
       for (int l = 0; l < 8; ++l) xp[g * 32 + m * 8 + l] = x[g * 32 + 4 * l + m];
   for (int64_t n = n0; n < n1; ++n) {
-    V a0 = vzero(), a1 = vzero();
+    y8::V a0 = y8::zero(), a1 = y8::zero();
     for (int64_t u = 0; u < units; ++u) {
       const uint8_t* b = w.data + n * rb + u * 210;
       prefetch_range(b + PF_BYTES, 210);
       q6k_unit_groups(b, [&](int g, __m256i v, const float* D) {
         const float* xb = xp.data() + u * 256 + g * 32;
-        const V w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
-        const V w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
-        const V w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
-        const V w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
-        const V s = vadd(vfma(w1, vload(xb + 8), _mm256_mul_ps(w0, vload(xb))),
-                         vfma(w3, vload(xb + 24), _mm256_mul_ps(w2, vload(xb + 16))));
-        const V dv = _mm256_set_m128(_mm_set1_ps(D[2 * g + 1]), _mm_set1_ps(D[2 * g]));
-        if (g % 2) a1 = vfma(s, dv, a1);
-        else a0 = vfma(s, dv, a0);
+        const y8::V w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+        const y8::V w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+        const y8::V w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+        const y8::V w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+        const y8::V s = y8::add(y8::fma(w1, y8::load(xb + 8), y8::mul(w0, y8::load(xb))),
+                                 y8::fma(w3, y8::load(xb + 24), y8::mul(w2, y8::load(xb + 16))));
+        const y8::V dv = _mm256_set_m128(_mm_set1_ps(D[2 * g + 1]), _mm_set1_ps(D[2 * g]));
+        if (g % 2) a1 = y8::fma(s, dv, a1);
+        else a0 = y8::fma(s, dv, a0);
       });
     }
-    y[n] = vsum(vadd(a0, a1));
+    y[n] = y8::sum(y8::add(a0, a1));
   }
 }
 #endif
@@ -908,7 +939,7 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
     tile_unit<KIND, MR, NR>(w, n0, x, ldx, y, ldy);
     return;
   }
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
   constexpr bool BY_VECTOR = MR > 1;  // several x rows: vector by vector below, else block_fma per weight row
 #else
   constexpr bool BY_VECTOR = false;
@@ -945,7 +976,7 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
           block_fma<KIND, MR>(rows[j], b, d, m, with_mins, xb, ldx, &acc[0][j], NR);
         }
       }
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
       // Several x rows, vector by vector: each weight vector widened once for the MR rows and each x vector loaded
       // once for the NR rows (block_fma widens a whole block per weight row into VPB registers, which with the
       // MR x NR accumulators leaves the compiler short of registers: q8, 129280 x 1024 at 1 thread, 16 rows 121 ->
@@ -976,6 +1007,23 @@ void tile(const Mat& w, int64_t n0, const float* x, int64_t ldx, float* y, int64
     }
 }
 
+// one(b, a) over blocks 0 .. nb - 1 in 4 chains of consecutive blocks (independent FMA chains), then (a0 + a1) +
+// (a2 + a3). The accumulators are values, not an array: GCC kept an array's in memory, a store and a reload per
+// block (q8 rows of 1024 values 7% slower, bit for bit the same sums).
+template <class Vec, class One, class Add>
+inline Vec four_chains(int64_t nb, One&& one, Add&& add) {
+  Vec a0{}, a1{}, a2{}, a3{};
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    a0 = one(b, a0);
+    a1 = one(b + 1, a1);
+    a2 = one(b + 2, a2);
+    a3 = one(b + 3, a3);
+  }
+  for (; b < nb; ++b) a0 = one(b, a0);
+  return add(add(a0, a1), add(a2, a3));
+}
+
 // One weight row against one row of x (decode) for the plain kinds. Rows are read one after the other, so the weight
 // is one sequential stream (the hardware prefetcher's best case, unlike rows interleaved block by block), helped by
 // a software prefetch PF_BYTES ahead; ACC accumulators over consecutive blocks keep independent FMA chains.
@@ -992,8 +1040,6 @@ inline float row_dot(const Mat& w, int64_t n, const float* x, const float* dq, c
     prefetch_range(row.d + ahead * nb, nb * 2);
     if (mq) prefetch_range(row.m + ahead * nb, nb * 2);
   }
-  // The accumulators are values, not an array: GCC kept an array's in memory, a store and a reload per block
-  // (q8 rows of 1024 values 7% slower, bit for bit the same sums).
   auto one = [&](int64_t b, V a) {
     if (BB >= 64 || b % (64 / BB) == 0) {
       prefetch(row.q + b * BB + PF_BYTES);
@@ -1003,22 +1049,13 @@ inline float row_dot(const Mat& w, int64_t n, const float* x, const float* dq, c
     block_fma<KIND, 1>(row, b, d, m, mq != nullptr, x + b * QK, 0, &a, 1);
     return a;
   };
-  V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) {
-    a0 = one(b, a0);
-    a1 = one(b + 1, a1);
-    a2 = one(b + 2, a2);
-    a3 = one(b + 3, a3);
-  }
-  for (; b < nb; ++b) a0 = one(b, a0);
-  float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+  float s = vsum(four_chains<V>(nb, one, vadd));
   if constexpr (!quantized(KIND))
     for (int64_t k = nb * QK; k < w.cols; ++k) s += elem<KIND>(row, k) * x[k];
   return s;
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 // A q4 row against one row of x as sum_b d_b (q_b . x_b) + sum_b m_b sx_b (sx_b: the block sums of x, the same for
 // every row): per block 4 conversions and 4 FMAs, where applying d and m to each weight vector first costs 4 FMAs
 // more, and those conversions and FMAs are what bounds a q4 row on AVX2 (its bytes come faster than that). Rows of
@@ -1035,28 +1072,26 @@ inline float q4_row_dot(const Mat& w, int64_t n, const float* x, const float* dq
     const __m256i u0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + b * QK / 2)));
     const __m256i u1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + b * QK / 2 + 8)));
     const float* xb = x + b * QK;
-    V s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(u0, low)), vload(xb));
-    V s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(u1, low)), vload(xb + 8));
-    s0 = vfma(_mm256_cvtepi32_ps(_mm256_srli_epi32(u0, 4)), vload(xb + 16), s0);
-    s1 = vfma(_mm256_cvtepi32_ps(_mm256_srli_epi32(u1, 4)), vload(xb + 24), s1);
-    return vadd(s0, s1);
+    y8::V s0 = y8::mul(_mm256_cvtepi32_ps(_mm256_and_si256(u0, low)), y8::load(xb));
+    y8::V s1 = y8::mul(_mm256_cvtepi32_ps(_mm256_and_si256(u1, low)), y8::load(xb + 8));
+    s0 = y8::fma(_mm256_cvtepi32_ps(_mm256_srli_epi32(u0, 4)), y8::load(xb + 16), s0);
+    s1 = y8::fma(_mm256_cvtepi32_ps(_mm256_srli_epi32(u1, 4)), y8::load(xb + 24), s1);
+    return y8::add(s0, s1);
   };
-  V a0 = vzero(), a1 = vzero(), am = vzero();
+  y8::V a0 = y8::zero(), a1 = y8::zero(), am = y8::zero();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    a0 = vfma(qx(b), vset1(dq[b]), a0);
-    a1 = vfma(qx(b + 1), vset1(dq[b + 1]), a1);
+    a0 = y8::fma(qx(b), y8::set1(dq[b]), a0);
+    a1 = y8::fma(qx(b + 1), y8::set1(dq[b + 1]), a1);
   }
-  if (b < nb) a0 = vfma(qx(b), vset1(dq[b]), a0);
+  if (b < nb) a0 = y8::fma(qx(b), y8::set1(dq[b]), a0);
   int64_t c = 0;
-  for (; c + VW <= nb; c += VW) am = vfma(vload(mq + c), vload(sx + c), am);
-  float s = vsum(vadd(vadd(a0, a1), am));
+  for (; c + 8 <= nb; c += 8) am = y8::fma(y8::load(mq + c), y8::load(sx + c), am);
+  float s = y8::sum(y8::add(y8::add(a0, a1), am));
   for (; c < nb; ++c) s += mq[c] * sx[c];
   return s;
 }
-#endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
 // A q8 row without mins against one row of x as sum_b d_b (q_b . x_b), two blocks (one cache line of q) per step with
 // no branch inside: row_dot's generic loop tested for mins and for its prefetch stride at every block, and its
 // blocks' products summed in one chain of 4 FMAs. 2048 x 1024 0.89x the time; fp32 summation order only.
@@ -1070,20 +1105,41 @@ inline float q8_row_dot(const Mat& w, int64_t n, const float* x, const float* dq
     auto wv = [&](int v) {
       return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qb + 8 * v))));
     };
-    V s0 = _mm256_mul_ps(wv(0), vload(xb)), s1 = _mm256_mul_ps(wv(1), vload(xb + 8));
-    s0 = vfma(wv(2), vload(xb + 16), s0);
-    s1 = vfma(wv(3), vload(xb + 24), s1);
-    return vadd(s0, s1);
+    y8::V s0 = y8::mul(wv(0), y8::load(xb)), s1 = y8::mul(wv(1), y8::load(xb + 8));
+    s0 = y8::fma(wv(2), y8::load(xb + 16), s0);
+    s1 = y8::fma(wv(3), y8::load(xb + 24), s1);
+    return y8::add(s0, s1);
   };
-  V a0 = vzero(), a1 = vzero();
+  y8::V a0 = y8::zero(), a1 = y8::zero();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
     prefetch(q + b * QK + PF_BYTES);
-    a0 = vfma(qx(b), vset1(dq[b]), a0);
-    a1 = vfma(qx(b + 1), vset1(dq[b + 1]), a1);
+    a0 = y8::fma(qx(b), y8::set1(dq[b]), a0);
+    a1 = y8::fma(qx(b + 1), y8::set1(dq[b + 1]), a1);
   }
-  if (b < nb) a0 = vfma(qx(b), vset1(dq[b]), a0);
-  return vsum(vadd(a0, a1));
+  if (b < nb) a0 = y8::fma(qx(b), y8::set1(dq[b]), a0);
+  return y8::sum(y8::add(a0, a1));
+}
+
+// A bf16 / f16 row against one row of x: row_dot's loop (a chain of 4 FMAs per block, 4 blocks' chains in parallel,
+// the same order, so on AVX2 bit for bit row_dot's sums) in 256-bit vectors for the AVX-512 build as well.
+template <int KIND>
+inline float half_row_dot(const Mat& w, int64_t n, const float* x) {
+  const uint16_t* p = (const uint16_t*)(w.data + n * row_bytes(w));
+  auto one = [&](int64_t b, y8::V a) {
+    prefetch(p + b * QK + PF_BYTES / 2);  // a block is one line: PF_BYTES ahead
+    for (int v = 0; v < 4; ++v) {
+      const __m128i h = _mm_loadu_si128((const __m128i*)(p + b * QK + 8 * v));
+      const y8::V wv = KIND == BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                    : _mm256_cvtph_ps(h);
+      a = y8::fma(wv, y8::load(x + b * QK + 8 * v), a);
+    }
+    return a;
+  };
+  const int64_t nb = w.cols / QK;
+  float s = y8::sum(four_chains<y8::V>(nb, one, y8::add));
+  for (int64_t k = nb * QK; k < w.cols; ++k) s += elem<KIND>(Row{(const uint8_t*)p, nullptr, nullptr}, k) * x[k];
+  return s;
 }
 #endif
 
@@ -1093,6 +1149,12 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
   constexpr int64_t SC = 1024;
   const int64_t nb = w.cols / QK, ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w));
   if constexpr (!quantized(KIND)) {
+#if defined(__AVX2__)
+    if constexpr (KIND == BF16 || KIND == F16) {
+      for (int64_t n = n0; n < n1; ++n) y[n] = half_row_dot<KIND>(w, n, x);
+      return;
+    }
+#endif
     for (int64_t n = n0; n < n1; ++n) y[n] = row_dot<KIND>(w, n, x, nullptr, nullptr, ahead);
   } else {
     // rows whose scales are widened together: no further ahead than their lines were prefetched
@@ -1101,11 +1163,12 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
     std::vector<float> heap(nb > SC ? 2 * nb : 0);  // rows over SC blocks (K > 32768): one at a time, on the heap
     float* dq = nb > SC ? heap.data() : dq_stack;
     float* mq = nb > SC ? heap.data() + nb : mq_stack;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
     std::vector<float> sx(KIND == Q4 ? nb : 0);
     for (int64_t c = 0; c < (int64_t)sx.size(); ++c) {
       const float* xb = x + c * QK;
-      sx[c] = vsum(vadd(vadd(vload(xb), vload(xb + 8)), vadd(vload(xb + 16), vload(xb + 24))));
+      sx[c] = y8::sum(y8::add(y8::add(y8::load(xb), y8::load(xb + 8)),
+                              y8::add(y8::load(xb + 16), y8::load(xb + 24))));
     }
 #endif
     for (int64_t a = n0; a < n1; a += per) {
@@ -1115,7 +1178,7 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
       for (int64_t n = a; n < e; ++n) {
         const float* d = dq + (n - a) * nb;
         const float* m = w.mins ? mq + (n - a) * nb : nullptr;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
         if constexpr (KIND == Q4) {
           y[n] = q4_row_dot(w, n, x, d, m, sx.data(), ahead);
           continue;
@@ -1173,12 +1236,13 @@ inline void dequantize_blocks(const Row& r, int64_t b0, int64_t b1, float* out) 
   }
 }
 
-// acc[r * NR + j] += panel row j . x row r over kc columns (panel rows kc floats apart), r < MR, j < NR.
+// acc[r * NR + j] += panel row j . x row r over kc columns (panel rows kc floats apart), r < MR, j < NR; first: the
+// first panel, acc not yet set (zeroing all of it up front was a 16 KiB memset per 4 weight rows, 4% of a prefill).
 template <int MR, int NR>
-inline void panel_tile(const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc) {
+inline void panel_tile(const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc, bool first) {
   V a[MR][NR];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) a[r][j] = acc[r * NR + j];
+    for (int j = 0; j < NR; ++j) a[r][j] = first ? vzero() : acc[r * NR + j];
   for (int64_t k = 0; k < kc; k += VW) {
     V wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = vload(wp + j * kc + k);
@@ -1192,10 +1256,10 @@ inline void panel_tile(const float* wp, int64_t kc, const float* x, int64_t ldx,
 }
 
 template <int NR, int R = MR_PANEL - 1>
-inline void panel_tail(int64_t rem, const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc) {
+inline void panel_tail(int64_t rem, const float* wp, int64_t kc, const float* x, int64_t ldx, V* acc, bool first) {
   if constexpr (R > 0) {
-    if (rem == R) panel_tile<R, NR>(wp, kc, x, ldx, acc);
-    else panel_tail<NR, R - 1>(rem, wp, kc, x, ldx, acc);
+    if (rem == R) panel_tile<R, NR>(wp, kc, x, ldx, acc, first);
+    else panel_tail<NR, R - 1>(rem, wp, kc, x, ldx, acc, first);
   }
 }
 
@@ -1205,7 +1269,6 @@ void rows_panel(const Mat& w, int64_t n0, const float* x, int64_t M, int64_t ldx
   const int64_t K = w.cols;
   alignas(64) float wp[NR * KC];
   V acc[PANEL_M * NR];
-  for (int64_t i = 0; i < M * NR; ++i) acc[i] = vzero();
   Row rows[NR];
   for (int j = 0; j < NR; ++j) rows[j] = row_of(w, n0 + j);
   const int64_t rb = row_bytes(w);
@@ -1217,8 +1280,9 @@ void rows_panel(const Mat& w, int64_t n0, const float* x, int64_t M, int64_t ldx
       dequantize_blocks<KIND>(rows[j], k0 / QK, (k0 + kc) / QK, wp + j * kc);
     }
     int64_t r = 0;
-    for (; r + MR_PANEL <= M; r += MR_PANEL) panel_tile<MR_PANEL, NR>(wp, kc, x + r * ldx + k0, ldx, acc + r * NR);
-    panel_tail<NR>(M - r, wp, kc, x + r * ldx + k0, ldx, acc + r * NR);
+    for (; r + MR_PANEL <= M; r += MR_PANEL)
+      panel_tile<MR_PANEL, NR>(wp, kc, x + r * ldx + k0, ldx, acc + r * NR, k0 == 0);
+    panel_tail<NR>(M - r, wp, kc, x + r * ldx + k0, ldx, acc + r * NR, k0 == 0);
   }
   for (int64_t r = 0; r < M; ++r)
     for (int j = 0; j < NR; ++j) y[r * ldy + n0 + j] = vsum(acc[r * NR + j]);
@@ -1233,11 +1297,13 @@ void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64
     rows_dot<KIND>(w, n0, n1, x, y);
     return;
   }
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
   if (M == 1 && KIND == Q6K) {
     q6k_rows_one(w, n0, n1, x, y);
     return;
   }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)  // AVX-512: tile_kq's table lookup measured faster
   if (M == 1 && (KIND == Q4K || KIND == Q5K)) {  // the group sums of x once for all rows (tile_kq)
     std::vector<float> xs(w.cols / 4);
     for (int64_t g = 0; g < w.cols / 32; ++g)
