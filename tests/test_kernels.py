@@ -316,6 +316,9 @@ def test_panels_for_gemm_follows_the_cpu_or_selfseek_gemm(kernel_env, monkeypatc
         assert build.panels_for_gemm() is want, (isa, vendor)
     kernel_env(SELFSEEK_GEMM="blas")
     assert build.panels_for_gemm() is False
+    kernel_env(SELFSEEK_GEMM="panels")  # only the kinds that have panels; f32 is torch.mm's as it is
+    assert [kernels.gemm_by_panels(make_weight(k, 4, 64)[0]) for k in KINDS] == [True, True, True, False, True, True]
+    assert not kernels.gemm_by_panels(make_packed("q4_k", 4, 256)[0])
     kernel_env(SELFSEEK_GEMM="gemv")
     with pytest.raises(build.KernelBuildError, match="SELFSEEK_GEMM='gemv': must be panels or blas"):
         build.panels_for_gemm()

@@ -302,7 +302,7 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     rows = x2.shape[0]
     if rows >= GEMM_MIN_ROWS and m.kind == _KINDS[torch.float32]:
         y = torch.mm(x2, q.t())
-    elif rows >= GEMM_MIN_ROWS and not build.panels_for_gemm():
+    elif rows >= GEMM_MIN_ROWS and not _panels_take(m.kind):
         y = _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
@@ -310,6 +310,24 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
             _check(row_kernel(lib, m, rows)(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
                    "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
+
+
+# The kinds quant.cpp's rows_panel widens into float panels (f32 needs none: torch.mm reads it as it is).
+_PANEL_KINDS = frozenset(_KINDS[t] for t in (torch.bfloat16, torch.float16, torch.int8, torch.uint8))
+
+
+def _panels_take(kind: int) -> bool:
+    """Whether compute-bound products of this kind run through the kernels' panels (build.panels_for_gemm), not
+    BLAS: the K-quants and fp8 / fp4 have no panels, and their register-unpacked tiles lost to BLAS there (the
+    medium V3 Q4_K's 512-token prefill 209 -> 170 tok/s at 1 thread when they took it)."""
+    return kind in _PANEL_KINDS and build.panels_for_gemm()
+
+
+def gemm_by_panels(w: Weight) -> bool:
+    """`linear`'s choice for GEMM_MIN_ROWS rows and more of this weight (or stack): the kernels' panels (True) or
+    BLAS on dequantized tiles; the MoE layer keeps all of a prefill's experts in the fused kernel when True."""
+    kind = FORMATS[w.format][0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
+    return _panels_take(kind)
 
 
 def row_kernel(lib: ctypes.CDLL, m: _Mat, rows: int):
