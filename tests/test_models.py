@@ -45,6 +45,31 @@ def test_logits_match_transformers_fp32(checkpoints, family):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+def test_float_head_runs_in_the_kernels_outside_autograd(checkpoints):
+    """A float32 nn.Linear lm_head on the CPU: decode rows through kernels.linear (its row kernel), equal to the
+    module's product up to fp32 summation order; under autograd (training), or with a hook on the head, the module
+    itself runs, so gradients and hooks see it."""
+    from selfseek import kernels
+
+    folder, _ = checkpoints["v3_noaux"]
+    ours = load_checkpoint(folder, dtype="float32", progress=False)
+    x = torch.randn(3, ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.lm_head(x)
+        got = ours.head(x)
+        assert torch.equal(got, kernels.linear(x, ours.lm_head.weight) if kernels.available() else want)
+        assert (got - want).abs().max().item() <= 1e-5
+    xg = x.clone().requires_grad_()
+    ours.head(xg).sum().backward()  # the module: the gradient reaches x
+    assert torch.allclose(xg.grad, ours.lm_head.weight.sum(0).expand(3, -1))
+    seen = []
+    hook = ours.lm_head.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    with torch.no_grad():
+        ours.head(x)
+    hook.remove()
+    assert seen == [(3, ours.config.vocab_size)]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_continuation_matches_transformers_generate(checkpoints, family):
     folder, hf = checkpoints[family]
