@@ -325,8 +325,9 @@ def _panels_take(kind: int) -> bool:
 
 def gemm_by_panels(w: Weight) -> bool:
     """`linear`'s choice for GEMM_MIN_ROWS rows and more of this weight (or stack): the kernels' panels (True) or
-    BLAS on dequantized tiles; the MoE layer keeps all of a prefill's experts in the fused kernel when True."""
-    kind = FORMATS[w.format][0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
+    BLAS on dequantized tiles; the MoE layer keeps all of a prefill's experts in the fused kernel when it is True
+    for all three of its stacks."""
+    kind = FORMATS.get(w.format, (-1,))[0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
     return _panels_take(kind)
 
 
