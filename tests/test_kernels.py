@@ -84,6 +84,34 @@ def test_linear_matches_the_reference_for_every_batch_size(kind, gemm, kernel_en
 
 
 @needs_native
+def test_float_linear_layers_run_in_the_kernels_only_where_nothing_else_must_run(monkeypatch):
+    """layers.run_linear: a float32 nn.Linear at inference goes through kernels.linear (its bias added after), but
+    autograd, a forward hook or another layer class gets the module call."""
+    from torch import nn
+
+    from selfseek.models.layers import run_linear
+
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(3)
+    layer, x = nn.Linear(96, 40), torch.randn(3, 96)
+    with torch.no_grad():
+        want = layer(x)
+        close(run_linear(layer, x), want, scale=96**0.5)
+        assert len(calls) == 1
+        seen = []
+        handle = layer.register_forward_hook(lambda mod, a, out: seen.append(out))
+        assert torch.equal(run_linear(layer, x), want) and len(seen) == 1 and len(calls) == 1
+        handle.remove()
+        half = nn.Linear(96, 40).to(torch.bfloat16)
+        assert torch.equal(run_linear(half, x.bfloat16()), half(x.bfloat16())) and len(calls) == 1
+    y = run_linear(layer, x)  # autograd records: the module, so the gradient reaches the weight
+    y.sum().backward()
+    assert len(calls) == 1 and layer.weight.grad is not None
+
+
+@needs_native
 @pytest.mark.parametrize("kind", ["q8", "q8_mins", "q4", "bf16", "f16"])
 def test_several_rows_through_weight_panels(kind):
     """From 6 rows of x on, weights are widened 512 columns at a time into a float panel shared by all rows

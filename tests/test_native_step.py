@@ -54,11 +54,11 @@ def run(model: CausalLM, native: bool, monkeypatch, prompts=PROMPTS, **engine_kw
     return out, calls[0]
 
 
-@pytest.mark.parametrize("bits,cache", [(4, "auto"), (8, "auto"), (4, "float16"), (8, "bfloat16")])
+@pytest.mark.parametrize("bits,cache", [(4, "auto"), (8, "auto"), (4, "float16"), (8, "bfloat16"), (None, "auto")])
 def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch):
     """Decode batches of 1 to 4 sequences with different contexts over shuffled 4-slot blocks, chunked prefill
     (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
-    and with a 16-bit one the new rows are rounded into)."""
+    and with a 16-bit one the new rows are rounded into). Packed weights, and float32 ones (bits None)."""
     model = tiny_llama(bits)
     assert NativeStack.for_model(model).native is not None  # fp32 caches: the layers as one native call
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
@@ -67,10 +67,12 @@ def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch
     assert got == want
 
 
-@pytest.mark.parametrize("bits,skip,cache", [(8, ("kv_b_proj",), "auto"), (4, (), "auto"), (8, (), "float16")])
+@pytest.mark.parametrize("bits,skip,cache", [(8, ("kv_b_proj",), "auto"), (4, (), "auto"), (8, (), "float16"),
+                                             (None, (), "auto")])
 def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, one_thread, monkeypatch):
     """DeepSeek-V3 layers: MLA's absorbed decode (W^UK / W^UV read per head from kv_b_proj, float or packed as in a
-    GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert."""
+    GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert; packed weights,
+    and all float32 (bits None: float32 expert stacks in the fused kernel too)."""
     model = tiny_llama(bits, "v3_noaux", "deepseek_v3", skip, q_lora_rank=64)  # 64: a whole number of 32-blocks
     assert NativeStack.for_model(model).native is not None  # fp32 caches: two native calls per layer and the router
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
@@ -123,9 +125,9 @@ def test_native_step_with_int8_activations(one_thread, monkeypatch):
 
 
 def test_native_step_takes_only_what_it_runs_exactly(one_thread, monkeypatch):
-    # float weights go through torch's BLAS on the module path; Qwen2's q/k/v biases and Qwen3's q/k norms are
-    # not in the native step: all of them keep the module path
-    assert NativeStack.for_model(tiny_llama(None)) is None
+    # Qwen2's q/k/v biases and Qwen3's q/k norms are not in the native step: they keep the module path, packed or not
+    assert NativeStack.for_model(tiny_llama(None, "qwen2", "qwen2")) is None
+    assert NativeStack.for_model(tiny_llama(4, "qwen2", "qwen2")) is None
     assert NativeStack.for_model(tiny_llama(4, "qwen3", "qwen3")) is None
     assert NativeStack.for_model(tiny_llama(8, "v2_lite_greedy", "deepseek_v2")) is None  # no query compression
     model = tiny_llama(4)

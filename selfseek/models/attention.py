@@ -22,7 +22,7 @@ from selfseek.models.attention_backend import (
     quantize_fp8,
 )
 from selfseek.models.batch import AttnBatch, PagedRows
-from selfseek.models.layers import RMSNorm, Rotary, fused_rows
+from selfseek.models.layers import RMSNorm, Rotary, fused_rows, run_linear
 
 
 class Attention(nn.Module):
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         fused = fused_rows(self, (self.q_proj, self.k_proj, self.v_proj))
         kv = None  # [T, 2, k, d]: K and V of the new rows, the pool's row layout
         if fused is not None and self.q_norm is None:
-            qkv = fused(x)
+            qkv = run_linear(fused, x)
             # q and k are adjacent columns of the fused output: one rotary over both sets of heads
             qk = qkv[:, : (h + self.n_kv) * d].view(T, h + self.n_kv, d)
             if rope(qk, *cos_sin, self.rotary.interleaved, out=qk) is not None:  # in place, one kernel call
@@ -88,9 +88,9 @@ class Attention(nn.Module):
             q = qk[:, :h].view(T, self.n_kv, g, d)
         else:
             if fused is None:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                q, k, v = run_linear(self.q_proj, x), run_linear(self.k_proj, x), run_linear(self.v_proj, x)
             else:
-                q, k, v = fused(x).split([h * d, self.n_kv * d, self.n_kv * d], dim=-1)
+                q, k, v = run_linear(fused, x).split([h * d, self.n_kv * d, self.n_kv * d], dim=-1)
             q, k = q.reshape(T, self.n_kv, g, d), k.reshape(T, self.n_kv, d)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -108,7 +108,7 @@ class Attention(nn.Module):
         if rest is not None and rest.start == 0:  # every row reads the cache in place (decode): no copy into `out`
             k_cache, v_cache, scales = self._paged_views(pool)
             out = paged_attention(q, k_cache, v_cache, rest, self.scale, scales)
-            return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+            return run_linear(self.o_proj, out.reshape(T, self.n_heads * self.head_dim))
         out = x.new_empty(T, self.n_kv, g, self.head_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         if rest is not None:
             k_cache, v_cache, scales = self._paged_views(pool)
             out[e:] = paged_attention(q[e:], k_cache, v_cache, rest, self.scale, scales)
-        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+        return run_linear(self.o_proj, out.reshape(T, self.n_heads * self.head_dim))
 
     def _attend_gathered(self, q: torch.Tensor, pool: torch.Tensor, rows: PagedRows, num_seqs: int) -> torch.Tensor:
         """Long chunks after a cached prefix (the first `num_seqs` sequences of `rows`): their context gathered

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfseek import kernels
 from selfseek.config import RopeConfig, yarn_mscale
 from selfseek.kernels.fused_ops import add_rms_norm, silu_mul
 from selfseek.kernels.fused_ops import rope as fused_rope
@@ -36,6 +37,30 @@ class RMSNorm(nn.Module):
             # F.rms_norm computes x * rsqrt(mean(x^2) + eps) (bitwise the eager formula in fp32)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs forward hooks (its own or global ones: a profile's timers, LoRA's delta)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
+def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); a float32 nn.Linear on the CPU outside autograd and without hooks runs in the kernels instead
+    (kernels.linear: the row kernels below GEMM_MIN_ROWS rows of x, torch.mm from there, as for packed weights).
+    torch's sgemv and small sgemm (MKL) measured slower at every size below 32 rows on a Zen 4 EPYC, and did not
+    use a second thread: 1024 x 1024 by 1 row 0.082 / 0.076 ms at 1 / 2 threads against the kernel's 0.081 / 0.037;
+    the medium V3's 129280 x 1024 head by 4 rows 102 / 125 ms against 43 / 26. The native decode step
+    (models/native_step.py) runs the same kernels, so float32 models take it too."""
+    w = getattr(layer, "weight", None)
+    if (type(layer) is nn.Linear and w.dtype == x.dtype == torch.float32 and w.device.type == "cpu"
+            and w.is_contiguous() and not hooked(layer)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        y = kernels.linear(x, w)
+        return y if layer.bias is None else y.add_(layer.bias)
+    return layer(x)
 
 
 def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | None:
@@ -255,8 +280,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_rows(self, (self.gate_proj, self.up_proj))
         if fused is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(silu_mul(fused(x), self.gate_proj.out_features))
+            return run_linear(self.down_proj, F.silu(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x))
+        return run_linear(self.down_proj, silu_mul(run_linear(fused, x), self.gate_proj.out_features))
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:

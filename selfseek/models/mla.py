@@ -39,7 +39,7 @@ from selfseek.models.attention_backend import (
 )
 from selfseek.models.batch import AttnBatch, PagedRows
 from selfseek.models.indexer import Indexer
-from selfseek.models.layers import RMSNorm, Rotary, fused_rows
+from selfseek.models.layers import RMSNorm, Rotary, fused_rows, run_linear
 from selfseek.models.quant import QuantLinear
 
 
@@ -107,7 +107,7 @@ class MLA(nn.Module):
         T = x.shape[0]
         q_a, ckv = self._down_projections(x)
         q_c = q_a if self.q_lora_rank is None else self.q_a_layernorm(q_a)
-        q = q_a if self.q_lora_rank is None else self.q_b_proj(q_c)
+        q = q_a if self.q_lora_rank is None else run_linear(self.q_b_proj, q_c)
         q_nope, q_rope = q.view(T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = self.rotary(q_rope, *cos_sin)
 
@@ -127,7 +127,7 @@ class MLA(nn.Module):
                 batch.decode_mode != "expanded"):
             n_long, rest = paged.split(self.EXPANDED_MIN_ROWS)
             if n_long == 0:  # every row reads the cache through the kernel (decodes, short chunks): no copy into `out`
-                return self.o_proj(self._attend_paged(q_nope, q_rope, pool, rest).flatten(1))
+                return run_linear(self.o_proj, self._attend_paged(q_nope, q_rope, pool, rest).flatten(1))
         out = x.new_empty(T, self.n_heads, self.v_dim)
         for seg in batch.prefills:
             rows = slice(seg.q_start, seg.q_end)
@@ -146,17 +146,17 @@ class MLA(nn.Module):
                 out[e:] = self._attend_paged_sparse(q_nope[e:], q_rope[e:], pool, rest, dsa[0][e:], dsa[1][e:])
             elif rest is not None:
                 out[e:] = self._attend_paged(q_nope[e:], q_rope[e:], pool, rest)
-        return self.o_proj(out.flatten(1))
+        return run_linear(self.o_proj, out.flatten(1))
 
     # ---- projections ---------------------------------------------------------------------------------
     def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q_a_proj(x) or, without query compression, q_proj(x); kv_a_proj_with_mqa(x)): one GEMM when fused."""
         if self.q_lora_rank is None:
-            return self.q_proj(x), self.kv_a_proj_with_mqa(x)
+            return run_linear(self.q_proj, x), run_linear(self.kv_a_proj_with_mqa, x)
         fused = self._fused_down()
         if fused is None:
-            return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-        return fused(x).split([self.q_lora_rank, self.latent_dim + self.rope_dim], dim=-1)
+            return run_linear(self.q_a_proj, x), run_linear(self.kv_a_proj_with_mqa, x)
+        return run_linear(fused, x).split([self.q_lora_rank, self.latent_dim + self.rope_dim], dim=-1)
 
     def _fused_down(self) -> nn.Module | None:
         """q_a_proj and kv_a_proj_with_mqa as one layer (row views of one weight; see layers.fused_rows)."""
@@ -167,7 +167,8 @@ class MLA(nn.Module):
         """New tokens among themselves, expanded ("MHA mode"): [s, h, d], [s, h, r], kv [s, c + r] -> [s, h, v]."""
         latent, k_rope = kv.split([self.latent_dim, self.rope_dim], dim=-1)
         s = latent.shape[0]
-        k_nope, v = self.kv_b_proj(latent).view(s, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope, v = run_linear(self.kv_b_proj, latent).view(s, self.n_heads, -1).split([self.nope_dim, self.v_dim],
+                                                                                         dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(s, self.n_heads, self.rope_dim)], dim=-1)
         return dense_attention(q, k, v, self.scale, mask)
@@ -279,7 +280,8 @@ class MLA(nn.Module):
             ctx = ctx.to(q_nope.dtype)  # a cache stored narrower than the compute dtype
             latent, k_rope, index_keys = ctx.split([self.latent_dim, self.rope_dim, ctx.shape[1] - self.latent_dim
                                                     - self.rope_dim], dim=-1)
-            k_nope, v = self.kv_b_proj(latent).view(n_ctx, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
+            kv = run_linear(self.kv_b_proj, latent).view(n_ctx, self.n_heads, -1)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], -1)
             q = torch.cat([q_nope[q_rows], q_rope[q_rows]], dim=-1)
             k = torch.cat([k_nope, k_rope[:, None].expand(n_ctx, self.n_heads, self.rope_dim)], dim=-1)
             visible = torch.arange(n_ctx, device=pool.device)[None, :] <= torch.arange(

@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfseek import kernels
 from selfseek.config import ModelConfig
 from selfseek.kernels.fused_ops import add_rms_norm
 from selfseek.models.batch import AttnBatch, build_batch
 from selfseek.models.decoder import DecoderLayer
-from selfseek.models.layers import RMSNorm
+from selfseek.models.layers import RMSNorm, run_linear
 from selfseek.models.mtp import MTPLayer
 from selfseek.models.native_step import NativeStack
 
@@ -136,16 +135,10 @@ class CausalLM(nn.Module):
         return self.head(self.model.norm(hidden))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """lm_head(x). A float32 nn.Linear head on the CPU, outside autograd, runs in the kernels (kernels.linear): the
-        output head is the biggest matrix a token reads, and torch's sgemv read the medium V3's 529 MB fp32 head in
-        35 ms on 1 thread and on 2 alike, the kernel in 32 / 23 ms (AMD Zen 4)."""
-        head, w = self.lm_head, self.lm_head.weight
-        # kernels.linear itself falls back to torch off the CPU or without the kernels: no need to test for those here
-        if (type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks
-                and w.dtype == x.dtype == torch.float32 and w.is_contiguous()
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return kernels.linear(x, w)
-        return head(x)
+        """lm_head(x); a float32 head runs in the kernels (layers.run_linear): the output head is the biggest matrix a
+        token reads, and torch's sgemv read the medium V3's 529 MB fp32 head in 35 ms on 1 thread and on 2 alike,
+        the kernel in 32 / 23 ms (AMD Zen 4)."""
+        return run_linear(self.lm_head, x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s], each row a whole sequence -> logits [b, s, vocab] (in the compute dtype)."""

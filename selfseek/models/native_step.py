@@ -7,10 +7,11 @@ allocations: about 0.3 ms per Llama layer on a 2-core EPYC, a quarter of the def
 layer's kernel views are made once (made again when a weight is replaced) and a step is a few calls per layer into
 buffers allocated once per step: the same kernels with the same arguments in the same order as the module path, so
 the result is bit for bit the same (tests/test_native_step.py). It takes only what it can run exactly so; anything
-else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, float weights multiplied by torch's BLAS) runs the
-module path. With an fp32 cache and float activations the layer loop itself runs in fused_ops.cpp (_CLayers: one
-call per step, or two per layer around the router where experts are routed): the Python glue left between kernels,
-about 90 us per Llama layer and more per MLA + MoE layer, was a sixth to a fifth of a decode step.
+else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, linear layers with a bias) runs the module path. Packed
+and float32 weights alike: the module path runs float32 nn.Linear layers in the same kernels (layers.run_linear).
+With an fp32 cache and float activations the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step,
+or two per layer around the router where experts are routed): the Python glue left between kernels, about 90 us per
+Llama layer and more per MLA + MoE layer, was a sixth to a fifth of a decode step.
 
     for each layer: x = RMSNorm(residual += ffn)             add_rms_norm
                     a = attention(x)                          GQA or MLA below
@@ -47,10 +48,15 @@ class Unsupported(Exception):
 
 
 def _product(layer: nn.Module | None) -> tuple[kernels.Weight, kernels._Mat]:
-    """A packed linear layer's weight (held, so the view stays valid) and its kernel view."""
-    if type(layer) is not QuantLinear:  # float nn.Linear runs torch's BLAS on the module path: other sums
-        raise Unsupported(f"{type(layer).__name__} is not a packed linear layer")
-    w = layer.packed
+    """A linear layer's weight (held, so the view stays valid) and its kernel view: a packed layer, or a float32
+    nn.Linear without bias (which the module path runs in the same kernels: layers.run_linear)."""
+    if type(layer) is QuantLinear:
+        w = layer.packed
+    elif (type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == torch.float32
+          and layer.weight.device.type == "cpu" and layer.weight.is_contiguous()):
+        w = layer.weight.detach()
+    else:
+        raise Unsupported(f"{type(layer).__name__} is not a packed or float32 linear layer without bias")
     return w, kernels.prepare(w)
 
 
@@ -213,10 +219,14 @@ class _MoE:
         if type(moe) is not MoE or type(moe.experts) is not Experts:
             raise Unsupported("not a DeepSeekMoE layer")
         stacks = [getattr(moe.experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
-        if not all(type(st) is QuantStack for st in stacks):
-            raise Unsupported("expert stacks not packed")
+        if all(type(st) is QuantStack for st in stacks):
+            self.stacks = [st.packed for st in stacks]
+        elif all(isinstance(st, torch.Tensor) and st.dtype == torch.float32 and st.device.type == "cpu"
+                 for st in stacks):
+            self.stacks = [st.detach() for st in stacks]  # Experts.forward's fused_experts takes float32 stacks too
+        else:
+            raise Unsupported("expert stacks neither packed nor float32")
         self.moe = moe
-        self.stacks = [st.packed for st in stacks]
         if not kernels.moe_native(torch.empty(0), *self.stacks):
             raise Unsupported("the fused experts kernel cannot take these stacks")
         self.prepared = kernels.prepare_stacks(*self.stacks)
@@ -379,7 +389,8 @@ class NativeStack:
         if (layers and kernels.available() and fused_ops._load() is not None
                 and backend._kernel(torch.device("cpu")) is not None):
             try:
-                stack = NativeStack(layers)
+                with torch.no_grad():  # fused_rows declines while autograd could record the float weights
+                    stack = NativeStack(layers)
             except Unsupported:
                 stack = None
         model.__dict__["_native_stack"] = (tuple(map(id, layers)), stack)
