@@ -10,17 +10,20 @@ from checkpoints import VOCAB, tiny_model
 from selfseek.engine.engine import EngineArgs, LLMEngine
 from selfseek.models.model import CausalLM
 from selfseek.models.native_step import NativeStack
-from selfseek.models.quant import quantize_model
+from selfseek.models.quant import keep_16bit_storage, quantize_model
 from selfseek.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not __import__("selfseek.kernels").kernels.available(),
                                 reason="the native kernels are not built on this machine")
 
 
-def tiny_llama(bits: int | None, family: str = "llama_linear", model_type: str = "llama", skip=("kv_b_proj",),
+def tiny_llama(bits: int | str | None, family: str = "llama_linear", model_type: str = "llama", skip=("kv_b_proj",),
                **overrides) -> CausalLM:
+    """bits: 8 / 4 packed, None float32, "bf16" bf16 storage with float32 compute (dtype auto on a CPU)."""
     model = tiny_model(family, model_type, **overrides)
-    if bits:
+    if bits == "bf16":
+        keep_16bit_storage(model, torch.bfloat16)
+    elif bits:
         quantize_model(model, bits, skip)
     return model
 
@@ -54,11 +57,12 @@ def run(model: CausalLM, native: bool, monkeypatch, prompts=PROMPTS, **engine_kw
     return out, calls[0]
 
 
-@pytest.mark.parametrize("bits,cache", [(4, "auto"), (8, "auto"), (4, "float16"), (8, "bfloat16"), (None, "auto")])
+@pytest.mark.parametrize("bits,cache", [(4, "auto"), (8, "auto"), (4, "float16"), (8, "bfloat16"), (None, "auto"),
+                                        ("bf16", "auto")])
 def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch):
     """Decode batches of 1 to 4 sequences with different contexts over shuffled 4-slot blocks, chunked prefill
     (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
-    and with a 16-bit one the new rows are rounded into). Packed weights, and float32 ones (bits None)."""
+    and with a 16-bit one the new rows are rounded into). Packed weights, float32 ones (bits None) and 16-bit storage."""
     model = tiny_llama(bits)
     assert NativeStack.for_model(model).native is not None  # fp32 caches: the layers as one native call
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)
@@ -68,11 +72,11 @@ def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch
 
 
 @pytest.mark.parametrize("bits,skip,cache", [(8, ("kv_b_proj",), "auto"), (4, (), "auto"), (8, (), "float16"),
-                                             (None, (), "auto")])
+                                             (None, (), "auto"), ("bf16", (), "auto")])
 def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, one_thread, monkeypatch):
     """DeepSeek-V3 layers: MLA's absorbed decode (W^UK / W^UV read per head from kv_b_proj, float or packed as in a
     GGUF), the dense first layer, routed experts through the fused kernel plus the shared expert; packed weights,
-    and all float32 (bits None: float32 expert stacks in the fused kernel too)."""
+    all float32 (bits None: float32 expert stacks in the fused kernel too) and all in bf16 storage."""
     model = tiny_llama(bits, "v3_noaux", "deepseek_v3", skip, q_lora_rank=64)  # 64: a whole number of 32-blocks
     assert NativeStack.for_model(model).native is not None  # fp32 caches: two native calls per layer and the router
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)

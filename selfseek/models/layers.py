@@ -80,7 +80,7 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
     from selfseek.models.quant import QuantLinear
 
     first = parts[0]
-    if all(type(p) is nn.Linear for p in parts):
+    if type(first) in (nn.Linear, _half_linear()) and all(type(p) is type(first) for p in parts):
         has_bias = first.bias is not None
         if any((p.bias is not None) != has_bias for p in parts):
             return None
@@ -109,13 +109,19 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
     return cached[0]
 
 
+def _half_linear() -> type:
+    from selfseek.models.quant import HalfLinear
+
+    return HalfLinear
+
+
 def _fuse_rows(parts: tuple[nn.Module, ...], names: tuple[str, ...], store: str) -> nn.Module:
     from selfseek.models.quant import QuantLinear
 
     first, out = parts[0], sum(p.out_features for p in parts)
     with torch.inference_mode(False), torch.no_grad():
-        if store == "_parameters":
-            fused = nn.Linear(first.in_features, out, bias="bias" in names, device="meta")
+        if store == "_parameters":  # nn.Linear, or HalfLinear (16-bit storage)
+            fused = type(first)(first.in_features, out, bias="bias" in names, device="meta")
         else:
             fused = QuantLinear(first.in_features, out, first.bits, first.mins is not None)
         for n in names:

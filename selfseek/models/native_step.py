@@ -40,24 +40,27 @@ from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import MLP, RMSNorm, fused_rows
 from selfseek.models.mla import MLA, HeadProduct
 from selfseek.models.moe import Experts, MoE
-from selfseek.models.quant import QuantLinear, QuantStack
+from selfseek.models.quant import HalfLinear, QuantLinear, QuantStack
 
 
 class Unsupported(Exception):
     """A layer the native step does not run exactly as the module path: the model keeps the module path."""
 
 
+_FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _product(layer: nn.Module | None) -> tuple[kernels.Weight, kernels._Mat]:
-    """A linear layer's weight (held, so the view stays valid) and its kernel view: a packed layer, or a float32
-    nn.Linear without bias (which the module path runs in the same kernels: layers.run_linear)."""
+    """A linear layer's weight (held, so the view stays valid) and its kernel view: a packed layer, or a float
+    nn.Linear (float32) or HalfLinear (16-bit storage) without bias, which the module path runs in the same kernels
+    (layers.run_linear, HalfLinear.forward)."""
     if type(layer) is QuantLinear:
-        w = layer.packed
-    elif (type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == torch.float32
-          and layer.weight.device.type == "cpu" and layer.weight.is_contiguous()):
-        w = layer.weight.detach()
-    else:
-        raise Unsupported(f"{type(layer).__name__} is not a packed or float32 linear layer without bias")
-    return w, kernels.prepare(w)
+        return layer.packed, kernels.prepare(layer.packed)
+    w = getattr(layer, "weight", None)
+    dtypes = {nn.Linear: (torch.float32,), HalfLinear: _FLOAT_STORAGE}.get(type(layer), ())
+    if w is None or w.dtype not in dtypes or layer.bias is not None or w.device.type != "cpu" or not w.is_contiguous():
+        raise Unsupported(f"{type(layer).__name__} is not a packed or float linear layer without bias")
+    return w.detach(), kernels.prepare(w.detach())
 
 
 def _norm(norm: nn.Module) -> RMSNorm:
@@ -221,11 +224,11 @@ class _MoE:
         stacks = [getattr(moe.experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
         if all(type(st) is QuantStack for st in stacks):
             self.stacks = [st.packed for st in stacks]
-        elif all(isinstance(st, torch.Tensor) and st.dtype == torch.float32 and st.device.type == "cpu"
+        elif all(isinstance(st, torch.Tensor) and st.dtype in _FLOAT_STORAGE and st.device.type == "cpu"
                  for st in stacks):
-            self.stacks = [st.detach() for st in stacks]  # Experts.forward's fused_experts takes float32 stacks too
+            self.stacks = [st.detach() for st in stacks]  # Experts.forward's fused_experts takes float stacks too
         else:
-            raise Unsupported("expert stacks neither packed nor float32")
+            raise Unsupported("expert stacks neither packed nor float")
         self.moe = moe
         if not kernels.moe_native(torch.empty(0), *self.stacks):
             raise Unsupported("the fused experts kernel cannot take these stacks")
