@@ -62,7 +62,7 @@ def run(model: CausalLM, native: bool, monkeypatch, prompts=PROMPTS, **engine_kw
 def test_native_step_equals_the_module_path(bits, cache, one_thread, monkeypatch):
     """Decode batches of 1 to 4 sequences with different contexts over shuffled 4-slot blocks, chunked prefill
     (32-token budget) mixed in: tokens and logprobs identical, and the native path really ran (with an fp32 cache,
-    and with a 16-bit one the new rows are rounded into). Packed weights, float32 ones (bits None) and 16-bit storage."""
+    and with a 16-bit one the new rows are rounded into). Packed weights, float32 ones (None) and 16-bit storage."""
     model = tiny_llama(bits)
     assert NativeStack.for_model(model).native is not None  # fp32 caches: the layers as one native call
     want, _ = run(model, False, monkeypatch, kv_cache_dtype=cache)

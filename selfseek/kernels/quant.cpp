@@ -19,9 +19,10 @@
 // fields by shifts and masks; fp8 (tile_fp): e4m3 bytes moved into fp16 bit positions, widened by vcvtph2ps
 // (subnormals exact); fp4: a 16-entry table by vpermps (AVX-512) or pshufb (AVX2). The generic build keeps the buffer.
 //
-// Decode (one activation row) of the plain kinds but f32 reads one weight row after the other (row_dot): the weight
-// is one sequential stream, which DRAM serves faster than NR rows interleaved block by block (q8, 129280 x 1024:
-// 12 against 9.5 GB/s at 1 thread, both with prefetch). Every path prefetches PF_BYTES ahead in its row streams.
+// Decode (one activation row) of the plain kinds reads one weight row after the other (row_dot): the weight is one
+// sequential stream, which DRAM serves faster than NR rows interleaved block by block (q8, 129280 x 1024: 12 against
+// 9.5 GB/s at 1 thread, both with prefetch). Every path prefetches PF_BYTES ahead in its row streams, but one-row
+// f32 and 16-bit rows, which prefetch the line being read (row_prefetch).
 // One register-tiled micro-kernel serves every kind and batch size: NR weight rows x MR activation rows per pass;
 // each 32-block of a weight row is dequantized (d * q + m) in registers once and multiplied against MR rows of x,
 // so the weight is read once per MR rows and never materialised (AVX-512 q4: a 16-entry table d * k + m per block,
@@ -114,16 +115,12 @@ inline Mat expert(const Mat& w, int64_t e) {
 // (4 KiB: best measured of 1-8 KiB on the medium V3 lm_head).
 constexpr int64_t PF_BYTES = 4096;
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-// One-row float32 and 16-bit rows (row_dot, half_row_dot) of the AVX-512 build prefetch the line being read instead:
-// on Zen 4, f32 129280 x 1024 at 1 thread 27-31 -> 21-23 ms, bf16 32768 x 2048 6.0 -> 5.1 ms (no prefetch at all:
-// 26 ms in 4 KiB pages), where q8 rows keep PF_BYTES (6.8 against 8.5 ms).
+// One-row float32 and 16-bit rows (row_dot, half_row_dot) prefetch the line being read instead: on a Zen 4 EPYC, f32
+// 129280 x 1024 at 1 thread 27-31 -> 21-23 ms (AVX2 build, against its former 4 page streams: 39 -> 22), bf16
+// 32768 x 2048 6.0 -> 5.1 ms (no prefetch at all: 26 ms for that f32), where q8 rows keep PF_BYTES (6.8 vs 8.5 ms).
 template <int KIND>
 constexpr int64_t row_prefetch() {
-#if defined(__AVX512F__)
   return KIND == F32 || KIND == BF16 || KIND == F16 ? 0 : PF_BYTES;
-#else
-  return PF_BYTES;
-#endif
 }
 // The lines of [p, p + n) (a short stream: a future row's scales).
 inline void prefetch_range(const void* p, int64_t n) {
@@ -1304,14 +1301,10 @@ template <int KIND>
 void gemm_range_kind(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx, float* y,
                      int64_t ldy) {
   int64_t n = n0;
-  // One row of x: plain-kind weight rows one after the other (rows_dot), but f32 on AVX2, whose rows span pages and
-  // read faster as NR_ONE page streams (AMD Zen 3); the AVX-512 build reads f32 rows one by one too (Zen 4, 129280 x
-  // 1024: 34-41 -> 31-33 ms at 1 thread, 22-25 -> 18.5 ms at 2).
-#if defined(__AVX512F__)
+  // One row of x: plain-kind weight rows one after the other (rows_dot). f32 rows on AVX2 read faster as NR_ONE page
+  // streams on Zen 3 while they prefetched 4 KiB ahead; prefetching the line being read (row_prefetch), one by one
+  // is faster on Zen 4 in both builds (AVX2: 129280 x 1024 at 1 thread 39 -> 22 ms, 21 -> 12.5 at 2).
   constexpr bool ROW_BY_ROW = !blocked(KIND);
-#else
-  constexpr bool ROW_BY_ROW = !blocked(KIND) && KIND != F32;
-#endif
   if (M == 1 && ROW_BY_ROW) {
     rows_dot<KIND>(w, n0, n1, x, y);
     return;
