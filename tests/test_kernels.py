@@ -109,6 +109,14 @@ def test_float_linear_layers_run_in_the_kernels_only_where_nothing_else_must_run
     y = run_linear(layer, x)  # autograd records: the module, so the gradient reaches the weight
     y.sum().backward()
     assert len(calls) == 1 and layer.weight.grad is not None
+    # a packed layer runs its own forward, and its dequantizing `weight` property is never read on the way
+    from selfseek.models.quant import QuantLinear
+
+    packed = QuantLinear(96, 40, 8)
+    with torch.no_grad():
+        packed.set_from_float(torch.randn(40, 96))
+        monkeypatch.setattr(kernels, "to_float", lambda *a, **kw: pytest.fail("run_linear dequantized the weight"))
+        assert torch.equal(run_linear(packed, x), packed(x))
 
 
 @needs_native

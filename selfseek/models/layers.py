@@ -54,9 +54,10 @@ def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     use a second thread: 1024 x 1024 by 1 row 0.082 / 0.076 ms at 1 / 2 threads against the kernel's 0.081 / 0.037;
     the medium V3's 129280 x 1024 head by 4 rows 102 / 125 ms against 43 / 26. The native decode step
     (models/native_step.py) runs the same kernels, so float32 models take it too."""
-    w = getattr(layer, "weight", None)
-    if (type(layer) is nn.Linear and w.dtype == x.dtype == torch.float32 and w.device.type == "cpu"
-            and w.is_contiguous() and not hooked(layer)
+    if type(layer) is not nn.Linear:  # first: another class's `weight` may be a property (QuantLinear dequantizes)
+        return layer(x)
+    w = layer.weight
+    if (w.dtype == x.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() and not hooked(layer)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         y = kernels.linear(x, w)
         return y if layer.bias is None else y.add_(layer.bias)
