@@ -26,6 +26,7 @@ Llama layer and more per MLA + MoE layer, was a sixth to a fifth of a decode ste
 from __future__ import annotations
 
 import ctypes
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -363,20 +364,23 @@ class NativeStack:
         self._modules = [m for layer in layers for m in layer.modules()]
         # every submodule, buffer and parameter of the stack as (its dict, name, object) at build: a module or weight
         # replaced since (not one changed in place) makes the stack stale; checked each step in one flat pass
-        self._slots = [(d, name, obj) for m in self._modules for d in (m._modules, m._buffers, m._parameters)
-                       for name, obj in d.items()]
+        slots = [(d, name, obj) for m in self._modules for d in (m._modules, m._buffers, m._parameters)
+                 for name, obj in d.items()]
+        self._dicts, self._names, self._objects = (list(t) for t in zip(*slots, strict=True)) if slots else ([], [], [])
+        self._hook_dicts = [h for m in self._modules for h in (m._forward_hooks, m._forward_pre_hooks)]
 
+    # current() and hooked() run every step over ~700 slots and ~500 hook dicts on the medium V3: map()s in C rather
+    # than generator expressions, which took 0.65 ms of a 16 ms step (cProfile, 2 threads)
     def current(self) -> bool:
         """Whether the layers hold the modules and weights the stack was made from."""
-        return all(d.get(name) is obj for d, name, obj in self._slots)
+        return all(map(operator.is_, map(dict.get, self._dicts, self._names), self._objects))
 
     def hooked(self) -> bool:
         """Whether any module of the stack has forward hooks (a profile's timers, a served LoRA adapter's hook): the
         module path runs them, this one could not."""
         from torch.nn.modules import module as nn_module
 
-        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(self._hook_dicts)
 
     @staticmethod
     def for_model(model: nn.Module) -> NativeStack | None:
