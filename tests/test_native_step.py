@@ -117,6 +117,21 @@ def test_gguf_split_kv_b_halves_are_read_as_the_file_packs_them(one_thread, monk
     assert model.model.layers[1].self_attn.absorbed_products()[0][5] is False
 
 
+@pytest.mark.parametrize("family,model_type", [("llama_linear", "llama"), ("v3_noaux", "deepseek_v3")])
+def test_packed_weights_are_never_widened_whole_while_serving(family, model_type, one_thread, monkeypatch):
+    """Once warm, prefill and decode (module path and native step) read packed weights as they are: no call
+    dequantizes a whole weight (QuantLinear.weight does; reading it for the output head made every decode step
+    widen the whole head, 529 MB a step on the medium V3, until run_linear tested the class first)."""
+    from selfseek import kernels
+
+    model = tiny_llama(8) if model_type == "llama" else tiny_llama(8, family, model_type, (), q_lora_rank=64)
+    run(model, True, monkeypatch)  # warm: what is made once (fused layers, MLA's per-head views) is made here
+    monkeypatch.setattr(kernels, "to_float", lambda *a, **kw: pytest.fail("a whole weight was dequantized"))
+    for native in (True, False):
+        _, calls = run(model, native, monkeypatch)
+        assert (calls > 0) == native
+
+
 def test_native_step_with_int8_activations(one_thread, monkeypatch):
     """The opt-in int8-activation kernels are chosen the same way on both paths."""
     from selfseek import kernels
