@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from selfseek import kernels
 from selfseek.config import RopeConfig, yarn_mscale
@@ -39,12 +40,14 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+def global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (nn.modules.module.register_module_forward_hook)."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def hooked(module: nn.Module) -> bool:
     """Whether calling the module runs forward hooks (its own or global ones: a profile's timers, LoRA's delta)."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks()
 
 
 def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +81,10 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
         store, names = cached[3]
         if [getattr(p, store)[n].data_ptr() for p in parts for n in names] == cached[2]:
             return cached[0]
-    from selfseek.models.quant import QuantLinear
+    from selfseek.models.quant import HalfLinear, QuantLinear
 
     first = parts[0]
-    if type(first) in (nn.Linear, _half_linear()) and all(type(p) is type(first) for p in parts):
+    if type(first) in (nn.Linear, HalfLinear) and all(type(p) is type(first) for p in parts):
         has_bias = first.bias is not None
         if any((p.bias is not None) != has_bias for p in parts):
             return None
@@ -108,12 +111,6 @@ def fused_rows(owner: nn.Module, parts: tuple[nn.Module, ...]) -> nn.Module | No
         cached = (fused, parts, ptrs, (store, names))
         owner.__dict__["_fused_rows"] = cached
     return cached[0]
-
-
-def _half_linear() -> type:
-    from selfseek.models.quant import HalfLinear
-
-    return HalfLinear
 
 
 def _fuse_rows(parts: tuple[nn.Module, ...], names: tuple[str, ...], store: str) -> nn.Module:

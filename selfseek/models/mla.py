@@ -167,8 +167,8 @@ class MLA(nn.Module):
         """New tokens among themselves, expanded ("MHA mode"): [s, h, d], [s, h, r], kv [s, c + r] -> [s, h, v]."""
         latent, k_rope = kv.split([self.latent_dim, self.rope_dim], dim=-1)
         s = latent.shape[0]
-        k_nope, v = run_linear(self.kv_b_proj, latent).view(s, self.n_heads, -1).split([self.nope_dim, self.v_dim],
-                                                                                         dim=-1)
+        kv_b = run_linear(self.kv_b_proj, latent).view(s, self.n_heads, -1)
+        k_nope, v = kv_b.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(s, self.n_heads, self.rope_dim)], dim=-1)
         return dense_attention(q, k, v, self.scale, mask)

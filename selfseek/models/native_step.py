@@ -38,7 +38,7 @@ from selfseek.models import attention_backend as backend
 from selfseek.models.attention import Attention
 from selfseek.models.batch import AttnBatch
 from selfseek.models.decoder import DecoderLayer
-from selfseek.models.layers import MLP, RMSNorm, fused_rows
+from selfseek.models.layers import MLP, RMSNorm, fused_rows, global_hooks
 from selfseek.models.mla import MLA, HeadProduct
 from selfseek.models.moe import Experts, MoE
 from selfseek.models.quant import HalfLinear, QuantLinear, QuantStack
@@ -57,11 +57,11 @@ def _product(layer: nn.Module | None) -> tuple[kernels.Weight, kernels._Mat]:
     (layers.run_linear, HalfLinear.forward)."""
     if type(layer) is QuantLinear:
         return layer.packed, kernels.prepare(layer.packed)
-    w = getattr(layer, "weight", None)
     dtypes = {nn.Linear: (torch.float32,), HalfLinear: _FLOAT_STORAGE}.get(type(layer), ())
+    w = layer.weight.detach() if dtypes else None  # the class first: another's `weight` may dequantize (QuantLinear)
     if w is None or w.dtype not in dtypes or layer.bias is not None or w.device.type != "cpu" or not w.is_contiguous():
         raise Unsupported(f"{type(layer).__name__} is not a packed or float linear layer without bias")
-    return w.detach(), kernels.prepare(w.detach())
+    return w, kernels.prepare(w)
 
 
 def _norm(norm: nn.Module) -> RMSNorm:
@@ -378,9 +378,7 @@ class NativeStack:
     def hooked(self) -> bool:
         """Whether any module of the stack has forward hooks (a profile's timers, a served LoRA adapter's hook): the
         module path runs them, this one could not."""
-        from torch.nn.modules import module as nn_module
-
-        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(self._hook_dicts)
+        return global_hooks() or any(self._hook_dicts)
 
     @staticmethod
     def for_model(model: nn.Module) -> NativeStack | None:
