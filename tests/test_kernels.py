@@ -492,6 +492,42 @@ def make_packed(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[kernels.
     return kernels.Packed(fmt, torch.from_numpy(raw), torch.empty(rows, 0, dtype=torch.uint8), cols), ref
 
 
+def quantize_x_int8(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-activation path sees it: rounded per 32-block to d_x * q (d_x = max|x| / 127, half to even)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    dx = xb.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xb * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))) * dx).reshape(x.shape)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_int8_activations_take_the_k_quants_on_every_level(fmt, monkeypatch, kernel_env):
+    """Q4_K / Q5_K / Q6_K with int8 activations: the reference's weight times x rounded per 32-block, except that the
+    mins (Q4_K, Q5_K: w = d sc q - dmin m) multiply x's exact block sums, as for q8/q4 with mins."""
+    import gguf
+
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+    cols = 512
+    w, ref = make_packed(fmt, 37, cols, seed=3)
+    # the mins alone: the same super-blocks with every quant index 0 dequantize to -dmin * m
+    zeroed = w.data.numpy().copy().reshape(37, cols // 256, -1)
+    zeroed[:, :, 16 : 144 if fmt == "q4_k" else 176] = 0
+    mins = -torch.from_numpy(gguf.quants.dequantize(zeroed.reshape(37, -1), gguf.GGMLQuantizationType[fmt.upper()]))
+    mins = mins.float().reshape(37, cols) if fmt != "q6_k" else torch.zeros(37, cols)
+    g = torch.Generator().manual_seed(7)
+    scale = (ref.abs().max() * cols**0.5).item()
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        for rows in (1, 2, 3, 4, 5, 8, 17, kernels.INT8_MAX_ROWS):  # tiles of 4 rows and their tails
+            x = torch.randn(rows, cols, generator=g)
+            x[0, 32:64] = 0  # an all-zero block: scale 0
+            want = quantize_x_int8(x) @ (ref + mins).T - x @ mins.T
+            close(kernels.linear(x, w), want, scale=scale)
+            assert (want - x @ ref.T).abs().max() < 0.02 * (x @ ref.T).abs().max(), isa  # close to the float product
+        x = torch.randn(kernels.INT8_MAX_ROWS + 1, cols, generator=g)  # more rows: the float path
+        close(kernels.linear(x, w), x @ ref.T, scale=scale)
+
+
 def _packed_cols(fmt: str) -> int:
     return 512 if fmt in K_QUANTS else 320  # fp8: a last scale block of 64 columns
 

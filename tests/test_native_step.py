@@ -132,12 +132,13 @@ def test_packed_weights_are_never_widened_whole_while_serving(family, model_type
         assert (calls > 0) == native
 
 
-def test_native_step_with_int8_activations(one_thread, monkeypatch):
-    """The opt-in int8-activation kernels are chosen the same way on both paths."""
+@pytest.mark.parametrize("family,model_type", [("llama_linear", "llama"), ("v3_noaux", "deepseek_v3")])
+def test_native_step_with_int8_activations(family, model_type, one_thread, monkeypatch):
+    """The opt-in int8-activation kernels are chosen the same way on both paths (the C layer loop included)."""
     from selfseek import kernels
 
     monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
-    model = tiny_llama(4)
+    model = tiny_llama(4) if model_type == "llama" else tiny_llama(8, family, model_type, (), q_lora_rank=64)
     want, _ = run(model, False, monkeypatch)
     got, calls = run(model, True, monkeypatch)
     assert calls and got == want

@@ -53,12 +53,13 @@ Weight = torch.Tensor | QuantWeight | Packed
 # kernels' float panels measured faster (build.panels_for_gemm) keep the row kernel.
 GEMM_MIN_ROWS = 64
 TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
-# Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 weights with at most INT8_MAX_ROWS rows of x (decode)
-# quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_i8). Faster, but x is
-# rounded to 8 bits, so results are no longer the float product: off by default.
+# Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 and Q4_K / Q5_K / Q6_K weights with at most INT8_MAX_ROWS
+# rows of x (decode) quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_i8).
+# Faster, but x is rounded to 8 bits, so results are no longer the float product: off by default.
 INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
-INT8_MAX_ROWS = GEMM_MIN_ROWS - 1  # up to the BLAS path: 63 rows ran 2.4x faster than the float kernel
+INT8_MAX_ROWS = GEMM_MIN_ROWS - 1  # quant.cpp's too: up to the BLAS path (63 rows ran 2.4x faster than float)
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
+INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k"))))  # selfseek_linear_i8's kinds
 _c_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
@@ -75,12 +76,13 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     mat = ctypes.POINTER(_Mat)
     lib.selfseek_linear.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_linear_i8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
+    lib.selfseek_linear_int8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     lib.selfseek_heads.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
-    for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_dequantize, lib.selfseek_gather_rows,
-              lib.selfseek_moe, lib.selfseek_heads):
+    for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_linear_int8, lib.selfseek_dequantize,
+              lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_heads):
         f.restype = ctypes.c_int
     return lib
 
@@ -307,7 +309,7 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     else:
         y = torch.empty(rows, m.rows)
         if rows:
-            _check(row_kernel(lib, m, rows)(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
+            _check(row_kernel(lib)(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
                    "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
 
@@ -331,10 +333,11 @@ def gemm_by_panels(w: Weight) -> bool:
     return _panels_take(kind)
 
 
-def row_kernel(lib: ctypes.CDLL, m: _Mat, rows: int):
-    """The C function `linear` calls for fewer than GEMM_MIN_ROWS rows of x: (mat, x, rows, cols, y, ldy) -> code."""
-    int8 = INT8_ACTIVATIONS and rows <= INT8_MAX_ROWS and m.kind in (_KINDS[torch.int8], _KINDS[torch.uint8])
-    return lib.selfseek_linear_i8 if int8 else lib.selfseek_linear
+def row_kernel(lib: ctypes.CDLL):
+    """The C function `linear` and the native decode step call for fewer than GEMM_MIN_ROWS rows of x: (mat, x,
+    rows, cols, y, ldy) -> code. With INT8_ACTIVATIONS, selfseek_linear_int8 (int8 activations for INT8_KINDS up
+    to INT8_MAX_ROWS rows, else the float kernel)."""
+    return lib.selfseek_linear_int8 if INT8_ACTIVATIONS else lib.selfseek_linear
 
 
 def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transposed: bool,

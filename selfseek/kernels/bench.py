@@ -79,7 +79,11 @@ def nbytes(w: kernels.Weight) -> int:
 
 def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
     """Best ms of the int8-activation path, or nan where it does not apply."""
-    if isinstance(w, torch.Tensor | kernels.Packed) or x.shape[0] > kernels.INT8_MAX_ROWS:
+    if isinstance(w, kernels.Packed):
+        takes = kernels.FORMATS[w.format][0] in kernels.INT8_KINDS
+    else:
+        takes = not isinstance(w, torch.Tensor)  # q8 / q4 (values, scales[, mins]); float weights have no int8 path
+    if not takes or x.shape[0] > kernels.INT8_MAX_ROWS:
         return float("nan")
     saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, True
     try:

@@ -33,10 +33,11 @@
 // generic (compiler-vectorized), chosen by the build level (kernels/build.py). Threads: OpenMP over output rows
 // (and (expert, row chunk) items for the fused MoE), sharing torch's libgomp pool. Large batches (prefill) are
 // better served by a BLAS on dequantized tiles: selfseek/kernels/__init__.py does that from GEMM_MIN_ROWS rows on.
-// Opt-in for q8/q4 below GEMM_MIN_ROWS rows (selfseek_linear_i8, SELFSEEK_INT8_ACTIVATIONS): x quantized to int8 per
-// 32-block and integer dot products (several rows: 16 (VNNI) or 8 (AVX2 maddubs) weight rows transposed per block
-// against all x rows, tile_i8_t; one row: AVX-512 BW/VNNI on block pairs, AVX2 maddubs; generic scalar);
-// approximate, see there.
+// Opt-in for q8/q4 and Q4_K / Q5_K / Q6_K below GEMM_MIN_ROWS rows (selfseek_linear_i8, SELFSEEK_INT8_ACTIVATIONS): x
+// quantized to int8 per 32-block and integer dot products (several rows: 16 (VNNI) or 8 (AVX2 maddubs) weight rows
+// transposed per block against all x rows, tile_i8_t, the K-quants unpacked to bytes per super-block first; fewer
+// rows: weight row by weight row, q8_tile_i8 / kq_tile_i8 in 256-bit, q4 tile_i8 on AVX-512 block pairs; generic
+// scalar); approximate, see there.
 #include <omp.h>
 
 #include <algorithm>
@@ -1418,6 +1419,7 @@ struct XQ {
   const float* s;   // [M, K/32] float block sums (for the offsets m)
   const int32_t* c; // [M, K/32] -128 * the block's sum of q (q8 weights offset by 128, see tile_i8_t)
   int64_t K, nb;
+  const int32_t* c4 = nullptr;  // [M, K/4] -32 * the sums of q's 4-value groups (Q6_K's offset, kq_tile_i8)
 };
 
 void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, float* s, int32_t* c) {
@@ -1443,10 +1445,10 @@ void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
 }
 
 #if defined(__AVX2__)
-// One weight block as the unsigned operand of u8 x s8 dot products: q4 nibbles as they are (0..15); q8 |w|,
-// with w's sign moved onto x (`sgn`) since the instructions take only one signed operand.
+// One q4 block as the unsigned operand of u8 x s8 dot products: the nibbles as they are (0..15). (q8 takes
+// q8_tile_i8: its 256-bit loop beat these tiles' sign handling, 1 row at 1 thread 17.5 -> 9.0 ms at 129280 x 1024.)
 struct WBlock {
-  __m256i u, sgn;
+  __m256i u;
 };
 using IAcc = __m256;
 inline IAcc iacc_zero() { return _mm256_setzero_ps(); }
@@ -1456,26 +1458,18 @@ inline float iacc_sum(IAcc v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-template <int KIND>
 inline WBlock wblock(const Row& r, int64_t b) {
-  if constexpr (KIND == Q4) {
-    const __m128i raw = _mm_loadu_si128((const __m128i*)(r.q + b * QK / 2));
-    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-    return {_mm256_set_m128i(hi, lo), _mm256_setzero_si256()};
-  } else {
-    const __m256i w = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
-    return {_mm256_sign_epi8(w, w), w};
-  }
+  const __m128i raw = _mm_loadu_si128((const __m128i*)(r.q + b * QK / 2));
+  const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+  return {_mm256_set_m128i(hi, lo)};
 }
 // acc += s * (the block's integer dot product, as 8 partial sums)
-template <int KIND>
 inline IAcc idot_fma(const WBlock& w, const int8_t* xq, float s, IAcc acc) {
-  __m256i x = _mm256_loadu_si256((const __m256i*)xq);
-  if constexpr (KIND == Q8) x = _mm256_sign_epi8(x, w.sgn);
+  const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.u, x);
-#else  // |products| <= 2 * 128 * 127: the 16-bit pair sums never saturate
+#else  // |products| <= 2 * 15 * 127: the 16-bit pair sums never saturate
   const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w.u, x), _mm256_set1_epi16(1));
 #endif
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
@@ -1487,16 +1481,11 @@ struct WBlock {
 using IAcc = float;
 inline IAcc iacc_zero() { return 0.f; }
 inline float iacc_sum(IAcc v) { return v; }
-template <int KIND>
 inline WBlock wblock(const Row& r, int64_t b) {
   WBlock w;
-  for (int j = 0; j < QK; ++j) {
-    if constexpr (KIND == Q8) w.v[j] = (int8_t)r.q[b * QK + j];
-    else w.v[j] = j < 16 ? (r.q[b * QK / 2 + j] & 0x0F) : (r.q[b * QK / 2 + j - 16] >> 4);
-  }
+  for (int j = 0; j < QK; ++j) w.v[j] = j < 16 ? (r.q[b * QK / 2 + j] & 0x0F) : (r.q[b * QK / 2 + j - 16] >> 4);
   return w;
 }
-template <int KIND>
 inline IAcc idot_fma(const WBlock& w, const int8_t* xq, float s, IAcc acc) {
   int32_t dot = 0;
   for (int j = 0; j < QK; ++j) dot += w.v[j] * xq[j];
@@ -1505,32 +1494,20 @@ inline IAcc idot_fma(const WBlock& w, const int8_t* xq, float s, IAcc acc) {
 #endif
 
 #if defined(__AVX512BW__)
-// Two consecutive blocks in one 512-bit register (lanes 0..7 of the dot products: block b, 8..15: block b + 1).
-struct WPair {
-  __m512i u;
-  __mmask64 neg;  // q8: the negative weights, whose x is negated (no 512-bit vpsignb)
-};
-template <int KIND>
-inline WPair wpair(const Row& r, int64_t b) {
-  if constexpr (KIND == Q4) {
-    const __m256i raw = _mm256_loadu_si256((const __m256i*)(r.q + b * QK / 2));
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-    // 128-bit lanes low b, low b+1, high b, high b+1 -> b's values 0..15, 16..31, then b+1's
-    return {_mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F)), 0};
-  } else {
-    const __m512i w = _mm512_loadu_si512(r.q + b * QK);
-    return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
-  }
+// Two consecutive q4 blocks in one 512-bit register (lanes 0..7 of the dot products: block b, 8..15: block b + 1).
+inline __m512i wpair(const Row& r, int64_t b) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i*)(r.q + b * QK / 2));
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+  // 128-bit lanes low b, low b+1, high b, high b+1 -> b's values 0..15, 16..31, then b+1's
+  return _mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
 }
 // acc += the pair's integer dot products, each block's lanes times its scale (sc[0], sc[1])
-template <int KIND>
-inline __m512 ipair_fma(const WPair& w, const int8_t* xq, const float* sc, __m512 acc) {
-  __m512i x = _mm512_loadu_si512(xq);
-  if constexpr (KIND == Q8) x = _mm512_mask_sub_epi8(x, w.neg, _mm512_setzero_si512(), x);
+inline __m512 ipair_fma(__m512i u, const int8_t* xq, const float* sc, __m512 acc) {
+  const __m512i x = _mm512_loadu_si512(xq);
 #if defined(__AVX512VNNI__)
-  const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u, x);
+  const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
 #else
-  const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(w.u, x), _mm512_set1_epi16(1));
+  const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1));
 #endif
   const __m512 s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                          _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)sc))));
@@ -1547,7 +1524,9 @@ inline float dot_floats(const float* a, const float* b, int64_t n) {
   return t;
 }
 
-// y[r, j] for x rows r0 .. r0 + MR and weight rows n0 .. n0 + NR: each weight block unpacked once per MR rows.
+// q4: y[r, j] for x rows r0 .. r0 + MR and weight rows n0 .. n0 + NR: each weight block unpacked once per MR rows
+// (512-bit block pairs on AVX-512: 9.1 ms for one row of 129280 x 1024 at 1 thread, against 12.0 in q8_tile_i8's
+// loop shape; equal on AVX2).
 template <int KIND, int MR, int NR>
 void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
   const bool with_mins = w.mins != nullptr;
@@ -1585,17 +1564,17 @@ void tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_
     for (; b + 2 <= b0 + bc; b += 2)
       for (int j = 0; j < NR; ++j) {
         if (BB == 32 || b % 4 == 0) prefetch(rows[j].q + b * BB + ahead);
-        const WPair wp = wpair<KIND>(rows[j], b);
+        const __m512i wp = wpair(rows[j], b);
         for (int r = 0; r < MR; ++r)
-          acc2[r][j] = ipair_fma<KIND>(wp, x.q + (r0 + r) * x.K + b * QK, &sc[r][j][b - b0], acc2[r][j]);
+          acc2[r][j] = ipair_fma(wp, x.q + (r0 + r) * x.K + b * QK, &sc[r][j][b - b0], acc2[r][j]);
       }
 #endif
     for (; b < b0 + bc; ++b)
       for (int j = 0; j < NR; ++j) {
         if (b % (64 / BB) == 0) prefetch(rows[j].q + b * BB + ahead);
-        const WBlock wb = wblock<KIND>(rows[j], b);
+        const WBlock wb = wblock(rows[j], b);
         for (int r = 0; r < MR; ++r)
-          acc[r][j] = idot_fma<KIND>(wb, x.q + (r0 + r) * x.K + b * QK, sc[r][j][b - b0], acc[r][j]);
+          acc[r][j] = idot_fma(wb, x.q + (r0 + r) * x.K + b * QK, sc[r][j][b - b0], acc[r][j]);
       }
   }
   for (int r = 0; r < MR; ++r)
@@ -1619,6 +1598,251 @@ void rows_tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, in
   }
 }
 
+// ---------------------------------------------------------------- int8 activations: Q4_K, Q5_K, Q6_K
+// The K-quants in the same definition (W as gguf dequantizes it, x rounded per 32-block; mins times x's float block
+// sums): per 32 values of a super-block one integer dot product of the values as unsigned bytes (Q4_K / Q5_K q,
+// Q6_K q + 32) with x's int8 block, as 8 sums of 4 (AVX-512 VNNI vpdpbusd, else maddubs + madd), converted once and
+// scaled by the float d * scale (Q6_K: one scale per 16 values, so per 4 of the 8 sums) times d_x. Q6_K's offset:
+// sum (q + 32) x = sum q x + 32 sum x, corrected by XQ::c4 = -32 * the sums of x's 4-value groups, which starts the
+// accumulator. Measured on a Zen 4 EPYC, 129280 x 1024, one row at 1 thread (kernels.bench): Q6_K 13.5 -> 8.6 ms,
+// Q4_K 11.6 -> 6.8 against the float path (a 256-bit loop: in a C++ microbenchmark it beat the same work in 512-bit
+// registers, 7.1 against 8.4 ms for Q6_K, on this double-pumped core).
+constexpr bool kq_i8(int kind) { return kind == Q4K || kind == Q5K || kind == Q6K; }
+
+#if defined(__AVX2__)
+inline __m256i kq_dot(__m256i u, const int8_t* xq, __m256i start) {
+  const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(start, u, x);
+#else  // |pair sums| <= 2 * 63 * 127: no saturation
+  return _mm256_add_epi32(start, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+// One super-block's 8 groups of 32 values as unsigned bytes (group g: values 32 g .. 32 g + 31).
+template <int KIND>
+inline void kq_unit_bytes(const uint8_t* b, __m256i* u) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (KIND == Q6K) {
+    const __m256i bits45 = _mm256_set1_epi8(0x30);
+    for (int c = 0; c < 2; ++c) {  // as q6k_groups, without the - 32
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * c));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * c + 32));
+      const __m256i h = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * c));
+      u[4 * c] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), bits45));
+      u[4 * c + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), bits45));
+      u[4 * c + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, bits45));
+      u[4 * c + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                     _mm256_and_si256(_mm256_srli_epi16(h, 2), bits45));
+    }
+  } else {
+    const uint8_t* qs = b + (KIND == Q4K ? 16 : 48);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+      u[2 * j] = _mm256_and_si256(raw, low4);
+      u[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    }
+    if constexpr (KIND == Q5K) {  // bit g of qh[i]: value 32 g + i's fifth bit
+      const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16)), one = _mm256_set1_epi8(1);
+      for (int g = 0; g < 8; ++g)
+        u[g] = _mm256_or_si256(u[g], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, g), one), 4));
+    }
+  }
+}
+
+// y[r0 + r, n] for MR rows of x and weight row n: each super-block unpacked once for all MR rows.
+template <int KIND, int MR>
+void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  const int64_t units = w.cols / 256;
+  const uint8_t* row = w.data + n * row_bytes(w);
+  __m256 acc[MR][2], macc[MR];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = macc[r] = _mm256_setzero_ps();
+  for (int64_t un = 0; un < units; ++un) {
+    const uint8_t* b = row + un * unit_bytes(KIND);
+    prefetch_range(b + PF_BYTES, unit_bytes(KIND));
+    __m256i u[8];
+    kq_unit_bytes<KIND>(b, u);
+    alignas(64) float DM[16];  // Q6_K: the 16 scales times d; Q4_K / Q5_K: 8 scales times d, 8 mins times dmin
+    __m256 D6[2];
+    if constexpr (KIND == Q6K) {
+      const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+      const __m256 d = _mm256_set1_ps(half_to_float(b[208] | b[209] << 8));
+      D6[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d);
+      D6[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d);
+    } else {
+      k4_scales(b, DM);
+    }
+    for (int g = 0; g < 8; ++g) {
+      // Q6_K: lanes 0-3 are the group's first 16 values (scale 2g), lanes 4-7 the next 16 (2g + 1)
+      const __m256i pick = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_set1_epi32(2 * (g % 4)));
+      const __m256 dw = KIND == Q6K ? _mm256_permutevar8x32_ps(D6[g / 4], pick) : _mm256_set1_ps(DM[g]);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t k = un * 256 + 32 * g;
+        const __m256i start = KIND == Q6K ? _mm256_loadu_si256((const __m256i*)(x.c4 + (r0 + r) * (x.K / 4) + k / 4))
+                                          : _mm256_setzero_si256();
+        const __m256i dot = kq_dot(u[g], x.q + (r0 + r) * x.K + k, start);
+        const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(r0 + r) * x.nb + un * 8 + g]));
+        acc[r][g % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][g % 2]);
+      }
+    }
+    if constexpr (KIND != Q6K)  // the mins times x's float block sums
+      for (int r = 0; r < MR; ++r)
+        macc[r] = _mm256_fmadd_ps(_mm256_load_ps(DM + 8), _mm256_loadu_ps(x.s + (r0 + r) * x.nb + un * 8), macc[r]);
+  }
+  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(_mm256_add_ps(acc[r][0], acc[r][1])) - y8::sum(macc[r]);
+}
+
+// q8 in the same loop shape (block by block along one weight row, 256-bit), times d_w d_x per block (+ m sum x with
+// mins). VNNI: w + 128 as the unsigned operand, XQ::c = -128 sum q_x started in the block's first lane; else |w|
+// with w's sign moved onto x, since maddubs would saturate w + 128's 16-bit pair sums.
+template <int MR>
+void q8_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  const Row row = row_of(w, n);
+  const bool with_mins = row.m != nullptr;
+  __m256 acc[MR][2];
+  float mins[MR] = {};
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  float dq[BC], mq[BC];
+  for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
+    const int64_t bc = std::min(BC, x.nb - b0);
+    halves_to_floats(row.d + b0, bc, dq);
+    if (with_mins) halves_to_floats(row.m + b0, bc, mq);
+    for (int64_t b = b0; b < b0 + bc; ++b) {
+      if (b % 2 == 0) prefetch(row.q + b * QK + PF_BYTES);
+      const __m256i wq = _mm256_loadu_si256((const __m256i*)(row.q + b * QK));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      const __m256i u = _mm256_xor_si256(wq, _mm256_set1_epi8((char)0x80));
+#else
+      const __m256i u = _mm256_sign_epi8(wq, wq);
+#endif
+      for (int r = 0; r < MR; ++r) {
+        const int64_t xb = (r0 + r) * x.nb + b;
+        const int8_t* xq = x.q + (r0 + r) * x.K + b * QK;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const __m256i dot = kq_dot(u, xq, _mm256_zextsi128_si256(_mm_cvtsi32_si128(x.c[xb])));
+#else
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xq), wq);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xs), _mm256_set1_epi16(1));
+#endif
+        acc[r][b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dq[b - b0] * x.d[xb]), acc[r][b % 2]);
+        if (with_mins) mins[r] += mq[b - b0] * x.s[xb];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(_mm256_add_ps(acc[r][0], acc[r][1])) + mins[r];
+}
+#else
+// Without AVX2: the same sums in scalar code, one super-block decoded to its integers per row.
+template <int KIND, int MR>
+void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  const int64_t units = w.cols / 256, rb = row_bytes(w);
+  float acc[MR] = {};
+  for (int64_t un = 0; un < units; ++un) {
+    const uint8_t* b = w.data + n * rb + un * unit_bytes(KIND);
+    int q[256];
+    float D[16], M[8] = {};
+    if constexpr (KIND == Q6K) {
+      const float d = half_to_float(b[208] | b[209] << 8);
+      for (int g = 0; g < 8; ++g) {
+        const uint8_t* l = b + (g / 4) * 64 + (g % 2) * 32;
+        const uint8_t* h = b + 128 + (g / 4) * 32;
+        const int ls = ((g / 2) % 2) * 4, hs = (g % 4) * 2;
+        for (int i = 0; i < 32; ++i) q[32 * g + i] = (((l[i] >> ls) & 0xF) | (((h[i] >> hs) & 3) << 4)) - 32;
+      }
+      for (int i = 0; i < 16; ++i) D[i] = d * (float)(int8_t)b[192 + i];
+    } else {
+      const float d = half_to_float(b[0] | b[1] << 8), dmin = half_to_float(b[2] | b[3] << 8);
+      const uint8_t* qs = b + (KIND == Q4K ? 16 : 48);
+      for (int g = 0; g < 8; ++g) {
+        for (int i = 0; i < 32; ++i) {
+          q[32 * g + i] = (qs[(g / 2) * 32 + i] >> ((g % 2) * 4)) & 0xF;
+          if constexpr (KIND == Q5K) q[32 * g + i] |= ((b[16 + i] >> g) & 1) << 4;
+        }
+        D[2 * g] = D[2 * g + 1] = d * (float)k4_scale(b + 4, g);
+        M[g] = dmin * (float)k4_min(b + 4, g);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int g = 0; g < 8; ++g) {
+        const int64_t xb = (r0 + r) * x.nb + un * 8 + g;
+        const int8_t* xq = x.q + (r0 + r) * x.K + un * 256 + 32 * g;
+        int32_t s0 = 0, s1 = 0;
+        for (int i = 0; i < 16; ++i) {
+          s0 += q[32 * g + i] * xq[i];
+          s1 += q[32 * g + 16 + i] * xq[16 + i];
+        }
+        acc[r] += (D[2 * g] * (float)s0 + D[2 * g + 1] * (float)s1) * x.d[xb] - M[g] * x.s[xb];
+      }
+  }
+  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = acc[r];
+}
+
+template <int MR>
+void q8_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  const Row row = row_of(w, n);
+  float acc[MR] = {};
+  for (int64_t b = 0; b < x.nb; ++b) {
+    const int8_t* q = (const int8_t*)row.q + b * QK;
+    const float d = half_to_float(row.d[b]), m = row.m ? half_to_float(row.m[b]) : 0.f;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t xb = (r0 + r) * x.nb + b;
+      const int8_t* xq = x.q + (r0 + r) * x.K + b * QK;
+      int32_t dot = 0;
+      for (int i = 0; i < QK; ++i) dot += q[i] * xq[i];
+      acc[r] += d * x.d[xb] * (float)dot + m * x.s[xb];
+    }
+  }
+  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = acc[r];
+}
+#endif
+
+// All M rows of x against weight row n (q8, K-quants), two at a time.
+template <int KIND>
+void rows_i8(const Mat& w, int64_t n, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 2 <= M; r += 2) {
+    if constexpr (KIND == Q8) q8_tile_i8<2>(w, n, x, r, y, ldy);
+    else kq_tile_i8<KIND, 2>(w, n, x, r, y, ldy);
+  }
+  if (r == M) return;
+  if constexpr (KIND == Q8) q8_tile_i8<1>(w, n, x, r, y, ldy);
+  else kq_tile_i8<KIND, 1>(w, n, x, r, y, ldy);
+}
+
+#if defined(__AVX2__)
+// The K-quants in the transposed tile: super-block un of the TJ rows from n0 unpacked to bytes (kq_unit_bytes) in
+// ub[j], and their scales transposed, one vector of TJ rows per 16-value half (dT[2g], dT[2g + 1]; the same value
+// for Q4_K / Q5_K) and, for Q4_K / Q5_K, -mins (mT[g]).
+template <int KIND, int NJ>
+inline void kq_stage(const Mat& w, int64_t n0, int64_t un, uint8_t (*ub)[256], float (*dT)[NJ], float (*mT)[NJ]) {
+  const int64_t rb = row_bytes(w);
+  for (int j = 0; j < NJ; ++j) {
+    const uint8_t* b = w.data + (n0 + j) * rb + un * unit_bytes(KIND);
+    prefetch_range(b + NJ * rb, unit_bytes(KIND));  // the next tile's row j
+    __m256i u[8];
+    kq_unit_bytes<KIND>(b, u);
+    for (int g = 0; g < 8; ++g) _mm256_store_si256((__m256i*)(ub[j] + 32 * g), u[g]);
+    if constexpr (KIND == Q6K) {
+      const float d = half_to_float(b[208] | b[209] << 8);
+      for (int i = 0; i < 16; ++i) dT[i][j] = d * (float)(int8_t)b[192 + i];
+    } else {
+      alignas(64) float DM[16];
+      k4_scales(b, DM);
+      for (int g = 0; g < 8; ++g) {
+        dT[2 * g][j] = dT[2 * g + 1][j] = DM[g];
+        mT[g][j] = -DM[8 + g];
+      }
+    }
+  }
+}
+
+// -32 * the sum of x row r's 16 values from k (Q6_K's offset for a 16-value half; XQ::c4 in 4-value groups).
+inline int32_t kq_c16(const XQ& x, int64_t r, int64_t k) {
+  const int32_t* c = x.c4 + r * (x.K / 4) + k / 4;
+  return c[0] + c[1] + c[2] + c[3];
+}
+#endif
+
 #if defined(__AVX512VNNI__)
 // Several rows of x: 16 weight rows per tile, lane j of a vector = weight row j. Each 32-block of the 16
 // rows is transposed in registers into 8 vectors of 4-byte groups (q4 nibbles, q8 bytes + 128 as unsigned), then
@@ -1628,8 +1852,9 @@ void rows_tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, in
 // by XQ::c = -128 sum x started in the accumulator.
 constexpr int TJ = 16;
 constexpr int I8T_MR = 16;  // x rows per pass
-// From this many x rows on it beats tile_i8 (measured, 129280x1024 at 1 thread: q4 from 2 rows, q8 from 4 (equal at
-// 2-4: the transpose costs what tile_i8's sign handling does); 16 rows: 54 -> 23 ms).
+// From this many x rows on it beats the row-by-row kernels (measured, 129280x1024 at 1 thread: q4 from 2 rows, q8
+// and the K-quants from 4 (below that the transpose costs more than it saves: Q6_K 2 rows 16.6 ms here against
+// 12.2 in kq_tile_i8); 16 rows: q8 54 -> 23 ms, Q6_K 31 ms, Q4_K 24 ms against their float 75 and 91).
 template <int KIND>
 constexpr int64_t i8t_min_rows() { return KIND == Q4 ? 2 : 4; }
 
@@ -1650,8 +1875,29 @@ inline void transpose16x4(const uint8_t* const* p, int64_t off, __m512i* t) {
   t[3] = _mm512_unpackhi_epi64(b, d);
 }
 
+// kq_tile_i8_t's vectors in this tile: lane j = weight row j of TJ.
+using TI = __m512i;
+using TF = __m512;
+inline TI ti_set1(int32_t v) { return _mm512_set1_epi32(v); }
+inline TI ti_add(TI a, TI b) { return _mm512_add_epi32(a, b); }
+inline TI ti_dot4(TI acc, TI w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
+inline TF tf_load(const float* p) { return _mm512_load_ps(p); }
+inline TF tf_set1(float v) { return _mm512_set1_ps(v); }
+inline TF tf_fma_i(TI s, TF d, TF acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc); }
+inline TF tf_fma(TF a, TF b, TF acc) { return _mm512_fmadd_ps(a, b, acc); }
+inline TF tf_mul(TF a, TF b) { return _mm512_mul_ps(a, b); }
+inline TF tf_zero() { return _mm512_setzero_ps(); }
+inline void tf_store(float* p, TF v) { _mm512_storeu_ps(p, v); }
+inline void transpose_tile(const uint8_t* const* p, int64_t off, TI* t) { transpose16x4(p, off, t); }
+template <int KIND, int MR>
+void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy);
+
 template <int KIND, int MR>
 void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  if constexpr (kq_i8(KIND)) {
+    kq_tile_i8_t<KIND, MR>(w, n0, x, r0, y, ldy);
+    return;
+  }
   constexpr int64_t BB = block_bytes<KIND>();
   const bool with_mins = w.mins != nullptr;
   const uint8_t* p[TJ];
@@ -1732,8 +1978,32 @@ inline void transpose8x4(const uint8_t* const* p, int64_t off, __m256i* t) {
   t[3] = _mm256_unpackhi_epi64(b, d);
 }
 
+// kq_tile_i8_t's vectors in this tile: lane j = weight row j of TJ; maddubs + madd per 4-value group (|pair sums|
+// <= 2 * 63 * 127: each madd'ed before adding).
+using TI = __m256i;
+using TF = __m256;
+inline TI ti_set1(int32_t v) { return _mm256_set1_epi32(v); }
+inline TI ti_add(TI a, TI b) { return _mm256_add_epi32(a, b); }
+inline TI ti_dot4(TI acc, TI w, int32_t x4) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x4)), _mm256_set1_epi16(1)));
+}
+inline TF tf_load(const float* p) { return _mm256_load_ps(p); }
+inline TF tf_set1(float v) { return _mm256_set1_ps(v); }
+inline TF tf_fma_i(TI s, TF d, TF acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc); }
+inline TF tf_fma(TF a, TF b, TF acc) { return _mm256_fmadd_ps(a, b, acc); }
+inline TF tf_mul(TF a, TF b) { return _mm256_mul_ps(a, b); }
+inline TF tf_zero() { return _mm256_setzero_ps(); }
+inline void tf_store(float* p, TF v) { _mm256_storeu_ps(p, v); }
+inline void transpose_tile(const uint8_t* const* p, int64_t off, TI* t) { transpose8x4(p, off, t); }
+template <int KIND, int MR>
+void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy);
+
 template <int KIND, int MR>
 void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  if constexpr (kq_i8(KIND)) {
+    kq_tile_i8_t<KIND, MR>(w, n0, x, r0, y, ldy);
+    return;
+  }
   constexpr int64_t BB = block_bytes<KIND>();
   const bool with_mins = w.mins != nullptr;
   const uint8_t* p[TJ];
@@ -1798,6 +2068,49 @@ void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int6
 #endif
 
 #if defined(__AVX2__)
+// The K-quants in the transposed tile (int8 activations, Q4_K / Q5_K / Q6_K): per super-block the TJ rows are
+// unpacked to bytes once (kq_stage), then each 32-value group goes as in tile_i8_t, with one integer sum per 16-value
+// half for Q6_K's two scales (its +32 offset started in the accumulator).
+template <int KIND, int MR>
+void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  alignas(64) uint8_t ub[TJ][256];
+  alignas(64) float dT[16][TJ], mT[8][TJ];
+  const uint8_t* p[TJ];
+  for (int j = 0; j < TJ; ++j) p[j] = ub[j];
+  TF acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = tf_zero();
+  for (int64_t un = 0; un < w.cols / 256; ++un) {
+    kq_stage<KIND, TJ>(w, n0, un, ub, dT, mT);
+    for (int g = 0; g < 8; ++g) {
+      TI W[8];
+      transpose_tile(p, 32 * g, W);
+      transpose_tile(p, 32 * g + 16, W + 4);
+      const TF d0 = tf_load(dT[2 * g]), d1 = tf_load(dT[2 * g + 1]);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t k = un * 256 + 32 * g, xb = (r0 + r) * x.nb + k / 32;
+        const int32_t* xg = (const int32_t*)(x.q + (r0 + r) * x.K + k);
+        TI s0 = ti_set1(KIND == Q6K ? kq_c16(x, r0 + r, k) : 0);
+        TI s1 = ti_set1(KIND == Q6K ? kq_c16(x, r0 + r, k + 16) : 0);
+        for (int t = 0; t < 4; ++t) {
+          s0 = ti_dot4(s0, W[t], xg[t]);
+          s1 = ti_dot4(s1, W[t + 4], xg[t + 4]);
+        }
+        const TF dx = tf_set1(x.d[xb]);
+        if constexpr (KIND == Q6K) {
+          acc[r] = tf_fma_i(s0, tf_mul(d0, dx), acc[r]);
+          acc[r] = tf_fma_i(s1, tf_mul(d1, dx), acc[r]);
+        } else {
+          acc[r] = tf_fma_i(ti_add(s0, s1), tf_mul(d0, dx), acc[r]);
+          acc[r] = tf_fma(tf_load(mT[g]), tf_set1(x.s[xb]), acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) tf_store(y + (r0 + r) * ldy + n0, acc[r]);
+}
+#endif
+
+#if defined(__AVX2__)
 // All M rows of x against weight rows n0 .. n0 + TJ, at most I8T_MR x rows per pass.
 template <int KIND>
 void rows_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, int64_t ldy) {
@@ -1822,12 +2135,16 @@ void gemm_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M,
   if (M >= i8t_min_rows<KIND>())
     for (; n + TJ <= n1; n += TJ) rows_tile_i8_t<KIND>(w, n, x, M, y, ldy);
 #endif
-  if (M == 1) {
-    for (; n + NR_ONE <= n1; n += NR_ONE) tile_i8<KIND, 1, NR_ONE>(w, n, x, 0, y, ldy);
+  if constexpr (KIND == Q4) {
+    if (M == 1) {
+      for (; n + NR_ONE <= n1; n += NR_ONE) tile_i8<KIND, 1, NR_ONE>(w, n, x, 0, y, ldy);
+    } else {
+      for (; n + 2 <= n1; n += 2) rows_tile_i8<KIND, 2>(w, n, x, M, y, ldy);
+    }
+    for (; n < n1; ++n) rows_tile_i8<KIND, 1>(w, n, x, M, y, ldy);
   } else {
-    for (; n + 2 <= n1; n += 2) rows_tile_i8<KIND, 2>(w, n, x, M, y, ldy);
+    for (; n < n1; ++n) rows_i8<KIND>(w, n, x, M, y, ldy);
   }
-  for (; n < n1; ++n) rows_tile_i8<KIND, 1>(w, n, x, M, y, ldy);
 }
 
 // y[r, k] = sum_j W[j, k] x[r, j] over the n rows of a plain-kind W (K = W.cols), for R <= 2 rows of x (row
@@ -1901,23 +2218,40 @@ int selfseek_linear(const Mat* w, const float* x, int64_t M, int64_t ldx, float*
   return 0;
 }
 
-// selfseek_linear with int8 activations (see quantize_rows_i8) for q8/q4 weights: meant for a few rows (decode).
+// selfseek_linear with int8 activations (see quantize_rows_i8) for q8/q4 weights and the K-quants Q4_K / Q5_K / Q6_K
+// (kq_tile_i8): meant for a few rows (decode).
 int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  if (!valid(*w) || (w->kind != Q8 && w->kind != Q4)) return -1;
+  if (!valid(*w) || (w->kind != Q8 && w->kind != Q4 && !kq_i8(w->kind))) return -1;
   const int64_t N = w->rows, K = w->cols, nb = K / QK, chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), s(M * nb);
-  std::vector<int32_t> c(M * nb);
+  std::vector<int32_t> c(M * nb), c4(w->kind == Q6K ? M * K / 4 : 0);
   quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data(), c.data());
-  const XQ xq{q.data(), d.data(), s.data(), c.data(), K, nb};
+  for (int64_t i = 0; i < (int64_t)c4.size(); ++i)
+    c4[i] = -32 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+  const XQ xq{q.data(), d.data(), s.data(), c.data(), K, nb, c4.data()};
   const bool par = M * N * K >= (1 << 16) && chunks > 1;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
-    if (w->kind == Q8) gemm_range_i8<Q8>(*w, n0, n1, xq, M, y, ldy);
-    else gemm_range_i8<Q4>(*w, n0, n1, xq, M, y, ldy);
+    switch (w->kind) {
+      case Q8: gemm_range_i8<Q8>(*w, n0, n1, xq, M, y, ldy); break;
+      case Q4: gemm_range_i8<Q4>(*w, n0, n1, xq, M, y, ldy); break;
+      case Q4K: gemm_range_i8<Q4K>(*w, n0, n1, xq, M, y, ldy); break;
+      case Q5K: gemm_range_i8<Q5K>(*w, n0, n1, xq, M, y, ldy); break;
+      default: gemm_range_i8<Q6K>(*w, n0, n1, xq, M, y, ldy); break;
+    }
   }
   return 0;
+}
+
+// The row kernel with int8 activations on (kernels.row_kernel; the native decode step's products): selfseek_linear_i8
+// for its kinds up to INT8_MAX_ROWS rows of x (kernels.INT8_MAX_ROWS: below the BLAS / panel path), else
+// selfseek_linear, so a layer's rows take one rule wherever they run.
+constexpr int64_t INT8_MAX_ROWS = 63;
+int selfseek_linear_int8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  const bool i8 = M <= INT8_MAX_ROWS && (w->kind == Q8 || w->kind == Q4 || kq_i8(w->kind));
+  return i8 ? selfseek_linear_i8(w, x, M, ldx, y, ldy) : selfseek_linear(w, x, M, ldx, y, ldy);
 }
 
 // Rows [n0, n1) of W as float32 into out [n1 - n0, K].

@@ -9,9 +9,10 @@ buffers allocated once per step: the same kernels with the same arguments in the
 the result is bit for bit the same (tests/test_native_step.py). It takes only what it can run exactly so; anything
 else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, linear layers with a bias) runs the module path. Packed
 and float32 weights alike: the module path runs float32 nn.Linear layers in the same kernels (layers.run_linear).
-With an fp32 cache and float activations the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step,
-or two per layer around the router where experts are routed): the Python glue left between kernels, about 90 us per
-Llama layer and more per MLA + MoE layer, was a sixth to a fifth of a decode step.
+With an fp32 cache the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step, or two per layer around
+the router where experts are routed; its products through kernels.row_kernel's function, so the opt-in int8
+activations too): the Python glue left between kernels, about 90 us per Llama layer and more per MLA + MoE layer,
+was a sixth to a fifth of a decode step.
 
     for each layer: x = RMSNorm(residual += ffn)             add_rms_norm
                     a = attention(x)                          GQA or MLA below
@@ -97,8 +98,7 @@ class _Step:
         """kernels.linear's row kernel: y = x W^T into the step's buffer `out` (x: contiguous rows)."""
         m = product[1]
         y = self.buffer(out, m.rows)
-        rc = kernels.row_kernel(self.qlib, m, self.T)(ctypes.byref(m), x.data_ptr(), self.T, m.cols, y.data_ptr(),
-                                                      m.rows)
+        rc = kernels.row_kernel(self.qlib)(ctypes.byref(m), x.data_ptr(), self.T, m.cols, y.data_ptr(), m.rows)
         kernels._check(rc, "linear")
         return y
 
@@ -309,7 +309,7 @@ class _CLayers:
         else:
             k, v = pool[:, 0], pool[:, 1]
         return fused_ops.DecodeStep(
-            linear=ctypes.cast(s.qlib.selfseek_linear, ctypes.c_void_p).value,
+            linear=ctypes.cast(kernels.row_kernel(s.qlib), ctypes.c_void_p).value,
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
             heads=ctypes.cast(s.qlib.selfseek_heads, ctypes.c_void_p).value,
             moe=ctypes.cast(s.qlib.selfseek_moe, ctypes.c_void_p).value,
@@ -424,7 +424,7 @@ class NativeStack:
         """h [T, m] (the embeddings) -> the last hidden states before the final norm [T, m], as _fused_layers."""
         s = _Step(kernels._load(), fused_ops._load(), backend._kernel(torch.device("cpu")), h.shape[0],
                   *(t.contiguous() for t in cos_sin), batch)
-        if self.native is not None and pools[0].dtype == torch.float32 and not kernels.INT8_ACTIVATIONS:
+        if self.native is not None and pools[0].dtype == torch.float32:
             return self.native.run(s, h, pools)
         T, m = h.shape
         residual = h.clone()
