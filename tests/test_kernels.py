@@ -430,6 +430,11 @@ def test_int8_activations_match_their_reference_on_every_level(monkeypatch, kern
                 assert (want - x @ ref.T).abs().max() < 0.02 * (x @ ref.T).abs().max()
             x = torch.randn(kernels.INT8_MAX_ROWS + 1, 256, generator=g)  # more rows: the float path
             close(kernels.linear(x, w), x @ ref.T, scale=16)
+            # a row longer than one chunk of scales (64 blocks): the row kernels' later chunks
+            w, ref = make_weight(kind, 5, 32 * 65, seed=8)
+            for rows in (1, 2, 3):
+                x = torch.randn(rows, 32 * 65, generator=g)
+                close(kernels.linear(x, w), ref_linear_int8(x, *w), scale=64)
 
 
 def test_int8_activations_are_off_by_default():
@@ -509,11 +514,12 @@ def test_int8_activations_take_the_k_quants_on_every_level(fmt, monkeypatch, ker
     monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
     cols = 512
     w, ref = make_packed(fmt, 37, cols, seed=3)
-    # the mins alone: the same super-blocks with every quant index 0 dequantize to -dmin * m
-    zeroed = w.data.numpy().copy().reshape(37, cols // 256, -1)
-    zeroed[:, :, 16 : 144 if fmt == "q4_k" else 176] = 0
-    mins = -torch.from_numpy(gguf.quants.dequantize(zeroed.reshape(37, -1), gguf.GGMLQuantizationType[fmt.upper()]))
-    mins = mins.float().reshape(37, cols) if fmt != "q6_k" else torch.zeros(37, cols)
+    mins = torch.zeros(37, cols)
+    if fmt != "q6_k":  # the mins alone: the same super-blocks with every quant index 0 dequantize to -dmin * m
+        zeroed = w.data.numpy().copy().reshape(37, cols // 256, -1)
+        zeroed[:, :, 16 : 144 if fmt == "q4_k" else 176] = 0
+        qtype = gguf.GGMLQuantizationType[fmt.upper()]
+        mins = -torch.from_numpy(gguf.quants.dequantize(zeroed.reshape(37, -1), qtype)).float().reshape(37, cols)
     g = torch.Generator().manual_seed(7)
     scale = (ref.abs().max() * cols**0.5).item()
     for isa in build.supported_isas():
