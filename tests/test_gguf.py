@@ -682,6 +682,30 @@ def test_split_gguf_loads_as_one_model(tiny, tmp_path):
         load_model(parts[0], progress=False)
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_split_kv_b_k_quant_half_keeps_the_files_blocks(qtype):
+    """attn_v_b as a K-quant (llama.cpp's Q4_K_M / Q5_K_M files): MLA's absorbed decode gets the file's super-blocks
+    as they are (no float copy), and they decode to the file's values."""
+    import types
+
+    from selfseek import kernels
+
+    heads, v, c = 2, 3, 256
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (heads, v, c // block * size), dtype=np.uint8)
+    at = 0 if qtype == T.Q4_K else size - 2  # fp16 d: small finite values
+    raw.reshape(-1, size)[:, at : at + 2] = (rng.standard_normal(heads * v * c // block) * 0.01).astype(
+        np.float16).view(np.uint8).reshape(-1, 2)
+    t = types.SimpleNamespace(raw=raw, type=qtype, shape=(heads, v, c))
+    w = G._split_kv_b_packed(t)
+    assert isinstance(w, kernels.Packed) and w.format == qtype.name.lower() and w.cols == c
+    assert np.array_equal(w.data.numpy(), raw.reshape(heads * v, -1))
+    want = gguf_dequantize(raw.reshape(heads * v, -1), qtype).reshape(heads * v, c)
+    if kernels.available():
+        assert torch.equal(kernels.to_float(w), torch.from_numpy(want.astype(np.float32)))
+
+
 @pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_k_quants_keep_the_files_blocks(qtype, caplog):
     """A K-quant tensor fills its layer (and an expert stack) with the file's bytes, no re-quantization, and the

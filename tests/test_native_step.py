@@ -84,17 +84,20 @@ def test_native_step_equals_the_module_path_on_mla_and_moe(bits, skip, cache, on
     assert calls >= 9 and got == want
 
 
-def test_gguf_split_kv_b_halves_are_read_as_the_file_packs_them(one_thread, monkeypatch, tmp_path):
-    """A Q8_0 GGUF writes kv_b_proj as attn_k_b / attn_v_b (llama.cpp's split): the absorbed decode reads W^UK and
-    W^UV from those packed halves, on the native step and the module path alike (bit for bit), with the same
-    greedy tokens as through kv_b_proj's float copy; once kv_b_proj changes, the halves are no longer used."""
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+def test_gguf_split_kv_b_halves_are_read_as_the_file_packs_them(qtype, one_thread, monkeypatch, tmp_path):
+    """A GGUF writes kv_b_proj as attn_k_b / attn_v_b (llama.cpp's split): the absorbed decode reads W^UK and
+    W^UV from those halves packed (Q8_0 directly, Q5_0 (llama.cpp's Q4_K_M k_b) as exact int8 blocks), on the native
+    step and the module path alike (bit for bit), with the same greedy tokens as through kv_b_proj's float copy;
+    once kv_b_proj changes, the halves are no longer used."""
     from gguf import GGMLQuantizationType
 
     from selfseek.weights import load_model
     from selfseek.weights.gguf_writer import write_gguf
 
     dims = dict(qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=64, q_lora_rank=64)  # whole 32-blocks
-    write_gguf(tmp_path / "v3.gguf", tiny_llama(None, "v3_noaux", "deepseek_v3", **dims), GGMLQuantizationType.Q8_0)
+    write_gguf(tmp_path / "v3.gguf", tiny_llama(None, "v3_noaux", "deepseek_v3", **dims),
+               GGMLQuantizationType[qtype])
     model, _ = load_model(tmp_path / "v3.gguf", progress=False)
     attns = [layer.self_attn for layer in model.model.layers]
     c = model.config.kv_lora_rank

@@ -46,6 +46,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize as _np_dequantize
 from tqdm import tqdm
 
+from selfseek import kernels
 from selfseek.config import ConfigError, ModelConfig
 from selfseek.models.model import CausalLM
 from selfseek.models.quant import GROUP, quantize_weight
@@ -914,15 +915,24 @@ def _load_tensors(g: GGUFFile, cfg: ModelConfig, model: CausalLM, params: dict, 
             model.get_submodule(param.rsplit(".", 2)[0]).keep_split_kv_b(parts["k_b"], parts["v_b"])
 
 
-def _split_kv_b_packed(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """attn_k_b [H, c, d] / attn_v_b [H, v, c] as a packed [H * rows, cols] weight straight from the file's Q8_0 /
-    Q4_0 / Q4_1 blocks (exact), or None (other encodings: the absorbed decode reads kv_b_proj's float copy)."""
-    bits = 8 if t.type == T.Q8_0 else 4 if t.type in (T.Q4_0, T.Q4_1) else None
+def _split_kv_b_packed(t: GGUFTensor) -> kernels.Weight | None:
+    """attn_k_b [H, c, d] / attn_v_b [H, v, c] as a packed [H * rows, cols] weight holding the file's values
+    exactly: a K-quant's super-blocks as they are, Q8_0 / Q4_0 / Q4_1 blocks directly, and types whose values are
+    d * q (+ m) per 32 (Q5_0, Q5_1, ...) as int8 blocks (each row verified); else None (float files, or values no
+    packing holds: the absorbed decode then reads kv_b_proj's float copy). llama.cpp's Q4_K_M / Q5_K_M files write
+    k_b as Q5_0 (its rows of d_nope values are too short for a K-quant) and v_b as a K-quant."""
+    raw = np.ascontiguousarray(t.raw).reshape(-1, t.raw.shape[-1])
+    bits = _BITS.get(t.type)
+    if isinstance(bits, str):
+        return kernels.Packed(bits, torch.from_numpy(raw.copy()), torch.empty(raw.shape[0], 0, dtype=torch.uint8),
+                              t.shape[-1])
     if bits is None:
         return None
-    raw = np.ascontiguousarray(t.raw).reshape(-1, t.raw.shape[-1])
-    packed = _direct_pack(raw, t.type, bits)
-    return None if packed is None else tuple(x.clone() if x is not None else None for x in packed)
+    stats = _PackStats(bits)
+    packed = _pack_rows(raw, t.type, bits, stats)
+    if stats.exact_rows < stats.rows:
+        return None
+    return tuple(x.clone() if x is not None else None for x in packed)
 
 
 @torch.no_grad()
