@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from selfseek import kernels
+from selfseek.kernels.bench import nbytes as weight_bytes
 from selfseek.sampling_params import SamplingParams
 
 # reference/peers.md: hidden 1024, 12 layers (1 dense, inter 2816), 16 heads, q_lora 384, kv_lora 256,
@@ -222,7 +222,7 @@ def active_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             w_uk, w_uv = m.absorbed_products()
             if w_uk.weight is not w_uv.weight:
                 seen.add(m.kv_b_proj.weight.untyped_storage().data_ptr())
-                out["other"] += sum(_weight_bytes(p.weight) for p in (w_uk, w_uv))
+                out["other"] += sum(weight_bytes(p.weight) for p in (w_uk, w_uv))
     for name, t in tensors:
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
@@ -237,13 +237,6 @@ def active_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             out["other"] += nbytes
     out["total"] = sum(out.values())
     return out
-
-
-def _weight_bytes(w: kernels.Weight) -> int:
-    """Storage bytes of a kernel weight: a float tensor, (values, scales[, mins]) or a Packed file encoding."""
-    if isinstance(w, kernels.Packed):
-        return w.data.numel() * w.data.element_size() + w.scales.numel() * w.scales.element_size()
-    return sum(t.numel() * t.element_size() for t in ((w,) if isinstance(w, torch.Tensor) else w) if t is not None)
 
 
 def gguf_active_bytes(path: str | Path) -> dict[str, int]:

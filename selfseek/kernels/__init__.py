@@ -54,12 +54,12 @@ Weight = torch.Tensor | QuantWeight | Packed
 GEMM_MIN_ROWS = 64
 TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
 # Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 and Q4_K / Q5_K / Q6_K weights with at most INT8_MAX_ROWS
-# rows of x (decode) quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_i8).
+# rows of x (decode) quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_int8).
 # Faster, but x is rounded to 8 bits, so results are no longer the float product: off by default.
 INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
 INT8_MAX_ROWS = GEMM_MIN_ROWS - 1  # quant.cpp's too: up to the BLAS path (63 rows ran 2.4x faster than float)
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
-INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k"))))  # selfseek_linear_i8's kinds
+INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k"))))  # selfseek_linear_int8's kinds
 _c_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
@@ -75,13 +75,12 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures of a loaded quant library (any level)."""
     mat = ctypes.POINTER(_Mat)
     lib.selfseek_linear.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
-    lib.selfseek_linear_i8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_linear_int8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     lib.selfseek_heads.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
-    for f in (lib.selfseek_linear, lib.selfseek_linear_i8, lib.selfseek_linear_int8, lib.selfseek_dequantize,
+    for f in (lib.selfseek_linear, lib.selfseek_linear_int8, lib.selfseek_dequantize,
               lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_heads):
         f.restype = ctypes.c_int
     return lib

@@ -72,6 +72,7 @@ def weight(kind: str, n: int, k: int) -> kernels.Weight:
 
 
 def nbytes(w: kernels.Weight) -> int:
+    """Storage bytes of a kernel weight: a float tensor, (values, scales[, mins]) or a Packed file encoding."""
     if isinstance(w, kernels.Packed):
         return w.data.nbytes + w.scales.nbytes
     return sum(t.nbytes for t in ((w,) if isinstance(w, torch.Tensor) else w) if t is not None)

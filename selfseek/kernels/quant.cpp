@@ -1662,7 +1662,8 @@ void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
     prefetch_range(b + PF_BYTES, unit_bytes(KIND));
     __m256i u[8];
     kq_unit_bytes<KIND>(b, u);
-    alignas(64) float DM[16];  // Q6_K: the 16 scales times d; Q4_K / Q5_K: 8 scales times d, 8 mins times dmin
+    // Q6_K: the 16 scales times d (D6[0], D6[1]); Q4_K / Q5_K: 8 scales times d, then 8 mins times dmin (DM)
+    alignas(64) float DM[16];
     __m256 D6[2];
     if constexpr (KIND == Q6K) {
       const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
@@ -1673,13 +1674,17 @@ void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
       k4_scales(b, DM);
     }
     for (int g = 0; g < 8; ++g) {
-      // Q6_K: lanes 0-3 are the group's first 16 values (scale 2g), lanes 4-7 the next 16 (2g + 1)
-      const __m256i pick = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_set1_epi32(2 * (g % 4)));
-      const __m256 dw = KIND == Q6K ? _mm256_permutevar8x32_ps(D6[g / 4], pick) : _mm256_set1_ps(DM[g]);
+      __m256 dw;
+      if constexpr (KIND == Q6K) {  // lanes 0-3: the group's first 16 values (scale 2g), lanes 4-7 the next (2g + 1)
+        const __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        dw = _mm256_permutevar8x32_ps(D6[g / 4], _mm256_add_epi32(pick, _mm256_set1_epi32(2 * (g % 4))));
+      } else {
+        dw = _mm256_set1_ps(DM[g]);
+      }
       for (int r = 0; r < MR; ++r) {
         const int64_t k = un * 256 + 32 * g;
-        const __m256i start = KIND == Q6K ? _mm256_loadu_si256((const __m256i*)(x.c4 + (r0 + r) * (x.K / 4) + k / 4))
-                                          : _mm256_setzero_si256();
+        __m256i start = _mm256_setzero_si256();  // Q6_K: its +32 offset, -32 * x's 4-value group sums
+        if constexpr (KIND == Q6K) start = _mm256_loadu_si256((const __m256i*)(x.c4 + (r0 + r) * (x.K / 4) + k / 4));
         const __m256i dot = kq_dot(u[g], x.q + (r0 + r) * x.K + k, start);
         const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(r0 + r) * x.nb + un * 8 + g]));
         acc[r][g % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][g % 2]);
