@@ -625,6 +625,55 @@ def test_fused_moe_runs_packed_stacks(fmt):
     close(kernels.moe(x, weights, ids, gate, up, down), want, scale=want.abs().max().item() * 10)
 
 
+def _expert_weight(w: kernels.Weight, e: int) -> kernels.Weight:
+    if isinstance(w, kernels.Packed):
+        return kernels.Packed(w.format, w.data[e], w.scales[e], w.cols)
+    return tuple(None if t is None else t[e] for t in w)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q8", "q4", "q4_k", "q6_k"])
+def test_fused_moe_with_int8_activations_is_its_int8_products(kind, monkeypatch, kernel_env):
+    """With int8 activations the fused kernel is, token by token, the int8 products `linear` computes (tested against
+    their definition above) of each expert: x into gate and up, SwiGLU's output into down; an expert with more than
+    INT8_MAX_ROWS tokens multiplies float activations, as `linear` would."""
+    n_experts, hidden, inter = 5, 256, 512
+    stacks = [_packed_stack(kind, n_experts, r, c, seed) if kind in K_QUANTS else
+              make_weight(kind, n_experts, r, c, seed=seed)
+              for r, c, seed in ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3))]
+    (gate, gate_ref), (up, up_ref), (down, down_ref) = stacks
+    norm = max(r.abs().max().item() for r in (gate_ref, up_ref, down_ref))
+    g = torch.Generator().manual_seed(4)
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+
+    def per_token(x, weights, ids):
+        y = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j in range(ids.shape[1]):
+                gate_e, up_e, down_e = (_expert_weight(s, int(ids[t, j])) for s in (gate, up, down))
+                h = F.silu(kernels.linear(x[t : t + 1], gate_e)) * kernels.linear(x[t : t + 1], up_e)
+                y[t] += weights[t, j] * kernels.linear(h, down_e)[0]
+        return y
+
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        for n, k in ((1, 2), (3, 1), (13, 3)):  # 1 to 9 tokens an expert: the row kernels and the transposed tiles
+            x = torch.randn(n, hidden, generator=g) * 4 / norm / hidden**0.5
+            ids = torch.stack([torch.randperm(n_experts - 1, generator=g)[:k] for _ in range(n)])  # expert 4 idle
+            weights = torch.rand(n, k, generator=g)
+            got, want = kernels.moe(x, weights, ids, gate, up, down), per_token(x, weights, ids)
+            close(got, want, scale=want.abs().max().item() * 10)
+            exact = ref_moe(x, weights, ids, gate_ref, up_ref, down_ref)  # an approximation of the float layer
+            assert 0 < (got - exact).abs().max() < 0.05 * exact.abs().max(), isa
+        n = kernels.INT8_MAX_ROWS + 1  # one expert's too many tokens for int8: its float products, bit for bit
+        x, weights = torch.randn(n, hidden, generator=g) / norm / hidden**0.5, torch.rand(n, 1, generator=g)
+        ids = torch.zeros(n, 1, dtype=torch.long)
+        monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+        want = kernels.moe(x, weights, ids, gate, up, down)
+        monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+        assert torch.equal(kernels.moe(x, weights, ids, gate, up, down), want), isa
+
+
 def test_malformed_packed_weights_are_named_errors():
     w, _ = make_packed("fp4", 8, 64)
     with pytest.raises(ValueError, match="fp4 scales must be contiguous torch.uint8 \\[8, 2\\]"):

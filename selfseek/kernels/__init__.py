@@ -78,10 +78,11 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_linear_int8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
-    lib.selfseek_moe.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
+    for f in (lib.selfseek_moe, lib.selfseek_moe_int8):
+        f.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     lib.selfseek_heads.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
     for f in (lib.selfseek_linear, lib.selfseek_linear_int8, lib.selfseek_dequantize,
-              lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_heads):
+              lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_moe_int8, lib.selfseek_heads):
         f.restype = ctypes.c_int
     return lib
 
@@ -339,6 +340,12 @@ def row_kernel(lib: ctypes.CDLL):
     return lib.selfseek_linear_int8 if INT8_ACTIVATIONS else lib.selfseek_linear
 
 
+def moe_kernel(lib: ctypes.CDLL):
+    """The fused routed-experts C function `moe` and the native decode step call: with INT8_ACTIVATIONS,
+    selfseek_moe_int8 (int8 activations for the experts row_kernel's rule would give them)."""
+    return lib.selfseek_moe_int8 if INT8_ACTIVATIONS else lib.selfseek_moe
+
+
 def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transposed: bool,
           prepared: _Mat | None = None) -> torch.Tensor | None:
     """Per-head products with rows of W = [H * per_head, K] as stored (MLA's absorbed W^UK and W^UV, read from
@@ -416,8 +423,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight,
     w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
     i = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
     y = torch.empty_like(x2)
-    rc = lib.selfseek_moe(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
-                          ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr(), float(limit))
+    rc = moe_kernel(lib)(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
+                         ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr(), float(limit))
     if rc == -2:
         raise IndexError(f"expert id out of range (n_experts={n_experts})")
     _check(rc, "moe")

@@ -37,13 +37,14 @@
 // quantized to int8 per 32-block and integer dot products (several rows: 16 (VNNI) or 8 (AVX2 maddubs) weight rows
 // transposed per block against all x rows, tile_i8_t, the K-quants unpacked to bytes per super-block first; fewer
 // rows: weight row by weight row, q8_tile_i8 / kq_tile_i8 in 256-bit, q4 tile_i8 on AVX-512 block pairs; generic
-// scalar); approximate, see there.
+// scalar), the fused MoE's experts too (selfseek_moe_int8); approximate, see there.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -200,6 +201,11 @@ inline float sum(V v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+inline int32_t isum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
 }
 }  // namespace y8
 #endif
@@ -1610,6 +1616,13 @@ void rows_tile_i8(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, in
 constexpr bool kq_i8(int kind) { return kind == Q4K || kind == Q5K || kind == Q6K; }
 
 #if defined(__AVX2__)
+// Lane j: the sum of v[j]'s 8 lanes (two levels of hadd leave v0..v3's low and high 4-lane sums in one vector).
+inline __m256i sum8(const __m256i* v) {
+  const __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
 inline __m256i kq_dot(__m256i u, const int8_t* xq, __m256i start) {
   const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -1673,21 +1686,33 @@ void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
     } else {
       k4_scales(b, DM);
     }
-    for (int g = 0; g < 8; ++g) {
-      __m256 dw;
-      if constexpr (KIND == Q6K) {  // lanes 0-3: the group's first 16 values (scale 2g), lanes 4-7 the next (2g + 1)
-        const __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        dw = _mm256_permutevar8x32_ps(D6[g / 4], _mm256_add_epi32(pick, _mm256_set1_epi32(2 * (g % 4))));
-      } else {
-        dw = _mm256_set1_ps(DM[g]);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const int64_t k = un * 256 + 32 * g;
+    // The 8 groups' dot products gathered into lanes (as q8_tile_i8), converted once and scaled together. Q6_K:
+    // two levels of hadd leave groups 4h .. 4h + 3's first 16 values in lanes 0-3 and their second 16 in lanes 4-7,
+    // so its scales are taken in that order (scale 2g, then 2g + 1) and x's d per lane as 4 values twice.
+    __m256 S6[2];
+    if constexpr (KIND == Q6K) {
+      const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+      for (int h = 0; h < 2; ++h) S6[h] = _mm256_permutevar8x32_ps(D6[h], order);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const int64_t k = un * 256, xb = (r0 + r) * x.nb + un * 8;
+      __m256i dots[8];
+      for (int g = 0; g < 8; ++g) {
         __m256i start = _mm256_setzero_si256();  // Q6_K: its +32 offset, -32 * x's 4-value group sums
-        if constexpr (KIND == Q6K) start = _mm256_loadu_si256((const __m256i*)(x.c4 + (r0 + r) * (x.K / 4) + k / 4));
-        const __m256i dot = kq_dot(u[g], x.q + (r0 + r) * x.K + k, start);
-        const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[(r0 + r) * x.nb + un * 8 + g]));
-        acc[r][g % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][g % 2]);
+        if constexpr (KIND == Q6K)
+          start = _mm256_loadu_si256((const __m256i*)(x.c4 + (r0 + r) * (x.K / 4) + (k + 32 * g) / 4));
+        dots[g] = kq_dot(u[g], x.q + (r0 + r) * x.K + k + 32 * g, start);
+      }
+      if constexpr (KIND == Q6K) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i* v = dots + 4 * h;
+          const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+          const __m256 dx = _mm256_broadcast_ps((const __m128*)(x.d + xb + 4 * h));
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(S6[h], dx), acc[r][h]);
+        }
+      } else {
+        const __m256 scale = _mm256_mul_ps(_mm256_load_ps(DM), _mm256_loadu_ps(x.d + xb));
+        acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(dots)), scale, acc[r][0]);
       }
     }
     if constexpr (KIND != Q6K)  // the mins times x's float block sums
@@ -1697,44 +1722,69 @@ void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
   for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(_mm256_add_ps(acc[r][0], acc[r][1])) - y8::sum(macc[r]);
 }
 
-// q8 in the same loop shape (block by block along one weight row, 256-bit), times d_w d_x per block (+ m sum x with
-// mins). VNNI: w + 128 as the unsigned operand, XQ::c = -128 sum q_x started in the block's first lane; else |w|
-// with w's sign moved onto x, since maddubs would saturate w + 128's 16-bit pair sums.
+// q8 along one weight row, 256-bit, 8 blocks at a time: each block's integer dot product with each row of x, the 8
+// blocks' sums gathered into one vector (sum8), converted once and scaled by the 8 d_w d_x together (+ m sum x with
+// mins). Scaling block by block cost 4 instructions a block and row on top of the dot product: one row of a
+// 65536 x 256 expert-shaped weight at 1 thread took 2.7 ms against 1.0 for the float row. VNNI: w + 128 as the
+// unsigned operand, XQ::c = -128 sum q_x added per block; else |w| with w's sign moved onto x, since maddubs would
+// saturate w + 128's 16-bit pair sums. Blocks past the last 8 one at a time.
 template <int MR>
 void q8_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int64_t ldy) {
   const Row row = row_of(w, n);
   const bool with_mins = row.m != nullptr;
-  __m256 acc[MR][2];
-  float mins[MR] = {};
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  float dq[BC], mq[BC];
-  for (int64_t b0 = 0; b0 < x.nb; b0 += BC) {
-    const int64_t bc = std::min(BC, x.nb - b0);
-    halves_to_floats(row.d + b0, bc, dq);
-    if (with_mins) halves_to_floats(row.m + b0, bc, mq);
-    for (int64_t b = b0; b < b0 + bc; ++b) {
-      if (b % 2 == 0) prefetch(row.q + b * QK + PF_BYTES);
-      const __m256i wq = _mm256_loadu_si256((const __m256i*)(row.q + b * QK));
+  __m256 acc[MR], macc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
+  const auto dot = [](__m256i wq, __m256i u, const int8_t* xq, int32_t c) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-      const __m256i u = _mm256_xor_si256(wq, _mm256_set1_epi8((char)0x80));
+    (void)wq;
+    return kq_dot(u, xq, _mm256_zextsi128_si256(_mm_cvtsi32_si128(c)));
 #else
-      const __m256i u = _mm256_sign_epi8(wq, wq);
+    (void)c;
+    const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xq), wq);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, xs), _mm256_set1_epi16(1));
 #endif
-      for (int r = 0; r < MR; ++r) {
-        const int64_t xb = (r0 + r) * x.nb + b;
-        const int8_t* xq = x.q + (r0 + r) * x.K + b * QK;
+  };
+  const auto unsigned_of = [](__m256i wq) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        const __m256i dot = kq_dot(u, xq, _mm256_zextsi128_si256(_mm_cvtsi32_si128(x.c[xb])));
+    return _mm256_xor_si256(wq, _mm256_set1_epi8((char)0x80));
 #else
-        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xq), wq);
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xs), _mm256_set1_epi16(1));
+    return _mm256_sign_epi8(wq, wq);
 #endif
-        acc[r][b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dq[b - b0] * x.d[xb]), acc[r][b % 2]);
-        if (with_mins) mins[r] += mq[b - b0] * x.s[xb];
-      }
+  };
+  int64_t b = 0;
+  for (; b + 8 <= x.nb; b += 8) {
+    prefetch_range(row.q + b * QK + PF_BYTES, 8 * QK);
+    __m256i wq[8], u[8];
+    for (int j = 0; j < 8; ++j) {
+      wq[j] = _mm256_loadu_si256((const __m256i*)(row.q + (b + j) * QK));
+      u[j] = unsigned_of(wq[j]);
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row.d + b)));
+    for (int r = 0; r < MR; ++r) {
+      const int64_t xb = (r0 + r) * x.nb + b;
+      __m256i dots[8];
+      for (int j = 0; j < 8; ++j) dots[j] = dot(wq[j], u[j], x.q + (r0 + r) * x.K + (b + j) * QK, 0);
+      __m256i sums = sum8(dots);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      sums = _mm256_add_epi32(sums, _mm256_loadu_si256((const __m256i*)(x.c + xb)));
+#endif
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_loadu_ps(x.d + xb)), acc[r]);
+      if (with_mins)
+        macc[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row.m + b))),
+                                  _mm256_loadu_ps(x.s + xb), macc[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(_mm256_add_ps(acc[r][0], acc[r][1])) + mins[r];
+  float tail[MR] = {};
+  for (; b < x.nb; ++b) {
+    const __m256i wq = _mm256_loadu_si256((const __m256i*)(row.q + b * QK)), u = unsigned_of(wq);
+    const float dw = half_to_float(row.d[b]), mw = with_mins ? half_to_float(row.m[b]) : 0.f;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t xb = (r0 + r) * x.nb + b;
+      const __m256i d = dot(wq, u, x.q + (r0 + r) * x.K + b * QK, x.c[xb]);
+      tail[r] += (float)y8::isum(d) * dw * x.d[xb] + mw * x.s[xb];
+    }
+  }
+  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(acc[r]) + y8::sum(macc[r]) + tail[r];
 }
 #else
 // Without AVX2: the same sums in scalar code, one super-block decoded to its integers per row.
@@ -1809,7 +1859,8 @@ void rows_i8(const Mat& w, int64_t n, const XQ& x, int64_t M, float* y, int64_t 
     if constexpr (KIND == Q8) q8_tile_i8<2>(w, n, x, r, y, ldy);
     else kq_tile_i8<KIND, 2>(w, n, x, r, y, ldy);
   }
-  if (r == M) return;
+  if (r == M) return;  // an odd count's last row: the weight row is in L1 by now (three rows in one pass: 1.7 ms
+  // against 1.4 for 2 + 1, q8 16384 x 1024 at 1 thread)
   if constexpr (KIND == Q8) q8_tile_i8<1>(w, n, x, r, y, ldy);
   else kq_tile_i8<KIND, 1>(w, n, x, r, y, ldy);
 }
@@ -1857,11 +1908,12 @@ inline int32_t kq_c16(const XQ& x, int64_t r, int64_t k) {
 // by XQ::c = -128 sum x started in the accumulator.
 constexpr int TJ = 16;
 constexpr int I8T_MR = 16;  // x rows per pass
-// From this many x rows on it beats the row-by-row kernels (measured, 129280x1024 at 1 thread: q4 from 2 rows, q8
-// and the K-quants from 4 (below that the transpose costs more than it saves: Q6_K 2 rows 16.6 ms here against
-// 12.2 in kq_tile_i8); 16 rows: q8 54 -> 23 ms, Q6_K 31 ms, Q4_K 24 ms against their float 75 and 91).
+// From this many x rows on it beats the row-by-row kernels (measured, 129280x1024 at 1 thread: q4 from 2 rows, the
+// K-quants from 4 (below that the transpose costs more than it saves: Q6_K 2 rows 16.6 ms here against 12.2 in
+// kq_tile_i8); 16 rows: q8 54 -> 23 ms, Q6_K 31 ms, Q4_K 24 ms against their float 75 and 91); q8 from 5 (16384 x
+// 1024, 4 rows: 2.2 ms here against 1.7 in q8_tile_i8).
 template <int KIND>
-constexpr int64_t i8t_min_rows() { return KIND == Q4 ? 2 : 4; }
+constexpr int64_t i8t_min_rows() { return KIND == Q4 ? 2 : KIND == Q8 ? 5 : 4; }
 
 // The dwords g .. g + 3 of the 16 rows' bytes at p[j] + off as 4 vectors, lane j = row j (4x4 transposes in lanes).
 inline void transpose16x4(const uint8_t* const* p, int64_t off, __m512i* t) {
@@ -1966,8 +2018,9 @@ void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int6
 // only q4 (pairs <= 2 * 15 * 127) may add eight of them in 16 bits before widening.
 constexpr int TJ = 8;
 constexpr int I8T_MR = 8;  // x rows per pass: 16 registers hold the 8 transposed vectors and the accumulators
+// 16 rows, q8: 114 -> 55 ms, q4: 84 -> 40 ms (AVX2 level); q8 2 rows 1.9 ms here against 1.3 in q8_tile_i8 (16384 x 1024)
 template <int KIND>
-constexpr int64_t i8t_min_rows() { return 2; }  // 16 rows, q8: 114 -> 55 ms, q4: 84 -> 40 ms (AVX2 level)
+constexpr int64_t i8t_min_rows() { return KIND == Q8 ? 3 : 2; }
 
 // The dwords g .. g + 3 of the 8 rows' bytes at p[j] + off as 4 vectors, lane j = row j (4x4 transposes in lanes).
 inline void transpose8x4(const uint8_t* const* p, int64_t off, __m256i* t) {
@@ -2152,6 +2205,50 @@ void gemm_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M,
   }
 }
 
+constexpr bool int8_kind(int kind) { return kind == Q8 || kind == Q4 || kq_i8(kind); }
+// The most rows of x the int8 products take (kernels.INT8_MAX_ROWS: below the BLAS / panel path).
+constexpr int64_t INT8_MAX_ROWS = 63;
+
+// gemm_range_i8 for w's kind (one of int8_kind's).
+void gemm_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  switch (w.kind) {
+    case Q8: gemm_range_i8<Q8>(w, n0, n1, x, M, y, ldy); break;
+    case Q4: gemm_range_i8<Q4>(w, n0, n1, x, M, y, ldy); break;
+    case Q4K: gemm_range_i8<Q4K>(w, n0, n1, x, M, y, ldy); break;
+    case Q5K: gemm_range_i8<Q5K>(w, n0, n1, x, M, y, ldy); break;
+    default: gemm_range_i8<Q6K>(w, n0, n1, x, M, y, ldy); break;
+  }
+}
+
+// M rows of x quantized for the int8 products (the arrays an XQ views); c4 (Q6_K's offsets) when asked for.
+struct XQBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> c, c4;
+  int64_t K, nb;
+  // x null: rows to fill with copy_row.
+  XQBuf(const float* x, int64_t M, int64_t ldx, int64_t K, bool with_c4)
+      : q(M * K), d(M * K / QK), s(M * K / QK), c(M * K / QK), c4(with_c4 ? M * K / 4 : 0), K(K), nb(K / QK) {
+    if (!x) return;
+    quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data(), c.data());
+    for (int64_t i = 0; i < (int64_t)c4.size(); ++i)
+      c4[i] = -32 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+  }
+  // Rows r0.. as an XQ.
+  XQ rows(int64_t r0) const {
+    return XQ{q.data() + r0 * K, d.data() + r0 * nb, s.data() + r0 * nb, c.data() + r0 * nb, K, nb,
+              c4.empty() ? nullptr : c4.data() + r0 * K / 4};
+  }
+  // Row `from` of src copied into row `to` (the same values quantize the same way).
+  void copy_row(const XQBuf& src, int64_t from, int64_t to) {
+    std::memcpy(&q[to * K], &src.q[from * K], K);
+    for (auto [dst, sv] : {std::pair{&d, &src.d}, std::pair{&s, &src.s}})
+      std::memcpy(dst->data() + to * nb, sv->data() + from * nb, nb * 4);
+    std::memcpy(&c[to * nb], &src.c[from * nb], nb * 4);
+    if (!c4.empty()) std::memcpy(&c4[to * K / 4], &src.c4[from * K / 4], K);
+  }
+};
+
 // y[r, k] = sum_j W[j, k] x[r, j] over the n rows of a plain-kind W (K = W.cols), for R <= 2 rows of x (row
 // strides ldx, ldy): one 32-column block at a time, its R x VPB sums in registers while the n rows go by, each
 // row's block widened in registers. The float tile's FMAs in the same order (bit for bit), without writing the
@@ -2202,6 +2299,101 @@ bool transposed_rows_any(const Mat& w, int64_t n, const float* x, int64_t ldx, i
 }
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// Fused routed experts (DeepSeekMoE): y[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
+// e = ids[t, j]. Token-choice slots are grouped by expert with a counting sort; each active expert's gate and up
+// rows are read once for all its tokens, SwiGLU is applied in place, then its down rows once; work items are
+// (expert, chunk of output rows), balanced dynamically. gate/up: E x [inter, hidden], down: E x [hidden, inter].
+// limit > 0 clamps SwiGLU's inputs first (DeepSeek-V4's swiglu_limit, as transformers does): gate at most limit,
+// up within [-limit, limit]. i8: int8 activations where selfseek_linear_int8 would take them (an int8_kind stack, an
+// expert's at most INT8_MAX_ROWS tokens). Returns 0, -1 for a malformed weight or shape, -2 for an expert id out of
+// range.
+int moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
+        int64_t n_experts, const Mat* gate, const Mat* up, const Mat* down, float* y, float limit, bool i8) {
+  if (!valid(*gate) || !valid(*up) || !valid(*down)) return -1;
+  const int64_t inter = gate->rows;
+  if (gate->cols != hidden || up->cols != hidden || up->rows != inter || down->rows != hidden ||
+      down->cols != inter)
+    return -1;
+  const int64_t S = n * k;
+  std::vector<int64_t> offset(n_experts + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    if (ids[s] < 0 || ids[s] >= n_experts) return -2;
+    ++offset[ids[s] + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) offset[e + 1] += offset[e];
+  std::vector<int64_t> order(S), pos(S);  // order[p]: the slot at sorted position p; pos: its inverse
+  {
+    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
+    for (int64_t s = 0; s < S; ++s) {
+      order[next[ids[s]]] = s;
+      pos[s] = next[ids[s]]++;
+    }
+  }
+  std::vector<float> xs(S * hidden), h(S * inter), u(S * inter), d(S * hidden);
+#pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
+  for (int64_t p = 0; p < S; ++p) std::memcpy(&xs[p * hidden], x + (order[p] / k) * hidden, hidden * 4);
+  // Rows [r0, r1) of one expert's w for its cnt tokens from sorted position p0: x's rows as int8 (q) or float (xf, K
+  // wide).
+  const auto product = [&](const Mat& w, int64_t r0, int64_t r1, int64_t p0, int64_t cnt,
+                           const std::optional<XQBuf>& q, const float* xf, int64_t K, float* yo, int64_t ldy) {
+    if (i8 && cnt <= INT8_MAX_ROWS && int8_kind(w.kind))
+      gemm_i8(w, r0, r1, q->rows(p0), cnt, yo, ldy);
+    else
+      gemm_range(w, r0, r1, xf + p0 * K, cnt, K, yo, ldy);
+  };
+  // With int8 activations, an expert's rows of x (and of h) as int8, for the stacks int8_kind takes and experts with
+  // at most INT8_MAX_ROWS tokens: x's n rows quantized once, then copied into slot order.
+  std::optional<XQBuf> xq;
+  if (i8 && (int8_kind(gate->kind) || int8_kind(up->kind))) {
+    const bool c4 = gate->kind == Q6K || up->kind == Q6K;
+    const XQBuf rows(x, n, hidden, hidden, c4);
+    xq.emplace(nullptr, S, hidden, hidden, c4);
+    for (int64_t p = 0; p < S; ++p) xq->copy_row(rows, order[p] / k, p);
+  }
+
+  // fn(e, r0, r1, p0, cnt) for work items (expert, rows [r0, r1) of `rows`) over the active experts, balanced
+  // dynamically; the expert's cnt tokens sit from sorted position p0.
+  const auto for_items = [&](int64_t rows, auto&& fn) {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    const int64_t chunk = std::max<int64_t>(ROW_CHUNK, (rows / 8 + ROW_CHUNK - 1) / ROW_CHUNK * ROW_CHUNK);
+    for (int64_t e = 0; e < n_experts; ++e)
+      if (offset[e + 1] > offset[e])
+        for (int64_t r = 0; r < rows; r += chunk) items.emplace_back(e, r);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < (int64_t)items.size(); ++i) {
+      const int64_t e = items[i].first, r0 = items[i].second;
+      fn(e, r0, std::min(rows, r0 + chunk), offset[e], offset[e + 1] - offset[e]);
+    }
+  };
+  for_items(inter, [&](int64_t e, int64_t r0, int64_t r1, int64_t p0, int64_t cnt) {
+    product(expert(*gate, e), r0, r1, p0, cnt, xq, xs.data(), hidden, &h[p0 * inter], inter);
+    product(expert(*up, e), r0, r1, p0, cnt, xq, xs.data(), hidden, &u[p0 * inter], inter);
+    for (int64_t p = p0; p < p0 + cnt; ++p)
+      if (limit > 0.f)
+        for (int64_t c = r0; c < r1; ++c)
+          h[p * inter + c] = silu(std::min(h[p * inter + c], limit)) * std::clamp(u[p * inter + c], -limit, limit);
+      else
+        for (int64_t c = r0; c < r1; ++c) h[p * inter + c] = silu(h[p * inter + c]) * u[p * inter + c];
+  });
+  std::optional<XQBuf> hq;
+  if (i8 && int8_kind(down->kind)) hq.emplace(h.data(), S, inter, inter, down->kind == Q6K);
+  for_items(hidden, [&](int64_t e, int64_t r0, int64_t r1, int64_t p0, int64_t cnt) {
+    product(expert(*down, e), r0, r1, p0, cnt, hq, h.data(), inter, &d[p0 * hidden], hidden);
+  });
+  // Weighted sum per token over its k slots, in slot order.
+#pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
+  for (int64_t t = 0; t < n; ++t) {
+    float* yt = y + t * hidden;
+    for (int64_t c = 0; c < hidden; ++c) yt[c] = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float wt = weights[t * k + j];
+      const float* dp = &d[pos[t * k + j] * hidden];
+      for (int64_t c = 0; c < hidden; ++c) yt[c] += wt * dp[c];
+    }
+  }
+  return 0;
+}
 }  // namespace
 
 extern "C" {
@@ -2226,26 +2418,15 @@ int selfseek_linear(const Mat* w, const float* x, int64_t M, int64_t ldx, float*
 // selfseek_linear with int8 activations (see quantize_rows_i8) for q8/q4 weights and the K-quants Q4_K / Q5_K / Q6_K
 // (kq_tile_i8): meant for a few rows (decode).
 int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  if (!valid(*w) || (w->kind != Q8 && w->kind != Q4 && !kq_i8(w->kind))) return -1;
-  const int64_t N = w->rows, K = w->cols, nb = K / QK, chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * nb), s(M * nb);
-  std::vector<int32_t> c(M * nb), c4(w->kind == Q6K ? M * K / 4 : 0);
-  quantize_rows_i8(x, M, ldx, K, q.data(), d.data(), s.data(), c.data());
-  for (int64_t i = 0; i < (int64_t)c4.size(); ++i)
-    c4[i] = -32 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
-  const XQ xq{q.data(), d.data(), s.data(), c.data(), K, nb, c4.data()};
+  if (!valid(*w) || !int8_kind(w->kind)) return -1;
+  const int64_t N = w->rows, K = w->cols, chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+  const XQBuf buf(x, M, ldx, K, w->kind == Q6K);
+  const XQ xq = buf.rows(0);
   const bool par = M * N * K >= (1 << 16) && chunks > 1;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
-    switch (w->kind) {
-      case Q8: gemm_range_i8<Q8>(*w, n0, n1, xq, M, y, ldy); break;
-      case Q4: gemm_range_i8<Q4>(*w, n0, n1, xq, M, y, ldy); break;
-      case Q4K: gemm_range_i8<Q4K>(*w, n0, n1, xq, M, y, ldy); break;
-      case Q5K: gemm_range_i8<Q5K>(*w, n0, n1, xq, M, y, ldy); break;
-      default: gemm_range_i8<Q6K>(*w, n0, n1, xq, M, y, ldy); break;
-    }
+    const int64_t n0 = c * ROW_CHUNK;
+    gemm_i8(*w, n0, std::min(N, n0 + ROW_CHUNK), xq, M, y, ldy);
   }
   return 0;
 }
@@ -2253,9 +2434,8 @@ int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, flo
 // The row kernel with int8 activations on (kernels.row_kernel; the native decode step's products): selfseek_linear_i8
 // for its kinds up to INT8_MAX_ROWS rows of x (kernels.INT8_MAX_ROWS: below the BLAS / panel path), else
 // selfseek_linear, so a layer's rows take one rule wherever they run.
-constexpr int64_t INT8_MAX_ROWS = 63;
 int selfseek_linear_int8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  const bool i8 = M <= INT8_MAX_ROWS && (w->kind == Q8 || w->kind == Q4 || kq_i8(w->kind));
+  const bool i8 = M <= INT8_MAX_ROWS && int8_kind(w->kind);
   return i8 ? selfseek_linear_i8(w, x, M, ldx, y, ldy) : selfseek_linear(w, x, M, ldx, y, ldy);
 }
 
@@ -2317,83 +2497,15 @@ int selfseek_gather_rows(const Mat* w, const int64_t* ids, int64_t n, float* out
   return 0;
 }
 
-// Fused routed experts (DeepSeekMoE): y[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
-// e = ids[t, j]. Token-choice slots are grouped by expert with a counting sort; each active expert's gate and up
-// rows are read once for all its tokens, SwiGLU is applied in place, then its down rows once; work items are
-// (expert, chunk of output rows), balanced dynamically. gate/up: E x [inter, hidden], down: E x [hidden, inter].
-// limit > 0 clamps SwiGLU's inputs first (DeepSeek-V4's swiglu_limit, as transformers does): gate at most limit,
-// up within [-limit, limit]. Returns 0, -1 for a malformed weight or shape, -2 for an expert id out of range.
+// moe (above) with float activations, and with int8 ones (SELFSEEK_INT8_ACTIVATIONS: the stacks selfseek_linear_int8
+// would take, for experts with at most INT8_MAX_ROWS tokens).
 int selfseek_moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
                  int64_t n_experts, const Mat* gate, const Mat* up, const Mat* down, float* y, float limit) {
-  if (!valid(*gate) || !valid(*up) || !valid(*down)) return -1;
-  const int64_t inter = gate->rows;
-  if (gate->cols != hidden || up->cols != hidden || up->rows != inter || down->rows != hidden ||
-      down->cols != inter)
-    return -1;
-  const int64_t S = n * k;
-  std::vector<int64_t> offset(n_experts + 1, 0);
-  for (int64_t s = 0; s < S; ++s) {
-    if (ids[s] < 0 || ids[s] >= n_experts) return -2;
-    ++offset[ids[s] + 1];
-  }
-  for (int64_t e = 0; e < n_experts; ++e) offset[e + 1] += offset[e];
-  std::vector<int64_t> order(S), pos(S);  // order[p]: the slot at sorted position p; pos: its inverse
-  {
-    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
-    for (int64_t s = 0; s < S; ++s) {
-      order[next[ids[s]]] = s;
-      pos[s] = next[ids[s]]++;
-    }
-  }
-  std::vector<float> xs(S * hidden), h(S * inter), u(S * inter), d(S * hidden);
-#pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
-  for (int64_t p = 0; p < S; ++p) std::memcpy(&xs[p * hidden], x + (order[p] / k) * hidden, hidden * 4);
-
-  // Work items: (expert, first output row) over the active experts.
-  auto items_for = [&](int64_t rows) {
-    std::vector<std::pair<int64_t, int64_t>> items;
-    const int64_t chunk = std::max<int64_t>(ROW_CHUNK, (rows / 8 + ROW_CHUNK - 1) / ROW_CHUNK * ROW_CHUNK);
-    for (int64_t e = 0; e < n_experts; ++e)
-      if (offset[e + 1] > offset[e])
-        for (int64_t r = 0; r < rows; r += chunk) items.emplace_back(e, r);
-    return std::make_pair(items, chunk);
-  };
-  auto [up_items, up_chunk] = items_for(inter);
-  const int64_t n_up = (int64_t)up_items.size();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < n_up; ++i) {
-    const auto [e, r0] = up_items[i];
-    const int64_t r1 = std::min(inter, r0 + up_chunk), p0 = offset[e], cnt = offset[e + 1] - p0;
-    const Mat g = expert(*gate, e), uu = expert(*up, e);
-    gemm_range(g, r0, r1, &xs[p0 * hidden], cnt, hidden, &h[p0 * inter], inter);
-    gemm_range(uu, r0, r1, &xs[p0 * hidden], cnt, hidden, &u[p0 * inter], inter);
-    for (int64_t p = p0; p < p0 + cnt; ++p)
-      if (limit > 0.f)
-        for (int64_t c = r0; c < r1; ++c)
-          h[p * inter + c] = silu(std::min(h[p * inter + c], limit)) * std::clamp(u[p * inter + c], -limit, limit);
-      else
-        for (int64_t c = r0; c < r1; ++c) h[p * inter + c] = silu(h[p * inter + c]) * u[p * inter + c];
-  }
-  auto [down_items, down_chunk] = items_for(hidden);
-  const int64_t n_down = (int64_t)down_items.size();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < n_down; ++i) {
-    const auto [e, r0] = down_items[i];
-    const int64_t r1 = std::min(hidden, r0 + down_chunk), p0 = offset[e], cnt = offset[e + 1] - p0;
-    gemm_range(expert(*down, e), r0, r1, &h[p0 * inter], cnt, inter, &d[p0 * hidden], hidden);
-  }
-  // Weighted sum per token over its k slots, in slot order.
-#pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
-  for (int64_t t = 0; t < n; ++t) {
-    float* yt = y + t * hidden;
-    for (int64_t c = 0; c < hidden; ++c) yt[c] = 0.f;
-    for (int64_t j = 0; j < k; ++j) {
-      const float wt = weights[t * k + j];
-      const float* dp = &d[pos[t * k + j] * hidden];
-      for (int64_t c = 0; c < hidden; ++c) yt[c] += wt * dp[c];
-    }
-  }
-  return 0;
+  return moe(x, n, hidden, ids, weights, k, n_experts, gate, up, down, y, limit, false);
+}
+int selfseek_moe_int8(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
+                      int64_t n_experts, const Mat* gate, const Mat* up, const Mat* down, float* y, float limit) {
+  return moe(x, n, hidden, ids, weights, k, n_experts, gate, up, down, y, limit, true);
 }
 
 }  // extern "C"

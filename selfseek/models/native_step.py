@@ -312,7 +312,7 @@ class _CLayers:
             linear=ctypes.cast(kernels.row_kernel(s.qlib), ctypes.c_void_p).value,
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
             heads=ctypes.cast(s.qlib.selfseek_heads, ctypes.c_void_p).value,
-            moe=ctypes.cast(s.qlib.selfseek_moe, ctypes.c_void_p).value,
+            moe=ctypes.cast(kernels.moe_kernel(s.qlib), ctypes.c_void_p).value,
             rows=s.T, hidden=h.shape[1], cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
             block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
             context_lens=paged.context_lens.data_ptr(), table_stride=paged.block_tables.stride(0),
