@@ -155,6 +155,35 @@ def test_per_head_products_match_the_reference_on_every_level(kind, kernel_env):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["q8", "q4", "q4_k"])
+def test_per_head_products_take_int8_activations_for_w_uv(kind, monkeypatch, kernel_env):
+    """With int8 activations, W^UV's per-head products are `linear`'s int8 products of each head's rows (up to 63 rows
+    of x, as `linear`); W^UK keeps float activations: bit for bit the float result."""
+    H, d, v = 3, 40, 32
+    cols = 256
+    w, ref = make_packed(kind, H * (d + v), cols) if kind in PACKED else make_weight(kind, H * (d + v), cols)
+
+    def rows(a: int, b: int) -> kernels.Weight:
+        if isinstance(w, kernels.Packed):
+            return kernels.Packed(w.format, w.data[a:b], w.scales[a:b], w.cols)
+        return tuple(None if t is None else t[a:b] for t in w)
+
+    g = torch.Generator().manual_seed(3)
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        for R in (1, 2, 5, 16):
+            q, o = torch.randn(R, H, d, generator=g), torch.randn(R, H, cols, generator=g)
+            monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+            uk, uv = kernels.heads(q, w, d + v, 0, d, True), kernels.heads(o, w, d + v, d, v, False)
+            monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+            assert torch.equal(kernels.heads(q, w, d + v, 0, d, True), uk), isa
+            got = kernels.heads(o, w, d + v, d, v, False)
+            want = torch.stack([kernels.linear(o[:, h], rows(h * (d + v) + d, (h + 1) * (d + v))) for h in range(H)], 1)
+            close(got, want, scale=(ref.abs().max() * cols**0.5).item())
+            assert 0 < (got - uv).abs().max() < 0.02 * uv.abs().max(), isa  # int8, close to the float product
+
+
+@needs_native
 def test_long_rows_match_the_reference_on_every_level(kernel_env):
     """Rows longer than one chunk of scales (64 blocks) with a partial last chunk: decode's one-row stream (several
     accumulators, prefetch) and the row tiles, on every level this CPU runs."""

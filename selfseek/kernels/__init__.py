@@ -80,9 +80,11 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     for f in (lib.selfseek_moe, lib.selfseek_moe_int8):
         f.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
-    lib.selfseek_heads.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
+    for f in (lib.selfseek_heads, lib.selfseek_heads_int8):
+        f.argtypes = [mat, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_int32, _ptr]
     for f in (lib.selfseek_linear, lib.selfseek_linear_int8, lib.selfseek_dequantize,
-              lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_moe_int8, lib.selfseek_heads):
+              lib.selfseek_gather_rows, lib.selfseek_moe, lib.selfseek_moe_int8, lib.selfseek_heads,
+              lib.selfseek_heads_int8):
         f.restype = ctypes.c_int
     return lib
 
@@ -309,7 +311,7 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     else:
         y = torch.empty(rows, m.rows)
         if rows:
-            _check(row_kernel(lib)(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
+            _check(entry(lib, "selfseek_linear")(ctypes.byref(m), x2.data_ptr(), rows, m.cols, y.data_ptr(), m.rows),
                    "linear")
     return y if flat else y.view(*x.shape[:-1], m.rows)
 
@@ -333,17 +335,11 @@ def gemm_by_panels(w: Weight) -> bool:
     return _panels_take(kind)
 
 
-def row_kernel(lib: ctypes.CDLL):
-    """The C function `linear` and the native decode step call for fewer than GEMM_MIN_ROWS rows of x: (mat, x,
-    rows, cols, y, ldy) -> code. With INT8_ACTIVATIONS, selfseek_linear_int8 (int8 activations for INT8_KINDS up
-    to INT8_MAX_ROWS rows, else the float kernel)."""
-    return lib.selfseek_linear_int8 if INT8_ACTIVATIONS else lib.selfseek_linear
-
-
-def moe_kernel(lib: ctypes.CDLL):
-    """The fused routed-experts C function `moe` and the native decode step call: with INT8_ACTIVATIONS,
-    selfseek_moe_int8 (int8 activations for the experts row_kernel's rule would give them)."""
-    return lib.selfseek_moe_int8 if INT8_ACTIVATIONS else lib.selfseek_moe
+def entry(lib: ctypes.CDLL, name: str):
+    """The C function `name` (selfseek_linear, selfseek_moe, selfseek_heads) that `linear`, `moe`, `heads` and the
+    native decode step call: with INT8_ACTIVATIONS its `_int8` twin, which takes int8 activations for INT8_KINDS up to
+    INT8_MAX_ROWS rows of x (an expert's tokens, MLA's W^UV per head) and is the float one for the rest."""
+    return getattr(lib, f"{name}_int8" if INT8_ACTIVATIONS else name)
 
 
 def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transposed: bool,
@@ -363,8 +359,8 @@ def heads(x: torch.Tensor, w: Weight, per_head: int, off: int, n: int, transpose
     x = x.float().contiguous()
     y = torch.empty(R, H, m.cols if transposed else n)
     if R:
-        _check(lib.selfseek_heads(ctypes.byref(m), x.data_ptr(), R, H, per_head, off, n, int(transposed),
-                                  y.data_ptr()), "heads")
+        _check(entry(lib, "selfseek_heads")(ctypes.byref(m), x.data_ptr(), R, H, per_head, off, n, int(transposed),
+                                            y.data_ptr()), "heads")
     return y
 
 
@@ -423,8 +419,9 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: Weight,
     w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
     i = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
     y = torch.empty_like(x2)
-    rc = moe_kernel(lib)(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1], n_experts,
-                         ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr(), float(limit))
+    rc = entry(lib, "selfseek_moe")(x2.data_ptr(), x2.shape[0], x2.shape[1], i.data_ptr(), w.data_ptr(), i.shape[1],
+                                    n_experts, ctypes.byref(g), ctypes.byref(u), ctypes.byref(d), y.data_ptr(),
+                                    float(limit))
     if rc == -2:
         raise IndexError(f"expert id out of range (n_experts={n_experts})")
     _check(rc, "moe")

@@ -2361,6 +2361,46 @@ bool transposed_rows_any(const Mat& w, int64_t n, const float* x, int64_t ldx, i
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
+// MLA's absorbed decode products, per head, read from kv_b_proj's rows in their stored format (never a float copy
+// of W^UK or W^UV). W: [H * per_head, K]; head h uses rows h * per_head + off .. + n. x, y: [R, H, *] row-major.
+// transposed == 0 (W^UV): y[r, h, j] = sum_k W_h[j, k] x[r, h, k]   (x width K, y width n)
+// transposed == 1 (W^UK): y[r, h, k] = sum_j W_h[j, k] x[r, h, j]   (x width n, y width K): the head's n rows are
+// widened once into a float tile (n x K, cache-sized) and summed row by row for every r.
+// i8: W^UV with int8 activations where selfseek_linear_int8's rule would take them (W^UK stays float).
+int heads(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, int64_t off, int64_t n,
+          int32_t transposed, float* y, bool i8) {
+  if (!valid(*w) || R < 0 || H <= 0 || n <= 0 || off < 0 || off + n > per_head || H * per_head != w->rows) return -1;
+  const int64_t K = w->cols;
+#pragma omp parallel if (H > 1 && R * H * n * K >= (1 << 16))
+  {
+    std::vector<float> tile;  // the float tile of a head's rows, for those transposed_rows does not take
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; ++h) {
+      const Mat wh = rows_view(*w, h * per_head + off, n);
+      if (!transposed) {
+        if (i8 && R <= INT8_MAX_ROWS && int8_kind(w->kind))
+          gemm_i8(wh, 0, n, XQBuf(x + h * K, R, H * K, K, w->kind == Q6K).rows(0), R, y + h * n, H * n);
+        else
+          gemm_range(wh, 0, n, x + h * K, R, H * K, y + h * n, H * n);
+        continue;
+      }
+      if (R <= 2 && transposed_rows_any(wh, n, x + h * n, H * n, R, y + h * K, H * K)) continue;
+      if (tile.empty()) tile.resize(n * K);
+      dequantize_rows(wh, 0, n, tile.data());
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = x + (r * H + h) * n;
+        float* yr = y + (r * H + h) * K;
+        std::fill(yr, yr + K, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = xr[j], *t = tile.data() + j * K;
+          for (int64_t k = 0; k < K; ++k) yr[k] += a * t[k];
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 // Fused routed experts (DeepSeekMoE): y[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
 // e = ids[t, j]. Token-choice slots are grouped by expert with a counting sort; each active expert's gate and up
 // rows are read once for all its tokens, SwiGLU is applied in place, then its down rows once; work items are
@@ -2492,7 +2532,7 @@ int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, flo
   return 0;
 }
 
-// The row kernel with int8 activations on (kernels.row_kernel; the native decode step's products): selfseek_linear_i8
+// The row kernel with int8 activations on (kernels.entry; the native decode step's products): selfseek_linear_i8
 // for its kinds up to INT8_MAX_ROWS rows of x (kernels.INT8_MAX_ROWS: below the BLAS / panel path), else
 // selfseek_linear, so a layer's rows take one rule wherever they run.
 int selfseek_linear_int8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
@@ -2512,42 +2552,6 @@ int selfseek_dequantize(const Mat* w, int64_t n0, int64_t n1, float* out) {
   return 0;
 }
 
-// MLA's absorbed decode products, per head, read from kv_b_proj's rows in their stored format (never a float copy
-// of W^UK or W^UV). W: [H * per_head, K]; head h uses rows h * per_head + off .. + n. x, y: [R, H, *] row-major.
-// transposed == 0 (W^UV): y[r, h, j] = sum_k W_h[j, k] x[r, h, k]   (x width K, y width n)
-// transposed == 1 (W^UK): y[r, h, k] = sum_j W_h[j, k] x[r, h, j]   (x width n, y width K): the head's n rows are
-// widened once into a float tile (n x K, cache-sized) and summed row by row for every r.
-int selfseek_heads(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, int64_t off, int64_t n,
-                   int32_t transposed, float* y) {
-  if (!valid(*w) || R < 0 || H <= 0 || n <= 0 || off < 0 || off + n > per_head || H * per_head != w->rows) return -1;
-  const int64_t K = w->cols;
-#pragma omp parallel if (H > 1 && R * H * n * K >= (1 << 16))
-  {
-    std::vector<float> tile;  // the float tile of a head's rows, for those transposed_rows does not take
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < H; ++h) {
-      const Mat wh = rows_view(*w, h * per_head + off, n);
-      if (!transposed) {
-        gemm_range(wh, 0, n, x + h * K, R, H * K, y + h * n, H * n);
-        continue;
-      }
-      if (R <= 2 && transposed_rows_any(wh, n, x + h * n, H * n, R, y + h * K, H * K)) continue;
-      if (tile.empty()) tile.resize(n * K);
-      dequantize_rows(wh, 0, n, tile.data());
-      for (int64_t r = 0; r < R; ++r) {
-        const float* xr = x + (r * H + h) * n;
-        float* yr = y + (r * H + h) * K;
-        std::fill(yr, yr + K, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float a = xr[j], *t = tile.data() + j * K;
-          for (int64_t k = 0; k < K; ++k) yr[k] += a * t[k];
-        }
-      }
-    }
-  }
-  return 0;
-}
-
 // Rows ids[i] of W as float32 into out [n, K] (embedding lookup). Returns -2 for an id out of range.
 int selfseek_gather_rows(const Mat* w, const int64_t* ids, int64_t n, float* out) {
   if (!valid(*w)) return -1;
@@ -2556,6 +2560,16 @@ int selfseek_gather_rows(const Mat* w, const int64_t* ids, int64_t n, float* out
 #pragma omp parallel for schedule(static) if (n * w->cols >= (1 << 16))
   for (int64_t i = 0; i < n; ++i) dequantize_rows(*w, ids[i], ids[i] + 1, out + i * w->cols);
   return 0;
+}
+
+// heads (above) with float activations, and with int8 ones (SELFSEEK_INT8_ACTIVATIONS).
+int selfseek_heads(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, int64_t off, int64_t n,
+                   int32_t transposed, float* y) {
+  return heads(w, x, R, H, per_head, off, n, transposed, y, false);
+}
+int selfseek_heads_int8(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, int64_t off, int64_t n,
+                        int32_t transposed, float* y) {
+  return heads(w, x, R, H, per_head, off, n, transposed, y, true);
 }
 
 // moe (above) with float activations, and with int8 ones (SELFSEEK_INT8_ACTIVATIONS: the stacks selfseek_linear_int8

@@ -10,7 +10,7 @@ the result is bit for bit the same (tests/test_native_step.py). It takes only wh
 else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, linear layers with a bias) runs the module path. Packed
 and float32 weights alike: the module path runs float32 nn.Linear layers in the same kernels (layers.run_linear).
 With an fp32 cache the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step, or two per layer around
-the router where experts are routed; its products through kernels.row_kernel's function, so the opt-in int8
+the router where experts are routed; its products through kernels.entry's functions, so the opt-in int8
 activations too): the Python glue left between kernels, about 90 us per Llama layer and more per MLA + MoE layer,
 was a sixth to a fifth of a decode step.
 
@@ -98,7 +98,8 @@ class _Step:
         """kernels.linear's row kernel: y = x W^T into the step's buffer `out` (x: contiguous rows)."""
         m = product[1]
         y = self.buffer(out, m.rows)
-        rc = kernels.row_kernel(self.qlib)(ctypes.byref(m), x.data_ptr(), self.T, m.cols, y.data_ptr(), m.rows)
+        linear = kernels.entry(self.qlib, "selfseek_linear")
+        rc = linear(ctypes.byref(m), x.data_ptr(), self.T, m.cols, y.data_ptr(), m.rows)
         kernels._check(rc, "linear")
         return y
 
@@ -194,8 +195,9 @@ class _MLA:
 
     def _heads(self, s: _Step, p: HeadProduct, x: torch.Tensor, y: torch.Tensor) -> None:
         """kernels.heads's kernel into y for one of MLA.absorbed_products."""
-        rc = s.qlib.selfseek_heads(ctypes.byref(p.view), x.data_ptr(), s.T, self.attn.n_heads, p.per_head, p.off, p.n,
-                                   int(p.transposed), y.data_ptr())
+        heads = kernels.entry(s.qlib, "selfseek_heads")
+        rc = heads(ctypes.byref(p.view), x.data_ptr(), s.T, self.attn.n_heads, p.per_head, p.off, p.n,
+                   int(p.transposed), y.data_ptr())
         kernels._check(rc, "heads")
 
 
@@ -309,10 +311,10 @@ class _CLayers:
         else:
             k, v = pool[:, 0], pool[:, 1]
         return fused_ops.DecodeStep(
-            linear=ctypes.cast(kernels.row_kernel(s.qlib), ctypes.c_void_p).value,
+            linear=ctypes.cast(kernels.entry(s.qlib, "selfseek_linear"), ctypes.c_void_p).value,
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
-            heads=ctypes.cast(s.qlib.selfseek_heads, ctypes.c_void_p).value,
-            moe=ctypes.cast(kernels.moe_kernel(s.qlib), ctypes.c_void_p).value,
+            heads=ctypes.cast(kernels.entry(s.qlib, "selfseek_heads"), ctypes.c_void_p).value,
+            moe=ctypes.cast(kernels.entry(s.qlib, "selfseek_moe"), ctypes.c_void_p).value,
             rows=s.T, hidden=h.shape[1], cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
             block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
             context_lens=paged.context_lens.data_ptr(), table_stride=paged.block_tables.stride(0),
