@@ -1494,6 +1494,25 @@ void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
   for (int64_t r = 0; r < M; ++r)
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + r * ldx + b * QK;
+      int8_t* qb = q + r * K + b * QK;
+#if defined(__AVX2__)  // the same values (cvtps rounds half to even, as nearbyint); the float sum in another order
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float am = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      const float dx = am / 127.f, inv = am > 0.f ? 1.f / dx : 0.f;
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+      const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+      // packs works within 128-bit lanes: dwords 0, 4, 1, 5, ... hold values 0-3, 4-7, ...
+      _mm256_storeu_si256((__m256i*)qb, _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      const int32_t qsum = y8::isum(_mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3])));
+      const float sum = y8::sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+#else
       float amax = 0.f, sum = 0.f;
       for (int j = 0; j < QK; ++j) {
         amax = std::max(amax, std::fabs(xb[j]));
@@ -1502,9 +1521,10 @@ void quantize_rows_i8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
       const float dx = amax / 127.f, inv = amax > 0.f ? 1.f / dx : 0.f;
       int32_t qsum = 0;
       for (int j = 0; j < QK; ++j) {
-        q[r * K + b * QK + j] = (int8_t)std::nearbyint(xb[j] * inv);
-        qsum += q[r * K + b * QK + j];
+        qb[j] = (int8_t)std::nearbyint(xb[j] * inv);
+        qsum += qb[j];
       }
+#endif
       c[r * nb + b] = -128 * qsum;
       d[r * nb + b] = dx;
       s[r * nb + b] = sum;
