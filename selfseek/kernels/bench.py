@@ -8,7 +8,8 @@ Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4) and the packed forma
 bytes). --shape NxK times a non-square [N out, K in] weight instead of --size's square one: a big one (e.g. the
 medium V3 lm_head, 129280x1024) is read from DRAM on every call, as in decode. With --moe: one routed-experts
 layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel against the
-per-expert loop (Experts._forward_torch). Not a test: timings depend on the machine.
+per-expert loop (Experts._forward_torch), with --int8 also the fused kernel with int8 activations. Not a test:
+timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -117,15 +118,17 @@ def run(shape: tuple[int, int], threads: list[int], rows: list[int], kinds: list
 
 
 def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: int = 64, hidden: int = 1024,
-            inter: int = 256, top_k: int = 6) -> None:
+            inter: int = 256, top_k: int = 6, int8: bool = False) -> None:
     from types import SimpleNamespace
 
     from selfseek.models.moe import Experts
     from selfseek.models.quant import QuantStack
 
     print(f"MoE layer: {n_experts} experts {hidden} -> {inter} -> {hidden}, top-{top_k}")
-    print(f"{'kind':>5} {'thr':>3} {'tokens':>6} {'fused ms':>9} {'loop ms':>9}")
+    print(f"{'kind':>5} {'thr':>3} {'tokens':>6} {'fused ms':>9} {'loop ms':>9}" + (f" {'int8 ms':>9}" if int8 else ""))
     for kind in kinds:
+        if kind not in ("q8", "q4", "f32", "bf16"):
+            raise SystemExit(f"--moe takes the kinds q8, q4, f32, bf16, not {kind!r}")
         experts = Experts(SimpleNamespace(n_routed_experts=n_experts, moe_intermediate_size=inter, hidden_size=hidden))
         for proj in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(experts, proj).data.normal_(0, 0.02)
@@ -143,10 +146,14 @@ def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: 
                 x = torch.randn(n, hidden)
                 ids = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n)])
                 w = torch.rand(n, top_k)
+                saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, False  # the float path
                 with torch.no_grad():
                     fused = best_ms(lambda: experts(x, w, ids))  # noqa: B023
                     loop = best_ms(lambda: experts._forward_torch(x, w, ids))  # noqa: B023
-                print(f"{kind:>5} {t:>3} {n:>6} {fused:9.3f} {loop:9.3f}")
+                    kernels.INT8_ACTIVATIONS = True  # the fused kernel's int8 twin (q8 / q4 stacks)
+                    i8 = best_ms(lambda: experts(x, w, ids)) if int8 and kind in ("q8", "q4") else float("nan")  # noqa: B023
+                kernels.INT8_ACTIVATIONS = saved
+                print(f"{kind:>5} {t:>3} {n:>6} {fused:9.3f} {loop:9.3f}" + (f" {i8:9.3f}" if int8 else ""))
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -170,7 +177,8 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="also time the int8-activation path (quantized kinds)")
     a = p.parse_args()
     if a.moe:
-        run_moe([int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","))
+        run_moe([int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")], a.kinds.split(","),
+                int8=a.int8)
         return
     run(a.shape or (a.size, a.size), [int(t) for t in a.threads.split(",")], [int(r) for r in a.rows.split(",")],
         a.kinds.split(","), a.int8)
