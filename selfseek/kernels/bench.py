@@ -150,8 +150,10 @@ def run_moe(threads: list[int], tokens: list[int], kinds: list[str], n_experts: 
                 with torch.no_grad():
                     fused = best_ms(lambda: experts(x, w, ids))  # noqa: B023
                     loop = best_ms(lambda: experts._forward_torch(x, w, ids))  # noqa: B023
-                    kernels.INT8_ACTIVATIONS = True  # the fused kernel's int8 twin (q8 / q4 stacks)
-                    i8 = best_ms(lambda: experts(x, w, ids)) if int8 and kind in ("q8", "q4") else float("nan")  # noqa: B023
+                    i8 = float("nan")
+                    if int8 and kind in ("q8", "q4"):  # the fused kernel's int8 twin
+                        kernels.INT8_ACTIVATIONS = True
+                        i8 = best_ms(lambda: experts(x, w, ids))  # noqa: B023
                 kernels.INT8_ACTIVATIONS = saved
                 print(f"{kind:>5} {t:>3} {n:>6} {fused:9.3f} {loop:9.3f}" + (f" {i8:9.3f}" if int8 else ""))
 

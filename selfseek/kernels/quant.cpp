@@ -2323,8 +2323,8 @@ struct XQBuf {
   // Row `from` of src copied into row `to` (the same values quantize the same way).
   void copy_row(const XQBuf& src, int64_t from, int64_t to) {
     std::memcpy(&q[to * K], &src.q[from * K], K);
-    for (auto [dst, sv] : {std::pair{&d, &src.d}, std::pair{&s, &src.s}})
-      std::memcpy(dst->data() + to * nb, sv->data() + from * nb, nb * 4);
+    std::memcpy(&d[to * nb], &src.d[from * nb], nb * 4);
+    std::memcpy(&s[to * nb], &src.s[from * nb], nb * 4);
     std::memcpy(&c[to * nb], &src.c[from * nb], nb * 4);
     if (!c4.empty()) std::memcpy(&c4[to * K / 4], &src.c4[from * K / 4], K);
   }
