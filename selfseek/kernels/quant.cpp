@@ -1800,7 +1800,8 @@ void kq_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
       for (int r = 0; r < MR; ++r)
         macc[r] = _mm256_fmadd_ps(_mm256_load_ps(DM + 8), _mm256_loadu_ps(x.s + (r0 + r) * x.nb + un * 8), macc[r]);
   }
-  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(_mm256_add_ps(acc[r][0], acc[r][1])) - y8::sum(macc[r]);
+  for (int r = 0; r < MR; ++r)  // the mins' sums subtracted lane by lane: one horizontal sum a row
+    y[(r0 + r) * ldy + n] = y8::sum(_mm256_sub_ps(_mm256_add_ps(acc[r][0], acc[r][1]), macc[r]));
 }
 
 // q8 along one weight row, 256-bit, 8 blocks at a time: each block's integer dot product with each row of x, the 8
@@ -1865,7 +1866,8 @@ void q8_tile_i8(const Mat& w, int64_t n, const XQ& x, int64_t r0, float* y, int6
       tail[r] += (float)y8::isum(d) * dw * x.d[xb] + mw * x.s[xb];
     }
   }
-  for (int r = 0; r < MR; ++r) y[(r0 + r) * ldy + n] = y8::sum(acc[r]) + y8::sum(macc[r]) + tail[r];
+  for (int r = 0; r < MR; ++r)  // one horizontal sum a row (short expert rows pay it per 8 blocks)
+    y[(r0 + r) * ldy + n] = y8::sum(with_mins ? _mm256_add_ps(acc[r], macc[r]) : acc[r]) + tail[r];
 }
 #else
 // Without AVX2: the same sums in scalar code, one super-block decoded to its integers per row.
