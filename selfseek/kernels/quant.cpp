@@ -1184,11 +1184,28 @@ inline float half_row_dot(const Mat& w, int64_t n, const float* x) {
 }
 #endif
 
-// y[n] = row_dot(row n) for n in [n0, n1): the scales of several rows (up to SC blocks) widened to float together.
+// fn(n, d, m) for the rows n in [n0, n1) of a quantized weight, d / m (null without mins) their scales and mins
+// widened to float, several rows' (up to SC blocks) together: no further ahead than their lines were prefetched.
+template <class Fn>
+void with_row_scales(const Mat& w, int64_t n0, int64_t n1, int64_t ahead, Fn&& fn) {
+  constexpr int64_t SC = 1024;
+  const int64_t nb = w.cols / QK, per = std::max<int64_t>(1, std::min(SC / nb, ahead));
+  float dq_stack[SC], mq_stack[SC];
+  std::vector<float> heap(nb > SC ? 2 * nb : 0);  // rows over SC blocks (K > 32768): one at a time, on the heap
+  float* dq = nb > SC ? heap.data() : dq_stack;
+  float* mq = nb > SC ? heap.data() + nb : mq_stack;
+  for (int64_t a = n0; a < n1; a += per) {
+    const int64_t e = std::min(n1, a + per);
+    halves_to_floats(w.scales + a * nb, (e - a) * nb, dq);
+    if (w.mins) halves_to_floats(w.mins + a * nb, (e - a) * nb, mq);
+    for (int64_t n = a; n < e; ++n) fn(n, dq + (n - a) * nb, w.mins ? mq + (n - a) * nb : nullptr);
+  }
+}
+
+// y[n] = row_dot(row n) for n in [n0, n1) (quantized kinds: with_row_scales).
 template <int KIND>
 void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
-  constexpr int64_t SC = 1024;
-  const int64_t nb = w.cols / QK, ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w));
+  const int64_t ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w));
   if constexpr (!quantized(KIND)) {
 #if defined(__AVX2__)
     if constexpr (KIND == BF16 || KIND == F16) {
@@ -1198,42 +1215,29 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
 #endif
     for (int64_t n = n0; n < n1; ++n) y[n] = row_dot<KIND>(w, n, x, nullptr, nullptr, ahead);
   } else {
-    // rows whose scales are widened together: no further ahead than their lines were prefetched
-    const int64_t per = std::max<int64_t>(1, std::min(SC / nb, ahead));
-    float dq_stack[SC], mq_stack[SC];
-    std::vector<float> heap(nb > SC ? 2 * nb : 0);  // rows over SC blocks (K > 32768): one at a time, on the heap
-    float* dq = nb > SC ? heap.data() : dq_stack;
-    float* mq = nb > SC ? heap.data() + nb : mq_stack;
 #if defined(__AVX2__)
-    std::vector<float> sx(KIND == Q4 ? nb : 0);
+    std::vector<float> sx(KIND == Q4 ? w.cols / QK : 0);
     for (int64_t c = 0; c < (int64_t)sx.size(); ++c) {
       const float* xb = x + c * QK;
       sx[c] = y8::sum(y8::add(y8::add(y8::load(xb), y8::load(xb + 8)),
                               y8::add(y8::load(xb + 16), y8::load(xb + 24))));
     }
 #endif
-    for (int64_t a = n0; a < n1; a += per) {
-      const int64_t e = std::min(n1, a + per);
-      halves_to_floats(w.scales + a * nb, (e - a) * nb, dq);
-      if (w.mins) halves_to_floats(w.mins + a * nb, (e - a) * nb, mq);
-      for (int64_t n = a; n < e; ++n) {
-        const float* d = dq + (n - a) * nb;
-        const float* m = w.mins ? mq + (n - a) * nb : nullptr;
+    with_row_scales(w, n0, n1, ahead, [&](int64_t n, const float* d, const float* m) {
 #if defined(__AVX2__)
-        if constexpr (KIND == Q4) {
-          y[n] = q4_row_dot(w, n, x, d, m, sx.data(), ahead);
-          continue;
-        }
-        if constexpr (KIND == Q8) {
-          if (!m) {
-            y[n] = q8_row_dot(w, n, x, d, ahead);
-            continue;
-          }
-        }
-#endif
-        y[n] = row_dot<KIND>(w, n, x, d, m, ahead);
+      if constexpr (KIND == Q4) {
+        y[n] = q4_row_dot(w, n, x, d, m, sx.data(), ahead);
+        return;
       }
-    }
+      if constexpr (KIND == Q8) {
+        if (!m) {
+          y[n] = q8_row_dot(w, n, x, d, ahead);
+          return;
+        }
+      }
+#endif
+      y[n] = row_dot<KIND>(w, n, x, d, m, ahead);
+    });
   }
 }
 
@@ -1331,29 +1335,18 @@ void rows_panel(const Mat& w, int64_t n0, const float* x, int64_t M, int64_t ldx
 
 // Output columns [n0, n1) of y = x W^T for M rows of x, on the calling thread.
 #if defined(__AVX2__)
-// Rows [n0, n1) of a q8 weight without mins against 2 .. PANEL_MIN_ROWS - 1 rows of x (q8_rows_few), their scales
-// widened a run of rows at a time as rows_dot does.
+// Rows [n0, n1) of a q8 weight without mins against 2 .. PANEL_MIN_ROWS - 1 rows of x (q8_rows_few).
 void q8_few_range(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  constexpr int64_t SC = 1024;
-  const int64_t nb = w.cols / QK, ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w));
-  const int64_t per = std::max<int64_t>(1, std::min(SC / nb, ahead));
-  float dq_stack[SC];
-  std::vector<float> heap(nb > SC ? nb : 0);  // rows over SC blocks: one at a time, on the heap
-  float* dq = nb > SC ? heap.data() : dq_stack;
+  const int64_t ahead = std::max<int64_t>(1, PF_BYTES / row_bytes(w));
   static_assert(PANEL_MIN_ROWS == 6, "q8_rows_few is instantiated for 2 .. 5 rows");
-  for (int64_t a = n0; a < n1; a += per) {
-    const int64_t e = std::min(n1, a + per);
-    halves_to_floats(w.scales + a * nb, (e - a) * nb, dq);
-    for (int64_t n = a; n < e; ++n) {
-      const float* d = dq + (n - a) * nb;
-      switch (M) {
-        case 2: q8_rows_few<2>(w, n, x, ldx, d, y, ldy, ahead); break;
-        case 3: q8_rows_few<3>(w, n, x, ldx, d, y, ldy, ahead); break;
-        case 4: q8_rows_few<4>(w, n, x, ldx, d, y, ldy, ahead); break;
-        default: q8_rows_few<5>(w, n, x, ldx, d, y, ldy, ahead); break;
-      }
+  with_row_scales(w, n0, n1, ahead, [&](int64_t n, const float* d, const float*) {
+    switch (M) {
+      case 2: q8_rows_few<2>(w, n, x, ldx, d, y, ldy, ahead); break;
+      case 3: q8_rows_few<3>(w, n, x, ldx, d, y, ldy, ahead); break;
+      case 4: q8_rows_few<4>(w, n, x, ldx, d, y, ldy, ahead); break;
+      default: q8_rows_few<5>(w, n, x, ldx, d, y, ldy, ahead); break;
     }
-  }
+  });
 }
 #endif
 
@@ -2030,14 +2023,7 @@ inline TF tf_zero() { return _mm512_setzero_ps(); }
 inline void tf_store(float* p, TF v) { _mm512_storeu_ps(p, v); }
 inline void transpose_tile(const uint8_t* const* p, int64_t off, TI* t) { transpose16x4(p, off, t); }
 template <int KIND, int MR>
-void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy);
-
-template <int KIND, int MR>
 void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
-  if constexpr (kq_i8(KIND)) {
-    kq_tile_i8_t<KIND, MR>(w, n0, x, r0, y, ldy);
-    return;
-  }
   constexpr int64_t BB = block_bytes<KIND>();
   const bool with_mins = w.mins != nullptr;
   const uint8_t* p[TJ];
@@ -2137,14 +2123,7 @@ inline TF tf_zero() { return _mm256_setzero_ps(); }
 inline void tf_store(float* p, TF v) { _mm256_storeu_ps(p, v); }
 inline void transpose_tile(const uint8_t* const* p, int64_t off, TI* t) { transpose8x4(p, off, t); }
 template <int KIND, int MR>
-void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy);
-
-template <int KIND, int MR>
 void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int64_t ldy) {
-  if constexpr (kq_i8(KIND)) {
-    kq_tile_i8_t<KIND, MR>(w, n0, x, r0, y, ldy);
-    return;
-  }
   constexpr int64_t BB = block_bytes<KIND>();
   const bool with_mins = w.mins != nullptr;
   const uint8_t* p[TJ];
@@ -2252,13 +2231,19 @@ void kq_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, i
 #endif
 
 #if defined(__AVX2__)
-// All M rows of x against weight rows n0 .. n0 + TJ, at most I8T_MR x rows per pass.
+// All M rows of x against weight rows n0 .. n0 + TJ, at most I8T_MR x rows per pass (tile_i8_t, the K-quants
+// kq_tile_i8_t).
 template <int KIND>
 void rows_tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t M, float* y, int64_t ldy) {
   for (int64_t r = 0; r < M; r += I8T_MR) {
     switch (std::min<int64_t>(I8T_MR, M - r)) {
-#define SELFSEEK_I8T(n) \
-  case n: if constexpr (n <= I8T_MR) tile_i8_t<KIND, n>(w, n0, x, r, y, ldy); break;
+#define SELFSEEK_I8T(n)                                                      \
+  case n:                                                                    \
+    if constexpr (n <= I8T_MR) {                                             \
+      if constexpr (kq_i8(KIND)) kq_tile_i8_t<KIND, n>(w, n0, x, r, y, ldy); \
+      else tile_i8_t<KIND, n>(w, n0, x, r, y, ldy);                          \
+    }                                                                        \
+    break;
       SELFSEEK_I8T(1) SELFSEEK_I8T(2) SELFSEEK_I8T(3) SELFSEEK_I8T(4) SELFSEEK_I8T(5) SELFSEEK_I8T(6)
       SELFSEEK_I8T(7) SELFSEEK_I8T(8) SELFSEEK_I8T(9) SELFSEEK_I8T(10) SELFSEEK_I8T(11) SELFSEEK_I8T(12)
       SELFSEEK_I8T(13) SELFSEEK_I8T(14) SELFSEEK_I8T(15) SELFSEEK_I8T(16)
