@@ -404,6 +404,16 @@ def test_every_level_compiles():
     assert len(paths) == len(build.buildable_isas()) and all(p.is_file() for p in paths)
 
 
+def test_a_shared_header_is_part_of_every_library_key(tmp_path, monkeypatch):
+    """A library built before a change to a header it includes is not loaded after it."""
+    for f in ("quant.cpp", "buf.h"):
+        (tmp_path / f).write_bytes((build.HERE / f).read_bytes())
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    before = build.library_path("quant", "avx2")
+    (tmp_path / "buf.h").write_text((tmp_path / "buf.h").read_text() + "\n// changed\n")
+    assert build.library_path("quant", "avx2") != before
+
+
 def test_grouped_torch_path_equals_the_loop():
     """Experts._forward_grouped (no host sync, torch._grouped_mm) against the per-expert loop, where torch runs it."""
     from types import SimpleNamespace

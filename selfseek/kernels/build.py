@@ -3,10 +3,10 @@
 Each `selfseek/kernels/<name>.cpp` is plain C++ with a C ABI (no torch headers, so it compiles in seconds,
 not the minutes torch's cpp_extension takes) and OpenMP for threads. It is compiled into one shared library
 per instruction-set level (`ISAS`: the same source, `#ifdef __AVX512F__` / `__AVX2__` paths), cached under
-`$SELFSEEK_CACHE_DIR` (default `~/.cache/selfseek`) by a SHA-256 of source, compiler and flags, and loaded
-with ctypes. `build_all()` compiles every level (paths this CPU cannot run are still compiled, so a compile
-error shows up anywhere); `library(name)` loads the best level this CPU runs, or the one named by
-`SELFSEEK_ISA` (generic, avx2, avx512, avx512vnni) so each dispatch path is testable on a bigger CPU.
+`$SELFSEEK_CACHE_DIR` (default `~/.cache/selfseek`) by a SHA-256 of source and the shared headers (`*.h`),
+compiler and flags, and loaded with ctypes. `build_all()` compiles every level (paths this CPU cannot run are
+still compiled, so a compile error shows up anywhere); `library(name)` loads the best level this CPU runs, or the
+one named by `SELFSEEK_ISA` (generic, avx2, avx512, avx512vnni) so each dispatch path is testable on a bigger CPU.
 `load(name, bind)` is what the kernel wrappers call: that library with its C signatures declared, loaded on
 first use; `reset()` makes the next use read SELFSEEK_NO_KERNELS / SELFSEEK_ISA again (tests switch paths so).
 
@@ -128,7 +128,7 @@ def _compiler_id(cxx: str) -> str:
 def library_path(name: str, isa: str) -> Path:
     """Where the compiled library for this source, compiler and level lives (built or not)."""
     cxx = _compiler()
-    src = (HERE / f"{name}.cpp").read_bytes()
+    src = b"\0".join(p.read_bytes() for p in [HERE / f"{name}.cpp", *sorted(HERE.glob("*.h"))])
     key = hashlib.sha256(b"\0".join([src, _compiler_id(cxx).encode(), " ".join(BASE_FLAGS + ISAS[isa]).encode()]))
     return cache_dir() / f"{name}-{isa}-{key.hexdigest()[:16]}.so"
 

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "buf.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -357,7 +359,7 @@ void store_rows(const DecodeStep& s, float* pool, const float* rows, int64_t str
 // _GQA.run: x [T, hidden] -> a [T, hidden]
 void gqa(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
     const int64_t T = s.rows, H = L.heads, K = L.n_kv, d = L.head_dim, nqkv = (H + 2 * K) * d;
-    std::vector<float> qkv(T * nqkv), q(T > 1 ? T * H * d : 0), o(T * H * d);
+    Buf<float> qkv(T * nqkv), q(T > 1 ? T * H * d : 0), o(T * H * d);
     ok(s.linear(L.qkv, x, T, s.hidden, qkv.data(), nqkv));
     selfseek_rope(qkv.data(), nqkv, d, qkv.data(), nqkv, d, T, H + K, d, s.cos, s.sin, L.interleaved);  // q and k
     store_rows(s, L.pool, qkv.data() + H * d, nqkv, 2 * K * d);  // k, v
@@ -373,7 +375,7 @@ void gqa(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
 // _MLA.run: x [T, hidden] -> a [T, hidden]
 void mla(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
     const int64_t T = s.rows, h = L.heads, d = L.nope, r = L.rope, c = L.latent, ql = L.q_lora, nd = ql + c + r;
-    std::vector<float> down(T * nd), q_c(T * ql), q(T * h * (d + r)), q_rope(T * h * r), latent(T * c),
+    Buf<float> down(T * nd), q_c(T * ql), q(T * h * (d + r)), q_rope(T * h * r), latent(T * c),
         kv(T * (c + r)), q_nope(T * h * d), q_lat(T * h * c), q_att(T * h * (c + r)), o_lat(T * h * c),
         o(T * h * L.v_dim);
     ok(s.linear(L.down, x, T, s.hidden, down.data(), nd));  // [q_a; c_KV; k_rope]
@@ -398,7 +400,7 @@ void mla(const DecodeStep& s, const DecodeLayer& L, const float* x, float* a) {
 // _Dense.run: y = down(silu(gate x) * up x)
 void dense(const DecodeStep& s, const DecodeLayer& L, const float* x, float* y) {
     const int64_t T = s.rows;
-    std::vector<float> gu(T * 2 * L.inter), act(T * L.inter);
+    Buf<float> gu(T * 2 * L.inter), act(T * L.inter);
     ok(s.linear(L.gate_up, x, T, s.hidden, gu.data(), 2 * L.inter));
     silu_mul_rows(gu.data(), 2 * L.inter, act.data(), T, L.inter);
     ok(s.linear(L.mlp_down, act.data(), T, L.inter, y, s.hidden));
@@ -407,7 +409,7 @@ void dense(const DecodeStep& s, const DecodeLayer& L, const float* x, float* y) 
 // x = post_norm(residual += attention(in_norm(residual += ffn))), ffn null for the first layer
 void attention_block(const DecodeStep& s, const DecodeLayer& L, float* residual, const float* ffn, float* x) {
     const int64_t T = s.rows, m = s.hidden;
-    std::vector<float> a(T * m);
+    Buf<float> a(T * m);
     selfseek_add_rms_norm(residual, m, ffn, m, L.in_norm, x, T, m, L.in_eps);
     if (L.mla) mla(s, L, x, a.data());
     else gqa(s, L, x, a.data());
@@ -420,7 +422,7 @@ void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, const 
     if (!L.moe) return dense(s, L, x, y);
     ok(s.moe(x, s.rows, s.hidden, ids, weights, L.top_k, L.n_experts, L.e_gate, L.e_up, L.e_down, y, 0.0f));
     if (L.gate_up == nullptr) return;
-    std::vector<float> shared(s.rows * s.hidden);
+    Buf<float> shared(s.rows * s.hidden);
     dense(s, L, x, shared.data());
     for (int64_t i = 0; i < s.rows * s.hidden; i++) y[i] += shared[i];
 }
@@ -430,7 +432,7 @@ void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, const 
 // norm), in place.
 int32_t selfseek_decode_layers(const DecodeStep* s, const DecodeLayer* layers, int64_t n, float* residual) {
     const int64_t size = s->rows * s->hidden;
-    std::vector<float> x(size), ffn(size);
+    Buf<float> x(size), ffn(size);
     for (int64_t l = 0; l < n; l++) {
         try {
             attention_block(*s, layers[l], residual, l ? ffn.data() : nullptr, x.data());

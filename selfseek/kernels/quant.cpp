@@ -46,6 +46,8 @@
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#include "buf.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -2290,9 +2292,9 @@ void gemm_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float
 
 // M rows of x quantized for the int8 products (the arrays an XQ views); c4 (Q6_K's offsets) when asked for.
 struct XQBuf {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int32_t> c, c4;
+  Buf<int8_t> q;
+  Buf<float> d, s;
+  Buf<int32_t> c, c4;
   int64_t K, nb;
   // x null: rows to fill with copy_row.
   XQBuf(const float* x, int64_t M, int64_t ldx, int64_t K, bool with_c4)
@@ -2438,7 +2440,7 @@ int moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const flo
       pos[s] = next[ids[s]]++;
     }
   }
-  std::vector<float> xs(S * hidden), h(S * inter), u(S * inter), d(S * hidden);
+  Buf<float> xs(S * hidden), h(S * inter), u(S * inter), d(S * hidden);
 #pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
   for (int64_t p = 0; p < S; ++p) std::memcpy(&xs[p * hidden], x + (order[p] / k) * hidden, hidden * 4);
   // Rows [r0, r1) of one expert's w for its cnt tokens from sorted position p0: x's rows as int8 (q) or float (xf, K
