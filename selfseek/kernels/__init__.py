@@ -53,11 +53,11 @@ Weight = torch.Tensor | QuantWeight | Packed
 # kernels' float panels measured faster (build.panels_for_gemm) keep the row kernel.
 GEMM_MIN_ROWS = 64
 TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best measured of 1-16 MiB)
-# Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 and Q4_K / Q5_K / Q6_K weights with at most INT8_MAX_ROWS
-# rows of x (decode) quantize x per 32-block to int8 and use integer dot products (quant.cpp, selfseek_linear_int8).
-# Faster, but x is rounded to 8 bits, so results are no longer the float product: off by default.
+# Opt-in (SELFSEEK_INT8_ACTIVATIONS=1): products of q8/q4 and Q4_K / Q5_K / Q6_K weights with at most int8_max_rows()
+# rows of x (any count with VNNI, decode batches without) quantize x per 32-block to int8 and use integer dot products
+# (quant.cpp, selfseek_linear_int8). Faster, but x is rounded to 8 bits, so results are no longer the float product:
+# off by default.
 INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
-INT8_MAX_ROWS = GEMM_MIN_ROWS - 1  # quant.cpp's too: up to the BLAS path (63 rows ran 2.4x faster than float)
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
 INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k"))))  # selfseek_linear_int8's kinds
 _c_i64 = ctypes.c_int64
@@ -78,6 +78,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_linear_int8.argtypes = [mat, _ptr, _c_i64, _c_i64, _ptr, _c_i64]
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
+    lib.selfseek_int8_max_rows.argtypes, lib.selfseek_int8_max_rows.restype = [], _c_i64
     for f in (lib.selfseek_moe, lib.selfseek_moe_int8):
         f.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     for f in (lib.selfseek_heads, lib.selfseek_heads_int8):
@@ -96,6 +97,19 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are loaded (False: the torch fallback runs)."""
     return _load() is not None
+
+
+def int8_max_rows() -> int:
+    """The most rows of x the loaded level's int8 products take (quant.cpp's INT8_MAX_ROWS); 0 without kernels."""
+    return lib.selfseek_int8_max_rows() if (lib := _load()) is not None else 0
+
+
+def takes_int8(w: Weight, rows: int) -> bool:
+    """Whether products of `rows` rows of x with w take int8 activations (INT8_ACTIVATIONS, an INT8_KINDS weight)."""
+    if not INT8_ACTIVATIONS or isinstance(w, torch.Tensor):
+        return False
+    kind = FORMATS.get(w.format, (-1,))[0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
+    return kind in INT8_KINDS and rows <= int8_max_rows()
 
 
 def _native(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -306,7 +320,7 @@ def linear(x: torch.Tensor, w: Weight, prepared: _Mat | None = None) -> torch.Te
     rows = x2.shape[0]
     if rows >= GEMM_MIN_ROWS and m.kind == _KINDS[torch.float32]:
         y = torch.mm(x2, q.t())
-    elif rows >= GEMM_MIN_ROWS and not _panels_take(m.kind):
+    elif rows >= GEMM_MIN_ROWS and not _panels_take(m.kind) and not takes_int8(w, rows):
         y = _tiled_mm(lib, m, x2)
     else:
         y = torch.empty(rows, m.rows)
@@ -338,7 +352,7 @@ def gemm_by_panels(w: Weight) -> bool:
 def entry(lib: ctypes.CDLL, name: str):
     """The C function `name` (selfseek_linear, selfseek_moe, selfseek_heads) that `linear`, `moe`, `heads` and the
     native decode step call: with INT8_ACTIVATIONS its `_int8` twin, which takes int8 activations for INT8_KINDS up to
-    INT8_MAX_ROWS rows of x (an expert's tokens, MLA's W^UV per head) and is the float one for the rest."""
+    int8_max_rows() rows of x (an expert's tokens, MLA's W^UV per head) and is the float one for the rest."""
     return getattr(lib, f"{name}_int8" if INT8_ACTIVATIONS else name)
 
 

@@ -3,7 +3,7 @@
 Per weight kind and batch rows M: milliseconds per y = x W^T call (best of several), GB/s of weight bytes read
 (the figure that bounds decode), billions of weights per second, and the same product through a whole-weight
 float32 copy and torch.mm (the path quantized layers took before for M >= 16) for comparison; with --int8 also
-the opt-in int8-activation path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.INT8_MAX_ROWS.
+the opt-in int8-activation path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.int8_max_rows().
 Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4) and the packed formats q2_k .. q6_k, fp8, fp4 (random
 bytes). --shape NxK times a non-square [N out, K in] weight instead of --size's square one: a big one (e.g. the
 medium V3 lm_head, 129280x1024) is read from DRAM on every call, as in decode. With --moe: one routed-experts
@@ -81,15 +81,9 @@ def nbytes(w: kernels.Weight) -> int:
 
 def int8_ms(x: torch.Tensor, w: kernels.Weight) -> float:
     """Best ms of the int8-activation path, or nan where it does not apply."""
-    if isinstance(w, kernels.Packed):
-        takes = kernels.FORMATS[w.format][0] in kernels.INT8_KINDS
-    else:
-        takes = not isinstance(w, torch.Tensor)  # q8 / q4 (values, scales[, mins]); float weights have no int8 path
-    if not takes or x.shape[0] > kernels.INT8_MAX_ROWS:
-        return float("nan")
     saved, kernels.INT8_ACTIVATIONS = kernels.INT8_ACTIVATIONS, True
     try:
-        return best_ms(lambda: kernels.linear(x, w))
+        return best_ms(lambda: kernels.linear(x, w)) if kernels.takes_int8(w, x.shape[0]) else float("nan")
     finally:
         kernels.INT8_ACTIVATIONS = saved
 

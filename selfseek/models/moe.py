@@ -147,7 +147,7 @@ class Experts(nn.Module):
         stacks = [self._stack(p) for p in ("gate_proj", "up_proj", "down_proj")]
         if (x.shape[0] >= kernels.GEMM_MIN_ROWS and x.dtype == torch.float32 and not isinstance(stacks[0], torch.Tensor)
                 and not records_grad(x, stacks) and kernels.moe_native(x, *stacks)
-                and not all(kernels.gemm_by_panels(st) for st in stacks)):
+                and not all(kernels.gemm_by_panels(st) or kernels.takes_int8(st, x.shape[0]) for st in stacks)):
             return self._forward_prefill(x, weights, ids, stacks)
         if (y := fused_experts(x, weights, ids, stacks)) is not None:
             return y
