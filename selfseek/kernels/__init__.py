@@ -106,10 +106,7 @@ def int8_max_rows() -> int:
 
 def takes_int8(w: Weight, rows: int) -> bool:
     """Whether products of `rows` rows of x with w take int8 activations (INT8_ACTIVATIONS, an INT8_KINDS weight)."""
-    if not INT8_ACTIVATIONS or isinstance(w, torch.Tensor):
-        return False
-    kind = FORMATS.get(w.format, (-1,))[0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
-    return kind in INT8_KINDS and rows <= int8_max_rows()
+    return INT8_ACTIVATIONS and not isinstance(w, torch.Tensor) and _kind(w) in INT8_KINDS and rows <= int8_max_rows()
 
 
 def _native(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -345,8 +342,12 @@ def gemm_by_panels(w: Weight) -> bool:
     """`linear`'s choice for GEMM_MIN_ROWS rows and more of this weight (or stack): the kernels' panels (True) or
     BLAS on dequantized tiles; the MoE layer keeps all of a prefill's experts in the fused kernel when it is True
     for all three of its stacks."""
-    kind = FORMATS.get(w.format, (-1,))[0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
-    return _panels_take(kind)
+    return _panels_take(_kind(w))
+
+
+def _kind(w: Weight) -> int:
+    """quant.cpp's kind of a weight or stack (-1 for one it has no kind for)."""
+    return FORMATS.get(w.format, (-1,))[0] if isinstance(w, Packed) else _KINDS.get(_split(w)[0].dtype, -1)
 
 
 def entry(lib: ctypes.CDLL, name: str):

@@ -1154,8 +1154,10 @@ inline void q8_rows_few(const Mat& w, int64_t n, const float* x, int64_t ldx, co
     if (b % 2 == 0) prefetch(q + b * QK + PF_BYTES);
     const y8::V d = y8::set1(dq[b]);
     y8::V wv[4];
-    for (int v = 0; v < 4; ++v)
-      wv[v] = y8::mul(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + b * QK + 8 * v)))), d);
+    for (int v = 0; v < 4; ++v) {
+      const __m128i q8 = _mm_loadl_epi64((const __m128i*)(q + b * QK + 8 * v));
+      wv[v] = y8::mul(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), d);
+    }
     for (int r = 0; r < MR; ++r) {
       const float* xb = x + r * ldx + b * QK;
       for (int v = 0; v < 4; ++v) acc[r][v % 2] = y8::fma(wv[v], y8::load(xb + 8 * v), acc[r][v % 2]);
@@ -2089,7 +2091,8 @@ void tile_i8_t(const Mat& w, int64_t n0, const XQ& x, int64_t r0, float* y, int6
 // only q4 (pairs <= 2 * 15 * 127) may add eight of them in 16 bits before widening.
 constexpr int TJ = 8;
 constexpr int I8T_MR = 8;  // x rows per pass: 16 registers hold the 8 transposed vectors and the accumulators
-// 16 rows, q8: 114 -> 55 ms, q4: 84 -> 40 ms (AVX2 level); q8 2 rows 1.9 ms here against 1.3 in q8_tile_i8 (16384 x 1024)
+// 16 rows, q8: 114 -> 55 ms, q4: 84 -> 40 ms (AVX2 level); q8 2 rows 1.9 ms here against 1.3 in q8_tile_i8
+// (16384 x 1024)
 template <int KIND>
 constexpr int64_t i8t_min_rows() { return KIND == Q8 ? 3 : 2; }
 
@@ -2285,6 +2288,9 @@ constexpr int64_t INT8_MAX_ROWS = INT64_MAX;
 #else
 constexpr int64_t INT8_MAX_ROWS = 63;
 #endif
+// Whether rows rows of x against a weight of this kind take int8 activations (when they are on): the one rule of
+// selfseek_linear_int8, W^UV's heads and the MoE's experts (kernels.takes_int8 in Python).
+constexpr bool takes_i8(int kind, int64_t rows) { return rows <= INT8_MAX_ROWS && int8_kind(kind); }
 
 // gemm_range_i8 for w's kind (one of int8_kind's).
 void gemm_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
@@ -2394,7 +2400,7 @@ int heads(const Mat* w, const float* x, int64_t R, int64_t H, int64_t per_head, 
     for (int64_t h = 0; h < H; ++h) {
       const Mat wh = rows_view(*w, h * per_head + off, n);
       if (!transposed) {
-        if (i8 && R <= INT8_MAX_ROWS && int8_kind(w->kind))
+        if (i8 && takes_i8(w->kind, R))
           gemm_i8(wh, 0, n, XQBuf(x + h * K, R, H * K, K, w->kind == Q6K).rows(0), R, y + h * n, H * n);
         else
           gemm_range(wh, 0, n, x + h * K, R, H * K, y + h * n, H * n);
@@ -2447,14 +2453,20 @@ int moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const flo
       pos[s] = next[ids[s]]++;
     }
   }
-  Buf<float> xs(S * hidden), h(S * inter), u(S * inter), d(S * hidden);
+  int64_t most = 0;  // the most tokens an expert has
+  for (int64_t e = 0; e < n_experts; ++e) most = std::max(most, offset[e + 1] - offset[e]);
+  // x's rows in slot order as floats, unless every gate and up product takes them as int8 (xq below)
+  const bool float_x = !(i8 && takes_i8(gate->kind, most) && takes_i8(up->kind, most));
+  Buf<float> xs(float_x ? S * hidden : 0), h(S * inter), u(S * inter), d(S * hidden);
+  if (float_x) {
 #pragma omp parallel for schedule(static) if (S * hidden >= (1 << 16))
-  for (int64_t p = 0; p < S; ++p) std::memcpy(&xs[p * hidden], x + (order[p] / k) * hidden, hidden * 4);
+    for (int64_t p = 0; p < S; ++p) std::memcpy(&xs[p * hidden], x + (order[p] / k) * hidden, hidden * 4);
+  }
   // Rows [r0, r1) of one expert's w for its cnt tokens from sorted position p0: x's rows as int8 (q) or float (xf, K
   // wide).
   const auto product = [&](const Mat& w, int64_t r0, int64_t r1, int64_t p0, int64_t cnt,
                            const std::optional<XQBuf>& q, const float* xf, int64_t K, float* yo, int64_t ldy) {
-    if (i8 && cnt <= INT8_MAX_ROWS && int8_kind(w.kind))
+    if (i8 && takes_i8(w.kind, cnt))
       gemm_i8(w, r0, r1, q->rows(p0), cnt, yo, ldy);
     else
       gemm_range(w, r0, r1, xf + p0 * K, cnt, K, yo, ldy);
@@ -2552,7 +2564,7 @@ int selfseek_linear_i8(const Mat* w, const float* x, int64_t M, int64_t ldx, flo
 // for its kinds up to INT8_MAX_ROWS rows of x, else selfseek_linear, so a layer's rows take one rule wherever they
 // run.
 int selfseek_linear_int8(const Mat* w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  const bool i8 = M <= INT8_MAX_ROWS && int8_kind(w->kind);
+  const bool i8 = takes_i8(w->kind, M);
   return i8 ? selfseek_linear_i8(w, x, M, ldx, y, ldy) : selfseek_linear(w, x, M, ldx, y, ldy);
 }
 
