@@ -22,6 +22,7 @@ its GGUFs (F32, Q8_0 by llama.cpp's converter; Q4_0, Q4_K by llama.cpp's quantiz
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import json
@@ -500,11 +501,12 @@ def run_prefix(engine, vocab: int, prefix_len: int) -> Result:
 
 
 def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) -> Result:
-    """Where a decode step's time goes: attention, MoE / MLP, the rest of the forward, sampling, scheduling."""
+    """Where a decode step's time goes: attention, router, MoE / MLP, the rest of the forward, sampling, scheduling.
+    The native step's layer loop runs in one C call: it times its parts itself (_CLayers.timings)."""
     from selfseek.models.moe import MoE
     from selfseek.models.native_step import NativeStack
 
-    spent = {"attention": 0.0, "moe": 0.0, "dense_mlp": 0.0}
+    spent = {"attention": 0.0, "router": 0.0, "moe": 0.0, "dense_mlp": 0.0}
     hooks, wrapped = [], []
 
     def timed(module, key):
@@ -527,6 +529,7 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         wrapped.append(part)
 
     native = NativeStack.for_model(model)
+    c_layers = None if native is None else native.native
     for i, layer in enumerate(model.model.layers):
         ffn_key = "moe" if isinstance(layer.mlp, MoE) else "dense_mlp"
         if native is not None:
@@ -542,6 +545,8 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         engine.step()  # prefill first: profile decode steps only
     for k in spent:
         spent[k] = 0.0
+    if c_layers is not None:
+        c_layers.timings = (ctypes.c_double * (3 * len(model.model.layers)))()
     engine.timings.update({k: 0.0 for k in engine.timings})
     t0 = time.perf_counter()
     while engine.has_work():
@@ -551,6 +556,12 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         h.remove()
     for part in wrapped:
         del part.run
+    if c_layers is not None:
+        for i, layer in enumerate(model.model.layers):
+            spent["attention"] += c_layers.timings[3 * i]
+            spent["router"] += c_layers.timings[3 * i + 1]
+            spent["moe" if isinstance(layer.mlp, MoE) else "dense_mlp"] += c_layers.timings[3 * i + 2]
+        c_layers.timings = None
     t = engine.timings
     n = max(1, t["steps"])
     forward_rest = t["forward"] - sum(spent.values())

@@ -138,4 +138,8 @@ def test_bench_end_to_end_writes_json_and_plot(v3, tmp_path, capsys):
     c3 = next(r for r in data[0]["results"] if r["scenario"] == "decode c=3")
     assert c3["requests"] == 3 and c3["output_tok_s"] > 0 and c3["extra"]["preemptions"] == 0
     assert {r["metric"] for r in data[0]["table"]} >= {"prefill 24 tok/s", "% of bandwidth bound"}
+    # the native step's one C call times its own parts: each seen, together within the step
+    parts = next(r for r in data[0]["results"] if r["scenario"] == "profile c=2")["extra"]
+    assert min(parts["attention"], parts["router"], parts["moe"], parts["dense_mlp"]) > 0
+    assert parts["attention"] + parts["router"] + parts["moe"] + parts["dense_mlp"] < parts["step"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

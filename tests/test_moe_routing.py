@@ -1,5 +1,7 @@
-"""models/moe.Gate: the routing kernel (kernels/routing.cpp) against the gate's own torch ops (the reference kept in
-the module, run with the kernels off), for every topk_method, and the decode step it serves."""
+"""models/moe.Gate: the router kernel (kernels/routing.cpp's selfseek_gate: logits, scores, selection) against a plain
+float64 evaluation of the same formulas and against the gate's own torch ops (run with the kernels off), for every
+topk_method; a token routes the same in any batch at any thread count (what lets the native decode step route in
+C and agree with the module path)."""
 
 from __future__ import annotations
 
@@ -48,10 +50,34 @@ def _canonical(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return weights.gather(1, order), ids.gather(1, order)
 
 
+def _reference(gate: Gate, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing formulas (module docstring of models/moe.py) in float64: (the experts' choice values of each row,
+    best first, to check the kernel's order; the weights of the experts ids names)."""
+    with torch.no_grad():
+        logits = x.double() @ gate.weight.double().T
+        scores = logits.sigmoid() if gate.scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores + gate.e_score_correction_bias.double() if gate.method == "noaux_tc" else scores
+        weights = scores.gather(1, ids)
+        if gate.norm_topk_prob and gate.top_k > 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return choice, weights * gate.route_scale
+
+
+def _chosen(gate: Gate, x: torch.Tensor) -> torch.Tensor:
+    """The float64 selection: top_k of the choice among the kept groups."""
+    choice, _ = _reference(gate, x, torch.zeros(x.shape[0], 1, dtype=torch.int64))
+    if gate.method != "greedy" and gate.topk_group < gate.n_group:
+        grouped = choice.view(x.shape[0], gate.n_group, -1)
+        group = grouped.topk(2, -1).values.sum(-1) if gate.method == "noaux_tc" else grouped.amax(-1)
+        kept = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(gate.topk_group, -1).indices, True)
+        choice = grouped.masked_fill(~kept[..., None], float("-inf")).view(x.shape[0], -1)
+    return choice.topk(gate.top_k, -1).indices
+
+
 @needs_kernels
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("rows", [1, 5, 70])
-def test_routing_kernel_picks_the_torch_experts_with_the_torch_weights(case, rows, kernel_env):
+def test_router_kernel_against_float64_and_the_torch_ops(case, rows, kernel_env):
     cfg = CASES[case]
     gate = _gate(cfg, rows)
     x = torch.randn(rows, cfg.hidden_size, generator=torch.Generator().manual_seed(100 + rows))
@@ -63,19 +89,35 @@ def test_routing_kernel_picks_the_torch_experts_with_the_torch_weights(case, row
     assert ids_kernel.shape == ids_torch.shape == (rows, cfg.num_experts_per_tok)
     wk, ik = _canonical(w_kernel, ids_kernel)
     wt, it = _canonical(w_torch, ids_torch)
-    assert torch.equal(ik, it)
-    # the same scores picked and scaled alike; only the normalizing sum of top_k terms adds in another order: a few
-    # fp32 roundings (<= top_k half-ulps in the sum, one each in the division and the scaling)
-    torch.testing.assert_close(wk, wt, rtol=cfg.num_experts_per_tok * 1.2e-7, atol=0)
-    if not cfg.norm_topk_prob or cfg.num_experts_per_tok == 1:
-        assert torch.equal(wk, wt)  # nothing summed: the very same bits
-    # best first: the kernel's order is by the unbiased-or-biased choice the selection used
-    with torch.no_grad():
-        logits = x @ gate.weight.T
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
-        choice = scores + gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else scores
-        picked = choice.gather(1, ids_kernel.clone())
+    assert torch.equal(ik, it) and torch.equal(ik, _chosen(gate, x).sort(-1).values)
+    # both fp32 evaluations within a few ulps of float64's: logits of 64 products (|z| ~ 3, each sum its own order),
+    # then sigmoid / softmax, the top-k normalization and the scaling, each a rounding or two
+    choice, w64 = _reference(gate, x, ik)
+    for w in (wk, wt):
+        torch.testing.assert_close(w.double(), w64, rtol=2e-6, atol=0)
+    # best first: the kernel's order is by the choice the selection used
+    picked = choice.gather(1, ids_kernel)
     assert (picked[:, :-1] >= picked[:, 1:]).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["v3_noaux_tc", "v2_group_limited"])
+def test_a_token_routes_alike_in_any_batch_at_any_thread_count(case):
+    """The logits are fixed-order sums per (token, expert): a row's experts and weights are the same bits alone, in a
+    batch of 70 (rows taken four at a time, scores and selection in parallel) and at 1 or 2 threads."""
+    gate = _gate(CASES[case], 7)
+    x = torch.randn(70, CASES[case].hidden_size, generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(2)
+            batch = gate(x)
+            torch.set_num_threads(1)
+            alone = [gate(x[i:i + 1]) for i in range(70)]
+        finally:
+            torch.set_num_threads(threads)
+    for got, want in zip(batch, (torch.cat([a[j] for a in alone]) for j in range(2)), strict=True):
+        assert torch.equal(got, want)
 
 
 @needs_kernels

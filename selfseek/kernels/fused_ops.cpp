@@ -10,6 +10,8 @@
 // any one sum, so every level gives the same bits; the generic build runs the same loop on scalars.
 // No FMA contraction: a*c - b*s rounds each product as torch's eager ops do, so rotary matches them bit for bit.
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -270,19 +272,22 @@ void selfseek_silu_mul(const float* gu, int64_t gu_stride, float* out, int64_t r
     silu_mul_rows(gu, gu_stride, out, rows, inter);
 }
 
-// ---------------------------------------------------------------- a decode step's layers, few calls
+// ---------------------------------------------------------------- a decode step's layers, one call
 // models/native_step.py's layer loop (_GQA.run or _MLA.run, then _Dense.run or _MoE.run: the same kernels with the same
-// arguments in the same order), here so that a step is one call (layers without routed experts) or two per layer plus
-// the router (whose torch product stays in Python, so its sums stay torch's), instead of ten to thirty per layer from
-// Python, each with its tensor views: ~90 us of glue per Llama layer, a sixth of the default model's step at 1 thread.
-// The products, per-head products, fused experts and attention are the other libraries' kernels, reached through the
-// pointers the caller passes. Errors: -(1000000 + layer) where a kernel refused its arguments.
+// arguments in the same order), here so that a step is one call instead of ten to thirty per layer from Python, each
+// with its tensor views: ~90 us of glue per Llama layer, a sixth of the default model's step at 1 thread. The router
+// is routing.cpp's selfseek_gate, which models/moe.py's Gate calls too (the same sums, so the same experts). The
+// products, per-head products, router, fused experts and attention are the other libraries' kernels, reached through
+// the pointers the caller passes. Errors: -(1000000 + layer) where a kernel refused its arguments.
 typedef int32_t (*LinearFn)(const void* mat, const float* x, int64_t rows, int64_t ldx, float* y, int64_t ldy);
 typedef int32_t (*HeadsFn)(const void* mat, const float* x, int64_t rows, int64_t heads, int64_t per_head, int64_t off,
                            int64_t n, int32_t transposed, float* y);
 typedef int32_t (*MoeFn)(const float* x, int64_t rows, int64_t hidden, const int64_t* ids, const float* weights,
                          int64_t k, int64_t n_experts, const void* gate, const void* up, const void* down, float* y,
                          float limit);
+typedef int32_t (*GateFn)(const float* x, int64_t n, int64_t hidden, const float* w, int32_t scoring,
+                          const float* bias, int64_t n_experts, int32_t method, int64_t n_group, int64_t topk_group,
+                          int64_t top_k, int32_t norm, float route_scale, float* weights, int64_t* ids);
 typedef int32_t (*AttentionFn)(const float* q, float* out, int64_t num_rows, const void* k_cache, int64_t k_slot_stride,
                                int64_t k_head_stride, const void* v_cache, int64_t v_slot_stride, int64_t v_head_stride,
                                int32_t dtype, const int32_t* block_tables, int64_t table_stride, int32_t block_size,
@@ -316,9 +321,15 @@ struct DecodeLayer {
     // SwiGLU MLP (the dense layer, or the routed layer's shared experts when gate_up is set)
     const void *gate_up, *mlp_down;
     int64_t inter;
-    // routed experts: stacks, count, top-k
+    // routed experts: stacks, count, top-k; the router (selfseek_gate's arguments: weight [n_experts, hidden], noaux_tc's
+    // bias or null, scoring 0 softmax / 1 sigmoid, routing.cpp's method code)
     const void *e_gate, *e_up, *e_down;
     int64_t n_experts, top_k;
+    const float *router, *router_bias;
+    int32_t scoring, method;
+    int64_t n_group, topk_group;
+    int32_t norm;
+    float route_scale;
 };
 
 struct DecodeStep {
@@ -326,6 +337,8 @@ struct DecodeStep {
     AttentionFn attention;
     HeadsFn heads;
     MoeFn moe;
+    GateFn gate;
+    double* timings;  // null, or seconds added per layer: [attention, router, MLP or experts] (bench --profile)
     int64_t rows, hidden;
     const float *cos, *sin;  // [rows, rotary dim / 2]
     const int64_t* slots;    // each row's cache slot
@@ -416,11 +429,17 @@ void attention_block(const DecodeStep& s, const DecodeLayer& L, float* residual,
     selfseek_add_rms_norm(residual, m, a.data(), m, L.post_norm, x, T, m, L.post_eps);
 }
 
-// the layer's MLP, or its routed experts (weights, ids from the router) plus the shared experts
-void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, const float* weights, const int64_t* ids,
-               float* y) {
+// the layer's MLP, or its routed experts plus the shared experts; the router's seconds added to *routed
+void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, float* y, double* routed) {
     if (!L.moe) return dense(s, L, x, y);
-    ok(s.moe(x, s.rows, s.hidden, ids, weights, L.top_k, L.n_experts, L.e_gate, L.e_up, L.e_down, y, 0.0f));
+    const double t0 = omp_get_wtime();
+    Buf<float> weights(s.rows * L.top_k);
+    Buf<int64_t> ids(s.rows * L.top_k);
+    ok(s.gate(x, s.rows, s.hidden, L.router, L.scoring, L.router_bias, L.n_experts, L.method, L.n_group, L.topk_group,
+              L.top_k, L.norm, L.route_scale, weights.data(), ids.data()));
+    *routed += omp_get_wtime() - t0;
+    ok(s.moe(x, s.rows, s.hidden, ids.data(), weights.data(), L.top_k, L.n_experts, L.e_gate, L.e_up, L.e_down, y,
+             0.0f));
     if (L.gate_up == nullptr) return;
     Buf<float> shared(s.rows * s.hidden);
     dense(s, L, x, shared.data());
@@ -428,42 +447,28 @@ void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, const 
 }
 }  // namespace
 
-// Layers [0, n) without routed experts: residual [rows, hidden] -> the hidden states after them (before the final
-// norm), in place.
+// Layers [0, n): residual [rows, hidden] -> the hidden states after them (before the final norm), in place.
 int32_t selfseek_decode_layers(const DecodeStep* s, const DecodeLayer* layers, int64_t n, float* residual) {
     const int64_t size = s->rows * s->hidden;
     Buf<float> x(size), ffn(size);
     for (int64_t l = 0; l < n; l++) {
         try {
+            const double t0 = omp_get_wtime();
             attention_block(*s, layers[l], residual, l ? ffn.data() : nullptr, x.data());
-            ffn_block(*s, layers[l], x.data(), nullptr, nullptr, ffn.data());
+            const double t1 = omp_get_wtime();
+            double routed = 0.0;
+            ffn_block(*s, layers[l], x.data(), ffn.data(), &routed);
+            if (s->timings) {
+                double* t = s->timings + 3 * l;
+                t[0] += t1 - t0;
+                t[1] += routed;
+                t[2] += omp_get_wtime() - t1 - routed;
+            }
         } catch (const Fail&) {
             return static_cast<int32_t>(-(1000000 + l));
         }
     }
     for (int64_t i = 0; i < size && n; i++) residual[i] += ffn[i];
-    return 0;
-}
-
-// One layer's attention half: x = post_norm(residual += attention(in_norm(residual += ffn))) (ffn null: none).
-int32_t selfseek_decode_attention(const DecodeStep* s, const DecodeLayer* layer, int64_t index, float* residual,
-                                  const float* ffn, float* x) {
-    try {
-        attention_block(*s, *layer, residual, ffn, x);
-    } catch (const Fail&) {
-        return static_cast<int32_t>(-(1000000 + index));
-    }
-    return 0;
-}
-
-// One layer's FFN half: y = MLP(x), or the routed experts (router weights, ids [rows, top_k]) plus shared experts.
-int32_t selfseek_decode_ffn(const DecodeStep* s, const DecodeLayer* layer, int64_t index, const float* x,
-                            const float* weights, const int64_t* ids, float* y) {
-    try {
-        ffn_block(*s, *layer, x, weights, ids, y);
-    } catch (const Fail&) {
-        return static_cast<int32_t>(-(1000000 + index));
-    }
     return 0;
 }
 

@@ -35,14 +35,17 @@ class DecodeLayer(ctypes.Structure):
                 ("q_eps", ctypes.c_float), ("kv_eps", ctypes.c_float), ("uk", HeadProduct), ("uv", HeadProduct),
                 ("nope", _c_i64), ("rope", _c_i64), ("v_dim", _c_i64), ("latent", _c_i64), ("q_lora", _c_i64),
                 ("gate_up", _ptr), ("mlp_down", _ptr), ("inter", _c_i64), ("e_gate", _ptr), ("e_up", _ptr),
-                ("e_down", _ptr), ("n_experts", _c_i64), ("top_k", _c_i64)]
+                ("e_down", _ptr), ("n_experts", _c_i64), ("top_k", _c_i64), ("router", _ptr), ("router_bias", _ptr),
+                ("scoring", ctypes.c_int32), ("method", ctypes.c_int32), ("n_group", _c_i64), ("topk_group", _c_i64),
+                ("norm", ctypes.c_int32), ("route_scale", ctypes.c_float)]
 
 
 class DecodeStep(ctypes.Structure):
     """fused_ops.cpp's DecodeStep: the kernels to call (function addresses), one decode batch and the attention
     kernel's strides over the layers' pools."""
 
-    _fields_ = [("linear", _ptr), ("attention", _ptr), ("heads", _ptr), ("moe", _ptr), ("rows", _c_i64),
+    _fields_ = [("linear", _ptr), ("attention", _ptr), ("heads", _ptr), ("moe", _ptr), ("gate", _ptr),
+                ("timings", _ptr), ("rows", _c_i64),
                 ("hidden", _c_i64), ("cos", _ptr), ("sin", _ptr), ("slots", _ptr), ("block_tables", _ptr),
                 ("cu_q", _ptr), ("context_lens", _ptr), ("table_stride", _c_i64), ("block_size", ctypes.c_int32),
                 ("num_seqs", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("k_slot_stride", _c_i64),
@@ -56,10 +59,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_silu_mul.restype = None
     step, layer = ctypes.POINTER(DecodeStep), ctypes.POINTER(DecodeLayer)
     lib.selfseek_decode_layers.argtypes = [step, layer, _c_i64, _ptr]
-    lib.selfseek_decode_attention.argtypes = [step, layer, _c_i64, _ptr, _ptr, _ptr]
-    lib.selfseek_decode_ffn.argtypes = [step, layer, _c_i64, _ptr, _ptr, _ptr, _ptr]
-    for f in (lib.selfseek_decode_layers, lib.selfseek_decode_attention, lib.selfseek_decode_ffn):
-        f.restype = ctypes.c_int32
+    lib.selfseek_decode_layers.restype = ctypes.c_int32
     lib.selfseek_add_rms_norm.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _ptr, _ptr, _c_i64, _c_i64, ctypes.c_float]
     lib.selfseek_add_rms_norm.restype = None
     lib.selfseek_rope.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _ptr,

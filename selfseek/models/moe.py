@@ -29,14 +29,19 @@ from selfseek.kernels import build
 from selfseek.models.layers import MLP
 
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # kernels/routing.cpp's codes
+_SCORINGS = {"softmax": 0, "sigmoid": 1}
 
 
 def _bind_routing(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.selfseek_route.argtypes = [ptr, ptr, i64, i64, ctypes.c_int32, i64, i64, i64, ctypes.c_int32, ctypes.c_float,
-                                   ptr, ptr]
-    lib.selfseek_route.restype = ctypes.c_int32
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    lib.selfseek_gate.argtypes = [ptr, i64, i64, ptr, i32, ptr, i64, i32, i64, i64, i64, i32, ctypes.c_float, ptr, ptr]
+    lib.selfseek_gate.restype = ctypes.c_int32
     return lib
+
+
+def routing_library() -> ctypes.CDLL | None:
+    """kernels/routing.cpp for this CPU, or None (no compiler, SELFSEEK_NO_KERNELS)."""
+    return build.load("routing", _bind_routing)
 
 
 @functools.cache
@@ -61,13 +66,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, m] -> (weights [n, k] fp32, expert ids [n, k])."""
-        # As few ops as the math allows (a decode step routes every MoE layer): no no-op casts, no group mask to invert.
+        if (routed := self._forward_native(x)) is not None:
+            return routed
+        # As few ops as the math allows: no no-op casts, no group mask to invert.
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         logits = F.linear(x if x.dtype == torch.float32 else x.float(), w)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         n = scores.shape[0]
-        if (routed := self._route_native(scores)) is not None:
-            return routed
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
         else:
@@ -87,29 +92,33 @@ class Gate(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, ids
 
-    def _route_native(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The selection and weights of forward() in one kernel call (kernels/routing.cpp) for fp32 CPU scores, or
-        None where the torch ops run: no kernels, another device, or autograd recording (the router trains).
-        The kernel picks the same experts (ties aside) and returns them best first, where torch's unsorted top-k
-        leaves an order of its own: the experts' sum then adds in another order (fp32 rounding, nothing more)."""
-        if scores.device.type != "cpu" or scores.dtype != torch.float32 or (
-                torch.is_grad_enabled() and scores.requires_grad):
+    def native_args(self) -> tuple | None:
+        """selfseek_gate's arguments after x's (weight, scoring, bias, experts, method, groups, top_k, norm, scale),
+        or None where the kernel cannot read this router (not fp32 contiguous CPU tensors, an unknown method)."""
+        bias = self.e_score_correction_bias if self.method == "noaux_tc" else None
+        if self.method not in _METHODS or self.scoring not in _SCORINGS or any(
+                t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+                for t in (self.weight, bias) if t is not None):
             return None
-        if (lib := build.load("routing", _bind_routing)) is None:
+        return (self.weight.data_ptr(), _SCORINGS[self.scoring], None if bias is None else bias.data_ptr(),
+                self.n_experts, _METHODS[self.method], self.n_group or 1, self.topk_group or 1, self.top_k,
+                int(bool(self.norm_topk_prob)), float(self.route_scale))
+
+    def _forward_native(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """forward() in one kernel call (kernels/routing.cpp's selfseek_gate, which the native decode step calls
+        too), or None where the torch ops run: no kernels, another device, or autograd recording (the router
+        trains). Its logits are its own fixed-order sums, not torch's product, so a near tie may pick another
+        expert than the torch ops would (fp32 rounding); the experts come best first, where torch's unsorted top-k
+        leaves an order of its own (their sum adds in another order)."""
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.weight.shape[1] or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return None
-        bias = None
-        if self.method == "noaux_tc":
-            bias = self.e_score_correction_bias
-            if bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu":
-                return None
-        n = scores.shape[0]
-        scores = scores if scores.is_contiguous() else scores.contiguous()
+        if (lib := routing_library()) is None or (args := self.native_args()) is None:
+            return None
+        x = x.float().contiguous()
+        n = x.shape[0]
         weights, ids = torch.empty(n, self.top_k), torch.empty(n, self.top_k, dtype=torch.int64)
-        rc = lib.selfseek_route(scores.data_ptr(), None if bias is None else bias.data_ptr(), n, self.n_experts,
-                                _METHODS[self.method], self.n_group or 1, self.topk_group or 1, self.top_k,
-                                int(bool(self.norm_topk_prob)), float(self.route_scale), weights.data_ptr(),
-                                ids.data_ptr())
-        if rc != 0:
+        if lib.selfseek_gate(x.data_ptr(), n, x.shape[1], *args, weights.data_ptr(), ids.data_ptr()) != 0:
             raise ValueError(f"routing kernel rejected the gate's config (method {self.method}, {self.n_experts} "
                              f"experts, n_group {self.n_group}, topk_group {self.topk_group}, top_k {self.top_k})")
         return weights, ids

@@ -9,10 +9,10 @@ buffers allocated once per step: the same kernels with the same arguments in the
 the result is bit for bit the same (tests/test_native_step.py). It takes only what it can run exactly so; anything
 else (prefill rows, LoRA, hooks, autograd, V3.2's indexer, linear layers with a bias) runs the module path. Packed
 and float32 weights alike: the module path runs float32 nn.Linear layers in the same kernels (layers.run_linear).
-With an fp32 cache the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step, or two per layer around
-the router where experts are routed; its products through kernels.entry's functions, so the opt-in int8
-activations too): the Python glue left between kernels, about 90 us per Llama layer and more per MLA + MoE layer,
-was a sixth to a fifth of a decode step.
+With an fp32 cache the layer loop itself runs in fused_ops.cpp (_CLayers: one call per step, the router too, through
+routing.cpp's selfseek_gate as the Gate module calls it; its products through kernels.entry's functions, so the
+opt-in int8 activations too): the Python glue left between kernels, about 90 us per Llama layer and more per MLA +
+MoE layer, was a sixth to a fifth of a decode step.
 
     for each layer: x = RMSNorm(residual += ffn)             add_rms_norm
                     a = attention(x)                          GQA or MLA below
@@ -41,7 +41,7 @@ from selfseek.models.batch import AttnBatch
 from selfseek.models.decoder import DecoderLayer
 from selfseek.models.layers import MLP, RMSNorm, fused_rows, global_hooks
 from selfseek.models.mla import MLA, HeadProduct
-from selfseek.models.moe import Experts, MoE
+from selfseek.models.moe import Experts, MoE, routing_library
 from selfseek.models.quant import HalfLinear, QuantLinear, QuantStack
 
 
@@ -266,16 +266,18 @@ def _fill_dense(st: fused_ops.DecodeLayer, mlp: _Dense) -> None:
 
 
 class _CLayers:
-    """The layer loop as fused_ops.cpp runs it (selfseek_decode_*: each layer's _GQA / _MLA then _Dense / _MoE with the
-    same kernels and arguments), for fp32 pools and float activations: one call per step when no layer routes, else
-    per layer an attention call, the router (its module: torch's product, as the module path), an FFN call."""
+    """The layer loop as fused_ops.cpp runs it (selfseek_decode_layers: each layer's _GQA / _MLA then _Dense / _MoE with
+    the same kernels and arguments, the router as Gate's selfseek_gate), for fp32 pools: one call per step. timings,
+    when set (bench --profile), gathers seconds per layer: [attention, router, MLP or experts]."""
 
     def __init__(self, layers: list[_Layer]):
         if len({type(la.attn) for la in layers}) != 1:
             raise Unsupported("GQA and MLA layers mixed")
         self.layers = layers
         self.mla = type(layers[0].attn) is _MLA
-        self.routed = any(type(la.ffn) is _MoE for la in layers)
+        self.timings: ctypes.Array | None = None
+        if any(type(la.ffn) is _MoE for la in layers) and routing_library() is None:
+            raise Unsupported("no routing kernel")
         self.structs = (fused_ops.DecodeLayer * len(layers))()
         for st, la in zip(self.structs, layers, strict=True):
             at = la.attn.attn
@@ -298,6 +300,10 @@ class _CLayers:
                 moe = la.ffn
                 st.moe, st.n_experts, st.top_k = True, moe.prepared[3], moe.moe.gate.top_k
                 st.e_gate, st.e_up, st.e_down = (ctypes.addressof(m) for m in moe.prepared[:3])
+                if (args := moe.moe.gate.native_args()) is None or args[3] != st.n_experts:
+                    raise Unsupported("a router the routing kernel cannot read")
+                (st.router, st.scoring, st.router_bias, _, st.method, st.n_group, st.topk_group, _, st.norm,
+                 st.route_scale) = args
                 if moe.shared is not None:
                     _fill_dense(st, moe.shared)
 
@@ -315,6 +321,8 @@ class _CLayers:
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
             heads=ctypes.cast(kernels.entry(s.qlib, "selfseek_heads"), ctypes.c_void_p).value,
             moe=ctypes.cast(kernels.entry(s.qlib, "selfseek_moe"), ctypes.c_void_p).value,
+            gate=ctypes.cast(routing_library().selfseek_gate, ctypes.c_void_p).value,
+            timings=None if self.timings is None else ctypes.addressof(self.timings),
             rows=s.T, hidden=h.shape[1], cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
             block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
             context_lens=paged.context_lens.data_ptr(), table_stride=paged.block_tables.stride(0),
@@ -330,23 +338,10 @@ class _CLayers:
                     setattr(st, field, fused_ops.HeadProduct(ctypes.addressof(p.view), p.per_head, p.off, p.n,
                                                              p.transposed))
         step, _slots = self._step(s, h, pools[0])
-        residual, lib = h.clone(), s.flib
-        if not self.routed:
-            self._check(lib.selfseek_decode_layers(ctypes.byref(step), self.structs, len(self.structs),
-                                                   residual.data_ptr()))
-            return residual
-        x, ffn = torch.empty_like(h), torch.empty_like(h)
-        for i, (st, la) in enumerate(zip(self.structs, self.layers, strict=True)):
-            self._check(lib.selfseek_decode_attention(ctypes.byref(step), ctypes.byref(st), i, residual.data_ptr(),
-                                                      ffn.data_ptr() if i else None, x.data_ptr()))
-            weights = ids = None
-            if st.moe:
-                weights, ids = la.ffn.moe.gate(x)
-                weights, ids = weights.float().contiguous(), ids.to(torch.int64).contiguous()
-            self._check(lib.selfseek_decode_ffn(ctypes.byref(step), ctypes.byref(st), i, x.data_ptr(),
-                                                None if weights is None else weights.data_ptr(),
-                                                None if ids is None else ids.data_ptr(), ffn.data_ptr()))
-        return residual.add_(ffn)
+        residual = h.clone()
+        self._check(s.flib.selfseek_decode_layers(ctypes.byref(step), self.structs, len(self.structs),
+                                                  residual.data_ptr()))
+        return residual
 
     @staticmethod
     def _check(rc: int) -> None:
