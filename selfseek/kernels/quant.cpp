@@ -119,7 +119,7 @@ inline Mat expert(const Mat& w, int64_t e) {
 // (4 KiB: best measured of 1-8 KiB on the medium V3 lm_head).
 constexpr int64_t PF_BYTES = 4096;
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-// One-row float32 and 16-bit rows (row_dot, half_row_dot) prefetch the line being read instead: on a Zen 4 EPYC, f32
+// One-row float32 and 16-bit rows (f32_row_dot, half_row_dot) prefetch the line being read instead: on a Zen 4 EPYC, f32
 // 129280 x 1024 at 1 thread 27-31 -> 21-23 ms (AVX2 build, against its former 4 page streams: 39 -> 22), bf16
 // 32768 x 2048 6.0 -> 5.1 ms (no prefetch at all: 26 ms for that f32), where q8 rows keep PF_BYTES (6.8 vs 8.5 ms).
 template <int KIND>
@@ -1188,6 +1188,40 @@ inline float half_row_dot(const Mat& w, int64_t n, const float* x) {
 }
 #endif
 
+#if defined(__AVX2__)
+// One f32 row against x with ACC vector accumulators: a one-row f32 product is bound by the loads and FMAs in flight,
+// not by DRAM. The medium V3 head (129280 x 1024) at 1 thread on a Zen 4 EPYC, in a microbenchmark interleaving the
+// variants: four chains of 32-float blocks (row_dot's shape) 20-21 GB/s, 8 zmm accumulators 25-26, 16 zmm 28-31
+// (a plain sum of the same bytes: 28-30). AVX2 has 16 ymm registers: 8 accumulators.
+inline float f32_row_dot(const float* w, const float* x, int64_t K) {
+  constexpr int ACC = VW == 16 ? 16 : 8, LINE = 16 / VW;  // LINE: vectors per 64-byte line
+  V a[ACC];
+#pragma GCC unroll 16
+  for (int i = 0; i < ACC; ++i) a[i] = vzero();
+  int64_t k = 0;
+  for (; k + ACC * VW <= K; k += ACC * VW) {
+#pragma GCC unroll 16
+    for (int i = 0; i < ACC; ++i) {
+      if (i % LINE == 0) prefetch(w + k + i * VW);  // the line being read (row_prefetch)
+      a[i] = vfma(vload(w + k + i * VW), vload(x + k + i * VW), a[i]);
+    }
+  }
+  V t = vzero();
+  for (; k + VW <= K; k += VW) t = vfma(vload(w + k), vload(x + k), t);
+  // (every loop over a unrolled: else the array lives in memory, zero-filled and spilled each row)
+#pragma GCC unroll 16
+  for (int i = 0; i < ACC / 2; ++i) a[i] = vadd(a[i], a[i + ACC / 2]);
+#pragma GCC unroll 16
+  for (int i = 0; i < ACC / 4; ++i) a[i] = vadd(a[i], a[i + ACC / 4]);
+#pragma GCC unroll 16
+  for (int i = 0; i < ACC / 8; ++i) a[i] = vadd(a[i], a[i + ACC / 8]);
+  if constexpr (ACC == 16) a[0] = vadd(a[0], a[1]);
+  float s = vsum(vadd(a[0], t));
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+#endif
+
 // fn(n, d, m) for the rows n in [n0, n1) of a quantized weight, d / m (null without mins) their scales and mins
 // widened to float, several rows' (up to SC blocks) together: no further ahead than their lines were prefetched.
 template <class Fn>
@@ -1214,6 +1248,10 @@ void rows_dot(const Mat& w, int64_t n0, int64_t n1, const float* x, float* y) {
 #if defined(__AVX2__)
     if constexpr (KIND == BF16 || KIND == F16) {
       for (int64_t n = n0; n < n1; ++n) y[n] = half_row_dot<KIND>(w, n, x);
+      return;
+    }
+    if constexpr (KIND == F32) {
+      for (int64_t n = n0; n < n1; ++n) y[n] = f32_row_dot((const float*)(w.data + n * row_bytes(w)), x, w.cols);
       return;
     }
 #endif
