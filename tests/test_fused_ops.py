@@ -1,5 +1,6 @@
 """kernels/fused_ops: the fused residual-add + RMSNorm and in-place rotary against plain-torch references, on
-every instruction-set level this CPU runs, and the fused decoder stack against the layer-by-layer one."""
+every instruction-set level this CPU runs, greedy sampling's row argmax against torch's, and the fused decoder stack
+against the layer-by-layer one."""
 
 from __future__ import annotations
 
@@ -144,11 +145,44 @@ def test_every_isa_level_gives_the_same_bits(kernel_env):
         att = fused_ops.sink_attention(q, r[:, :64].contiguous(), r[:2, :3] > 0, w[:3].contiguous(), 0.1,
                                        (x[:, :128].reshape(2, 3, 64), x[:2, :3] > 0))
         act = fused_ops.silu_mul(torch.cat([x * 9, r], dim=1), 300)  # the vector loop and its scalar tail
+        best = torch.tensor([i for c in _argmax_cases()[5:] for i in fused_ops.argmax_rows(c)])
         outs[isa] = (out, res, qr, fused_ops.rope(q, cos, sin, True), *hc, fused_ops.hc_post(hc[0], hc[1], streams, y),
-                     att, act)
+                     att, act, best)
     first = next(iter(outs.values()))
     for isa, got in outs.items():
         assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True)), isa
+
+
+def _argmax_cases() -> list[torch.Tensor]:
+    """Rows the one-pass lanes could get wrong: ties within a lane and across lanes (the first wins), -0 against +0,
+    NaN anywhere (the first NaN wins), all -inf, +inf, lengths around the 16-lane step, strided rows."""
+    g = torch.Generator().manual_seed(3)
+    inf, nan = float("inf"), float("nan")
+    out = [torch.randn(r, n, generator=g) for r, n in ((1, 1), (3, 5), (2, 15), (2, 16), (4, 17), (5, 129280))]
+    tied = torch.randn(6, 100, generator=g)
+    tied[0, [3, 19, 35]] = 9.0  # the same lane
+    tied[1, [40, 7]] = 9.0  # another lane first
+    tied[2, [97, 98]] = 9.0  # in the scalar tail
+    tied[3, [20, 2]] = 9.0
+    tied[4] = -inf
+    tied[5, [10, 60]] = inf
+    out.append(tied)
+    zeros = torch.full((2, 40), -1.0)
+    zeros[0, 21], zeros[0, 5], zeros[1, 5], zeros[1, 21] = 0.0, -0.0, 0.0, -0.0
+    out.append(zeros)
+    nans = torch.randn(5, 70, generator=g)
+    nans[0, 50], nans[1, 0], nans[2, 69], nans[3, [30, 12]], nans[4] = nan, nan, nan, nan, nan
+    out.append(nans)
+    out.append(torch.randn(4, 64, generator=g)[:, 3:50])  # rows of 47 at a stride of 64
+    return out
+
+
+@needs_kernels
+def test_argmax_rows_is_torchs_max_indices():
+    for x in _argmax_cases():
+        assert fused_ops.argmax_rows(x) == x.max(dim=-1).indices.tolist(), x.shape
+    half = torch.randn(3, 50).to(torch.bfloat16)  # not float32: torch's own
+    assert fused_ops.argmax_rows(half) == half.max(dim=-1).indices.tolist()
 
 
 def _hc_reference(streams, fn, base, scale, norm_eps, hc_eps, iters):

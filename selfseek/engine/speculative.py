@@ -39,6 +39,7 @@ from selfseek.engine.runner import ModelRunner
 from selfseek.engine.sampler import _filters, filtered_probs, sample, top_logprobs
 from selfseek.engine.scheduler import Scheduled
 from selfseek.engine.sequence import Sequence
+from selfseek.kernels import fused_ops
 from selfseek.models.batch import AttnBatch, batch_from_tables
 from selfseek.models.model import CausalLM
 from selfseek.sampling_params import SamplingParams
@@ -208,7 +209,7 @@ class SpeculativeRunner(ModelRunner):
     def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """Draft tokens from MTP logits [R, vocab]: drawn from q for rejection-sampled sequences (-> q rows),
         the argmax for the others (-> None)."""
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = fused_ops.argmax_rows(logits)  # as the sampler: the first maximum
         qs: list[torch.Tensor | None] = [None] * len(seqs)
         rs = [i for i, seq in enumerate(seqs) if rejection_sampled(seq)]
         if rs:

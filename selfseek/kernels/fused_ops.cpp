@@ -472,4 +472,49 @@ int32_t selfseek_decode_layers(const DecodeStep* s, const DecodeLayer* layers, i
     return 0;
 }
 
+// ---------------------------------------------------------------- greedy sampling
+// out[r] = torch.max(x[r], dim=-1).indices for rows [rows, n] (row stride ld): the first index of the largest value,
+// or of the first NaN where the row has one (torch's rule; -0 equals +0). One pass per row in 16 lanes, each keeping
+// its largest value and where it first saw it (GCC's vector extension: the same on every level); the lanes holding
+// the row's maximum then give the smallest index. torch's reduction ran at ~0.7 G values/s here: a 16-row step's
+// argmax over a 129k vocabulary took 2.9 ms at 1 thread.
+typedef float F16v __attribute__((vector_size(64)));
+typedef int32_t I16v __attribute__((vector_size(64)));
+
+static int64_t argmax_row(const float* x, int64_t n) {
+    int64_t i = 0, best = 0;
+    float m = -INFINITY;
+    bool nan = false;
+    if (n >= 16 && n < INT32_MAX) {
+        F16v mv, v;
+        std::memcpy(&mv, x, sizeof mv);
+        I16v at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, cur = at + 16, bad = mv != mv;
+        for (i = 16; i + 16 <= n; i += 16, cur += 16) {
+            std::memcpy(&v, x + i, sizeof v);
+            const I16v gt = v > mv;
+            mv = gt ? v : mv;
+            at = gt ? cur : at;
+            bad |= v != v;
+        }
+        best = INT64_MAX;
+        for (int l = 0; l < 16; l++) nan |= bad[l] != 0;
+        for (int l = 0; l < 16; l++) m = mv[l] > m ? mv[l] : m;
+        for (int l = 0; l < 16; l++)
+            if (mv[l] == m && at[l] < best) best = at[l];
+    }
+    for (; i < n; i++) {
+        nan |= x[i] != x[i];
+        if (x[i] > m) m = x[i], best = i;
+    }
+    if (nan)
+        for (i = 0; i < n; i++)
+            if (x[i] != x[i]) return i;
+    return best;
+}
+
+void selfseek_argmax_rows(const float* x, int64_t rows, int64_t n, int64_t ld, int64_t* out) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= (1 << 18))
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * ld, n);
+}
+
 }  // extern "C"

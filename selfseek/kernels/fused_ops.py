@@ -60,6 +60,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     step, layer = ctypes.POINTER(DecodeStep), ctypes.POINTER(DecodeLayer)
     lib.selfseek_decode_layers.argtypes = [step, layer, _c_i64, _ptr]
     lib.selfseek_decode_layers.restype = ctypes.c_int32
+    lib.selfseek_argmax_rows.argtypes = [_ptr, _c_i64, _c_i64, _c_i64, _ptr]
+    lib.selfseek_argmax_rows.restype = None
     lib.selfseek_add_rms_norm.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _ptr, _ptr, _c_i64, _c_i64, ctypes.c_float]
     lib.selfseek_add_rms_norm.restype = None
     lib.selfseek_rope.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _ptr,
@@ -106,6 +108,17 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
     if residual.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(residual, (residual.shape[-1],), weight, eps)
     return weight * F.rms_norm(residual.float(), (residual.shape[-1],), eps=eps).to(residual.dtype)
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """x.max(dim=-1).indices.tolist() of a [rows, n] matrix (greedy sampling): the first index of each row's largest
+    value, of its first NaN where it has one, as torch's; the kernel for float32 CPU rows, torch otherwise."""
+    lib = _load()
+    if lib is not None and _rows_ok(x) and x.shape[1] > 0:
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        lib.selfseek_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+        return out.tolist()
+    return x.max(dim=-1).indices.tolist()
 
 
 def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
