@@ -130,14 +130,21 @@ int selfseek_gate(const float* x, int64_t n, int64_t hidden, const float* w, int
                   float route_scale, float* weights, int64_t* ids) {
     if (n < 0 || hidden <= 0 || n_experts <= 0 || scoring < 0 || scoring > 1) return -1;
     std::vector<float> scores(n * n_experts);
-    // experts split across threads, each taking its rows four at a time (a 16-row step: 1M multiply-adds)
-#pragma omp parallel for schedule(static) if (n * n_experts * hidden >= (1 << 18))
-    for (int64_t e = 0; e < n_experts; e++) {
-        const float* we = w + e * hidden;
-        int64_t t = 0;
-        for (; t + 4 <= n; t += 4) dots<4>(x + t * hidden, hidden, we, hidden, &scores[t * n_experts + e], n_experts);
-        for (; t < n; t++) dots<1>(x + t * hidden, hidden, we, hidden, &scores[t * n_experts + e], n_experts);
-    }
+    // (four rows, expert) items: the four rows stay in L1 while the router's rows go by (expert-major, a 512-row
+    // prefill read x from memory once per expert: 20 ms of an 890 ms 16-prompt prefill at 1 thread)
+    const int64_t groups = (n + 3) / 4;
+#pragma omp parallel for schedule(static) collapse(2) if (n * n_experts * hidden >= (1 << 18))
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t e = 0; e < n_experts; e++) {
+            const float *xg = x + 4 * g * hidden, *we = w + e * hidden;
+            float* out = &scores[4 * g * n_experts + e];
+            if (4 * g + 4 <= n) {
+                dots<4>(xg, hidden, we, hidden, out, n_experts);
+            } else {
+                for (int64_t t = 0; t < n - 4 * g; t++)
+                    dots<1>(xg + t * hidden, hidden, we, hidden, out + t * n_experts, n_experts);
+            }
+        }
 #pragma omp parallel for if (n >= 64)
     for (int64_t t = 0; t < n; t++) {
         float* s = &scores[t * n_experts];
