@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "buf.h"
+#include "vec16.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -429,7 +430,7 @@ void attention_block(const DecodeStep& s, const DecodeLayer& L, float* residual,
     selfseek_add_rms_norm(residual, m, a.data(), m, L.post_norm, x, T, m, L.post_eps);
 }
 
-// the layer's MLP, or its routed experts plus the shared experts; the router's seconds added to *routed
+// the layer's MLP, or its routed experts plus the shared experts; the router's seconds in *routed
 void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, float* y, double* routed) {
     if (!L.moe) return dense(s, L, x, y);
     const double t0 = omp_get_wtime();
@@ -437,7 +438,7 @@ void ffn_block(const DecodeStep& s, const DecodeLayer& L, const float* x, float*
     Buf<int64_t> ids(s.rows * L.top_k);
     ok(s.gate(x, s.rows, s.hidden, L.router, L.scoring, L.router_bias, L.n_experts, L.method, L.n_group, L.topk_group,
               L.top_k, L.norm, L.route_scale, weights.data(), ids.data()));
-    *routed += omp_get_wtime() - t0;
+    *routed = omp_get_wtime() - t0;
     ok(s.moe(x, s.rows, s.hidden, ids.data(), weights.data(), L.top_k, L.n_experts, L.e_gate, L.e_up, L.e_down, y,
              0.0f));
     if (L.gate_up == nullptr) return;
@@ -475,23 +476,19 @@ int32_t selfseek_decode_layers(const DecodeStep* s, const DecodeLayer* layers, i
 // ---------------------------------------------------------------- greedy sampling
 // out[r] = torch.max(x[r], dim=-1).indices for rows [rows, n] (row stride ld): the first index of the largest value,
 // or of the first NaN where the row has one (torch's rule; -0 equals +0). One pass per row in 16 lanes, each keeping
-// its largest value and where it first saw it (GCC's vector extension: the same on every level); the lanes holding
+// its largest value and where it first saw it (vec16.h: the same on every level); the lanes holding
 // the row's maximum then give the smallest index. torch's reduction ran at ~0.7 G values/s here: a 16-row step's
 // argmax over a 129k vocabulary took 2.9 ms at 1 thread.
-typedef float F16v __attribute__((vector_size(64)));
-typedef int32_t I16v __attribute__((vector_size(64)));
-
 static int64_t argmax_row(const float* x, int64_t n) {
     int64_t i = 0, best = 0;
     float m = -INFINITY;
     bool nan = false;
     if (n >= 16 && n < INT32_MAX) {
-        F16v mv, v;
-        std::memcpy(&mv, x, sizeof mv);
-        I16v at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, cur = at + 16, bad = mv != mv;
+        Vec16f mv = load16(x);
+        Vec16i at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, cur = at + 16, bad = mv != mv;
         for (i = 16; i + 16 <= n; i += 16, cur += 16) {
-            std::memcpy(&v, x + i, sizeof v);
-            const I16v gt = v > mv;
+            const Vec16f v = load16(x + i);
+            const Vec16i gt = v > mv;
             mv = gt ? v : mv;
             at = gt ? cur : at;
             bad |= v != v;

@@ -20,9 +20,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
+
+#include "vec16.h"
 
 namespace {
 
@@ -39,25 +40,15 @@ void top_indices(const float* v, int64_t len, int64_t k, int64_t* out) {
     }
 }
 
-// 16 floats, lane by lane whatever the instruction set (GCC's vector extension: two ymm on AVX2, one zmm on AVX-512):
-// the same sums in the same order at every level that has FMA. Plain loops over 16-float arrays were left scalar.
-typedef float F16 __attribute__((vector_size(64)));
-
-inline F16 load16(const float* p) {
-    F16 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
 // dot(x_r, w) for R rows of x (row stride ldx) against one weight row: per row 16 lane sums in order, then a fixed
 // tree, so the value does not depend on R (the rows only share the weight's loads).
 template <int R>
 void dots(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
     constexpr int L = 16;
-    F16 acc[R] = {};
+    Vec16f acc[R] = {};
     int64_t k = 0;
     for (; k + L <= K; k += L) {
-        const F16 wv = load16(w + k);
+        const Vec16f wv = load16(w + k);
         for (int r = 0; r < R; r++) acc[r] += load16(x + r * ldx + k) * wv;
     }
     for (int r = 0; r < R; r++) {
