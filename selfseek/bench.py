@@ -567,7 +567,8 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
     forward_rest = t["forward"] - sum(spent.values())
     breakdown = {"step": wall / n, **spent, "other_forward (embed, norms, lm_head, batch build)": forward_rest,
                  "sampling": t["sample"], "scheduling": t["schedule"], "outputs (detokenize, stops)": t["output"]}
-    extra = {k: round((v if k == "step" else v / n) * 1e3, 2) for k, v in breakdown.items()}
+    # significant digits, not decimals: a tiny model's part takes microseconds and must not print as 0
+    extra = {k: float(f"{(v if k == 'step' else v / n) * 1e3:.4g}") for k, v in breakdown.items()}
     return Result("selfseek", f"profile c={concurrency}", concurrency, input_len, 40, wall, 0.0, extra=extra)
 
 
