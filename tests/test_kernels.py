@@ -674,15 +674,17 @@ def _expert_weight(w: kernels.Weight, e: int) -> kernels.Weight:
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["q8", "q4", "q4_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q8", "q8_0x16", "q4", "q4_k", "q6_k"])
 def test_fused_moe_with_int8_activations_is_its_int8_products(kind, monkeypatch, kernel_env):
     """With int8 activations the fused kernel is, token by token, the int8 products `linear` computes (tested against
     their definition above) of each expert: x into gate and up, SwiGLU's output into down; an expert with more tokens
     than the level's int8_max_rows() multiplies float activations, as `linear` would."""
     n_experts, hidden, inter = 5, 256, 512
     stacks = [_packed_stack(kind, n_experts, r, c, seed) if kind in K_QUANTS else
-              make_weight(kind, n_experts, r, c, seed=seed)
+              make_weight(kind.removesuffix("_0x16"), n_experts, r, c, seed=seed)
               for r, c, seed in ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3))]
+    if kind == "q8_0x16":
+        stacks = [(_x16(w), ref) for w, ref in stacks]
     (gate, gate_ref), (up, up_ref), (down, down_ref) = stacks
     norm = max(r.abs().max().item() for r in (gate_ref, up_ref, down_ref))
     g = torch.Generator().manual_seed(4)
@@ -722,6 +724,52 @@ def test_fused_moe_with_int8_activations_is_its_int8_products(kind, monkeypatch,
             continue
         exact = ref_moe(x, weights, ids, gate_ref, up_ref, down_ref)
         assert not torch.equal(got, flt) and (got - exact).abs().max() < 0.05 * exact.abs().max(), isa
+
+
+def _x16(w: kernels.QuantWeight) -> kernels.Packed:
+    """A q8 weight or stack (no offsets) in the q8_0x16 layout."""
+    q, d, _ = w
+    return kernels.Packed("q8_0x16", kernels.interleave_q8(q, d), torch.empty(*q.shape[:-1], 0, dtype=torch.uint8),
+                          q.shape[-1])
+
+
+def test_q8_0x16_is_q8_reordered_and_its_torch_definition_inverts_it(torch_fallback):
+    w, ref = make_weight("q8", 48, 96, seed=2)
+    x16 = _x16(w)
+    assert x16.data.shape == (48, 3 * 34) and not torch.equal(x16.data[:, :96].view(torch.int8), w[0])
+    assert torch.equal(kernels.to_float(x16), ref)
+    assert torch.equal(kernels.gather_rows(x16, torch.tensor([47, 0, 17])), ref[[47, 0, 17]])
+    x = torch.randn(3, 96)
+    close(kernels.linear(x, x16), x @ ref.T, scale=(ref.abs().max() * 96**0.5).item())
+    stack, stack_ref = make_weight("q8", 3, 32, 64, seed=3)
+    assert torch.equal(kernels.to_float(_x16(stack)[2]), stack_ref[2])
+
+
+@needs_native
+def test_q8_0x16_matches_q8_on_every_level(monkeypatch, kernel_env):
+    """The interleaved layout holds the same weights: dequantized and gathered bit for bit, float products up to
+    summation order, and with int8 activations the int8 products' definition (ref_linear_int8) for every row count:
+    1, 2, 4 and 8-row passes and their tails, on every level this CPU runs (VNNI's vectors, the others' scalar code)."""
+    w, ref = make_weight("q8", 48, 256, seed=6)  # three groups of 16 rows
+    x16 = _x16(w)
+    g = torch.Generator().manual_seed(7)
+    for isa in build.supported_isas():
+        kernel_env(SELFSEEK_ISA=isa)
+        assert torch.equal(kernels.to_float(x16), ref), isa
+        ids = torch.tensor([[47, 0], [16, 15]])
+        assert torch.equal(kernels.gather_rows(x16, ids), ref[ids]), isa
+        for rows in (1, 2, 3, kernels.GEMM_MIN_ROWS + 3):
+            x = torch.randn(rows, 256, generator=g)
+            close(kernels.linear(x, x16), x @ ref.T, scale=16)
+        monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+        for rows in [*range(1, 18), 31]:
+            x = torch.randn(rows, 256, generator=g)
+            x[0, 32:64] = 0  # an all-zero block: scale 0
+            close(kernels.linear(x, x16), ref_linear_int8(x, *w), scale=16)
+        monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+    with pytest.raises(ValueError, match="q8_0x16 weight: 40 rows is not a multiple of 16"):
+        kernels.linear(torch.randn(1, 64), kernels.Packed("q8_0x16", torch.zeros(40, 68, dtype=torch.uint8),
+                                                          torch.empty(40, 0, dtype=torch.uint8), 64))
 
 
 def test_malformed_packed_weights_are_named_errors():

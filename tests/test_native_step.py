@@ -147,6 +147,31 @@ def test_native_step_with_int8_activations(family, model_type, one_thread, monke
     assert calls and got == want
 
 
+def test_int8_serving_interleaves_q8_experts_and_keeps_the_answers(one_thread, monkeypatch):
+    """With int8 activations on a level that reads it in vectors, the engine re-stores q8 expert stacks as q8_0x16
+    (the same weights; kernels' tests compare the products): greedy tokens as from the row-major stacks, logprobs
+    up to the int8 products' summation order, on the native step and the module path."""
+    from selfseek import kernels
+    from selfseek.models.quant import QuantStack
+
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
+    if not kernels.interleaves_q8():
+        pytest.skip("this CPU's kernels read q8_0x16 in scalar code only: the engine keeps q8 stacks as they are")
+    model = tiny_llama(8, "v3_noaux", "deepseek_v3", (), q_lora_rank=64)
+    stacks = [m for m in model.modules() if isinstance(m, QuantStack)]
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "interleaves_q8", lambda: False)
+        want, _ = run(model, True, monkeypatch)
+    assert {s.bits for s in stacks} == {8}
+    for native in (True, False):
+        got, calls = run(model, native, monkeypatch)
+        assert {s.bits for s in stacks} == {"q8_0x16"} and (calls > 0) == native
+        for r in want:
+            assert [t for t, _ in got[r]] == [t for t, _ in want[r]]
+            for (_, a), (_, b) in zip(got[r], want[r], strict=True):
+                assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
 def test_native_step_takes_only_what_it_runs_exactly(one_thread, monkeypatch):
     # Qwen2's q/k/v biases and Qwen3's q/k norms are not in the native step: they keep the module path, packed or not
     assert NativeStack.for_model(tiny_llama(None, "qwen2", "qwen2")) is None

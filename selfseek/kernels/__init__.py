@@ -20,7 +20,7 @@ from selfseek.kernels import build
 QuantWeight = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (qweight, fp16 scales, fp16 mins or None)
 # format -> (quant.cpp kind, values per unit, bytes per unit of the data)
 FORMATS = {"q2_k": (5, 256, 84), "q3_k": (6, 256, 110), "q4_k": (7, 256, 144), "q5_k": (8, 256, 176),
-           "q6_k": (9, 256, 210), "fp8": (10, 32, 32), "fp4": (11, 32, 16)}
+           "q6_k": (9, 256, 210), "fp8": (10, 32, 32), "fp4": (11, 32, 16), "q8_0x16": (12, 32, 34)}
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class Packed:
     row concatenation work as for the other buffers). fp8: e4m3 bytes [rows, cols], scales float32
     [rows, ceil(cols / 128)]: w = e4m3 * s (DeepSeek's [128, 128] block scales, one row of them per weight row).
     fp4: e2m1 pairs [rows, cols / 2], low nibble = even column, scales uint8 ue8m0 exponents [rows, cols / 32]:
-    w = e2m1 * 2^(e - 127). An expert stack has one more leading dimension ([E, rows, ...]); `w[e]` is expert e."""
+    w = e2m1 * 2^(e - 127). q8_0x16: q8 weights (int8 values, fp16 scales) with each 16 rows interleaved for the
+    int8 products (`interleave_q8`; rows a multiple of 16, sliced in whole groups).
+    An expert stack has one more leading dimension ([E, rows, ...]); `w[e]` is expert e."""
 
     format: str
     data: torch.Tensor
@@ -59,7 +61,8 @@ TILE_VALUES = 1 << 20  # weight values per dequantized tile (4 MiB of fp32: best
 # off by default.
 INT8_ACTIVATIONS = os.environ.get("SELFSEEK_INT8_ACTIVATIONS", "0") == "1"
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
-INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k"))))  # selfseek_linear_int8's kinds
+# selfseek_linear_int8's kinds
+INT8_KINDS = frozenset((3, 4, *(FORMATS[f][0] for f in ("q4_k", "q5_k", "q6_k", "q8_0x16"))))
 _c_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
@@ -79,6 +82,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.selfseek_dequantize.argtypes = [mat, _c_i64, _c_i64, _ptr]
     lib.selfseek_gather_rows.argtypes = [mat, _ptr, _c_i64, _ptr]
     lib.selfseek_int8_max_rows.argtypes, lib.selfseek_int8_max_rows.restype = [], _c_i64
+    lib.selfseek_q8x16_native.argtypes, lib.selfseek_q8x16_native.restype = [], ctypes.c_int
     for f in (lib.selfseek_moe, lib.selfseek_moe_int8):
         f.argtypes = [_ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64, _c_i64, mat, mat, mat, _ptr, ctypes.c_float]
     for f in (lib.selfseek_heads, lib.selfseek_heads_int8):
@@ -104,6 +108,12 @@ def int8_max_rows() -> int:
     return lib.selfseek_int8_max_rows() if (lib := _load()) is not None else 0
 
 
+def interleaves_q8() -> bool:
+    """Whether q8 expert stacks should take the q8_0x16 layout: int8 activations on and a loaded level whose int8
+    products read it in vectors (VNNI; other levels read it in scalar code, for correctness only)."""
+    return INT8_ACTIVATIONS and (lib := _load()) is not None and bool(lib.selfseek_q8x16_native())
+
+
 def takes_int8(w: Weight, rows: int) -> bool:
     """Whether products of `rows` rows of x with w take int8 activations (INT8_ACTIVATIONS, an INT8_KINDS weight)."""
     return INT8_ACTIVATIONS and not isinstance(w, torch.Tensor) and _kind(w) in INT8_KINDS and rows <= int8_max_rows()
@@ -127,6 +137,8 @@ def _packed_mat(w: Packed, stacked: bool) -> _Mat:
     dims = 3 if stacked else 2
     if w.cols % unit:
         raise ValueError(f"{w.format} weight: in_features {w.cols} is not a multiple of {unit}")
+    if w.format == "q8_0x16" and d.shape[-2] % 16:
+        raise ValueError(f"q8_0x16 weight: {d.shape[-2]} rows is not a multiple of 16")
     if d.dtype != torch.uint8 or d.dim() != dims or not d.is_contiguous() or d.shape[-1] != w.cols // unit * unit_bytes:
         raise ValueError(f"{w.format} data must be contiguous uint8 {'[E, rows, ' if stacked else '[rows, '}"
                          f"{w.cols // unit * unit_bytes}], got {d.dtype} {list(d.shape)}")
@@ -207,10 +219,29 @@ def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
+def interleave_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q8 weights (int8 [..., rows, cols], fp16 scales [..., rows, cols / 32]; rows a multiple of 16) -> q8_0x16
+    bytes [..., rows, cols / 32 * 34]: per group of 16 rows and 32-block, the 16 scales, then for t = 0..7 the
+    4-byte groups t (values 4t .. 4t + 3) of rows 0..15. The same values, reordered (`_torch_unpack` inverts it)."""
+    *lead, rows, cols = q.shape
+    g, nb = rows // 16, cols // 32
+    qb = q.reshape(*lead, g, 16, nb, 8, 4).movedim(-4, -2)  # [..., g, nb, 8, 16, 4]
+    sb = scales.reshape(*lead, g, 16, nb).transpose(-1, -2)  # [..., g, nb, 16]
+    blocks = torch.cat([sb.contiguous().view(torch.uint8), qb.reshape(*lead, g, nb, 512).view(torch.uint8)], -1)
+    return blocks.reshape(*lead, rows, nb * 34)
+
+
 def _torch_unpack(w: Packed) -> torch.Tensor:
     """The definition of the packed formats, in torch: float32 [..., rows, cols]."""
     kind, unit, unit_bytes = FORMATS[w.format]
     lead = w.data.shape[:-1]
+    if w.format == "q8_0x16":
+        *top, rows = lead
+        blocks = w.data.reshape(*top, rows // 16, w.cols // 32, 544)
+        d = _f16(blocks[..., :32]).reshape(*blocks.shape[:-1], 16)  # [..., g, nb, 16]
+        q = blocks[..., 32:].contiguous().view(torch.int8).reshape(*blocks.shape[:-1], 8, 16, 4).float()
+        v = q * d[..., None, :, None]  # [..., g, nb, 8, 16, 4]
+        return v.movedim(-2, -4).reshape(*top, rows, w.cols)
     b = w.data.reshape(*lead, w.cols // unit, unit_bytes)
     if w.format == "fp8":
         s = w.scales.float().repeat_interleave(128, dim=-1)[..., : w.cols]
@@ -286,8 +317,9 @@ def gather_rows(w: Weight, ids: torch.Tensor) -> torch.Tensor:
             raise IndexError(f"row index out of range for a weight of {m.rows} rows")
         _check(rc, "gather_rows")
         return out.view(*ids.shape, m.cols)
-    if isinstance(w, Packed):
-        return _torch_unpack(Packed(w.format, w.data[ids], w.scales[ids], w.cols))
+    if isinstance(w, Packed):  # q8_0x16's rows are not whole byte rows: the weight unpacked, then its rows
+        return _torch_unpack(w)[ids] if w.format == "q8_0x16" else _torch_unpack(
+            Packed(w.format, w.data[ids], w.scales[ids], w.cols))
     if scales is None:
         return q[ids].float()
     return _torch_dequantize(q[ids], scales[ids], None if mins is None else mins[ids])

@@ -55,7 +55,7 @@
 namespace {
 constexpr int64_t QK = 32;
 enum Kind : int32_t { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, Q2K = 5, Q3K = 6, Q4K = 7, Q5K = 8, Q6K = 9,
-                      FP8 = 10, FP4 = 11 };
+                      FP8 = 10, FP4 = 11, Q8X16 = 12 };
 constexpr bool blocked(int kind) { return kind >= Q2K; }
 // Values per decoded unit, and bytes per unit in the data.
 constexpr int unit_of(int kind) { return kind >= FP8 ? 32 : 256; }
@@ -67,9 +67,16 @@ constexpr int64_t unit_bytes(int kind) {
     case Q5K: return 176;
     case Q6K: return 210;
     case FP8: return 32;
+    case Q8X16: return 34;
     default: return 16;  // FP4
   }
 }
+
+// Q8X16: q8 weights (Q8_0's values and fp16 scales, no offsets) with each 16 rows interleaved, the layout of the
+// int8 products' transposed tile stored once at load (QuantStack.interleave): per group of 16 rows and 32-block, the
+// 16 scales (32 bytes), then 8 x 64 bytes, where bytes 64 t + 4 j .. + 3 are values 4 t .. 4 t + 3 of row j. One
+// stream per tile, no transpose and no horizontal sums: a vector of 16 rows' dot products per block.
+constexpr int64_t Q8X16_BLOCK = 16 * 34;
 
 struct Mat {
   int32_t kind;
@@ -389,6 +396,14 @@ inline uint8_t k4_min(const uint8_t* s, int j) { return j < 4 ? s[j + 4] & 63 : 
 // Unit u of weight row n (a 256-value super-block for K-quants, 32 values for fp8/fp4) into out.
 template <int KIND>
 inline void decode_unit(const Mat& w, int64_t n, int64_t u, float* out) {
+  if constexpr (KIND == Q8X16) {  // row n % 16 of its group's block u (see Q8X16_BLOCK)
+    const uint8_t* g = w.data + n / 16 * 16 * row_bytes(w) + u * Q8X16_BLOCK;
+    const int64_t j = n % 16;
+    const float d = half_to_float(g[2 * j] | g[2 * j + 1] << 8);
+    for (int t = 0; t < 8; ++t)
+      for (int i = 0; i < 4; ++i) out[4 * t + i] = d * (float)(int8_t)g[32 + 64 * t + 4 * j + i];
+    return;
+  }
   const uint8_t* b = w.data + n * row_bytes(w) + u * unit_bytes(KIND);
   if constexpr (KIND == Q4K || KIND == Q5K) {
     const float d = half_to_float(b[0] | b[1] << 8), dmin = half_to_float(b[2] | b[3] << 8);
@@ -1464,6 +1479,7 @@ void gemm_range(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M,
     case Q5K: gemm_range_kind<Q5K>(w, n0, n1, x, M, ldx, y, ldy); break;
     case Q6K: gemm_range_kind<Q6K>(w, n0, n1, x, M, ldx, y, ldy); break;
     case FP8: gemm_range_kind<FP8>(w, n0, n1, x, M, ldx, y, ldy); break;
+    case Q8X16: gemm_range_kind<Q8X16>(w, n0, n1, x, M, ldx, y, ldy); break;
     default: gemm_range_kind<FP4>(w, n0, n1, x, M, ldx, y, ldy); break;
   }
 }
@@ -1471,7 +1487,8 @@ void gemm_range(const Mat& w, int64_t n0, int64_t n1, const float* x, int64_t M,
 constexpr int64_t ROW_CHUNK = 16;  // output rows per parallel work item (a multiple of NR_ONE and NR_WIDE)
 
 bool valid(const Mat& w) {
-  if (w.kind < F32 || w.kind > FP4 || w.rows < 0 || w.cols <= 0 || !w.data) return false;
+  if (w.kind < F32 || w.kind > Q8X16 || w.rows < 0 || w.cols <= 0 || !w.data) return false;
+  if (w.kind == Q8X16) return w.cols % QK == 0 && w.rows % 16 == 0;
   if (blocked(w.kind)) return w.cols % unit_of(w.kind) == 0 && (w.kind < FP8 || w.scales);
   if (w.kind >= Q8) return w.cols % QK == 0 && w.scales && (w.kind == Q8 || w.mins);
   return true;
@@ -1507,6 +1524,7 @@ void dequantize_rows(const Mat& w, int64_t n0, int64_t n1, float* out) {
     case Q5K: dequantize_rows_kind<Q5K>(w, n0, n1, out); break;
     case Q6K: dequantize_rows_kind<Q6K>(w, n0, n1, out); break;
     case FP8: dequantize_rows_kind<FP8>(w, n0, n1, out); break;
+    case Q8X16: dequantize_rows_kind<Q8X16>(w, n0, n1, out); break;
     default: dequantize_rows_kind<FP4>(w, n0, n1, out); break;
   }
 }
@@ -2316,7 +2334,7 @@ void gemm_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M,
   }
 }
 
-constexpr bool int8_kind(int kind) { return kind == Q8 || kind == Q4 || kq_i8(kind); }
+constexpr bool int8_kind(int kind) { return kind == Q8 || kind == Q4 || kind == Q8X16 || kq_i8(kind); }
 // The most rows of x the int8 products take (selfseek_int8_max_rows, kernels.int8_max_rows). With VNNI, any count:
 // 512 rows (prefill) of q8 / q4 / Q4_K / Q6_K weights ran 1.8-2.6x faster than the float path (panels or BLAS) at 1
 // thread. Without it (maddubs), from 64 rows on the float path is as fast (q8 0.9-1.1x, Q4_K 1.1x, Q6_K 0.9x):
@@ -2330,9 +2348,75 @@ constexpr int64_t INT8_MAX_ROWS = 63;
 // selfseek_linear_int8, W^UV's heads and the MoE's experts (kernels.takes_int8 in Python).
 constexpr bool takes_i8(int kind, int64_t rows) { return rows <= INT8_MAX_ROWS && int8_kind(kind); }
 
+// Q8X16 with int8 activations: rows [n0, n1) (whole groups of 16) against the M rows of x.
+#if defined(__AVX512VNNI__)
+// MR rows of x against the 16 rows of the group at g: per block the 8 vectors of 4-byte groups are loaded as they
+// are stored, made unsigned (w + 128, corrected by XQ::c as in tile_i8_t) and broadcast-multiplied with x's 4-byte
+// groups (vpdpbusd): tile_i8_t's arithmetic in the same order, without its transposes.
+template <int MR>
+void x16_tile_i8(const uint8_t* g, const XQ& x, int64_t r0, float* y, int64_t ldy) {
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int64_t b = 0; b < x.nb; ++b) {
+    const uint8_t* o = g + b * Q8X16_BLOCK;  // one stream: the hardware prefetcher alone keeps up (measured: software
+    // prefetches PF_BYTES ahead were 0-20% slower)
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)o));
+    __m512i W[8];
+    for (int t = 0; t < 8; ++t) W[t] = _mm512_xor_si512(_mm512_loadu_si512(o + 32 + 64 * t), flip);
+    for (int r = 0; r < MR; ++r) {
+      const int64_t xr = (r0 + r) * x.nb + b;
+      const int32_t* xg = (const int32_t*)(x.q + (r0 + r) * x.K + b * QK);
+      __m512i s0 = _mm512_set1_epi32(x.c[xr]), s1 = _mm512_setzero_si512();
+      for (int t = 0; t < 8; t += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, W[t], _mm512_set1_epi32(xg[t]));
+        s1 = _mm512_dpbusd_epi32(s1, W[t + 1], _mm512_set1_epi32(xg[t + 1]));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(x.d[xr])), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + (r0 + r) * ldy, acc[r]);
+}
+
+void x16_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    const uint8_t* g = w.data + n * row_bytes(w);
+    float* yn = y + n;
+    int64_t r = 0;
+    for (; r + 8 <= M; r += 8) x16_tile_i8<8>(g, x, r, yn, ldy);
+    for (; r + 4 <= M; r += 4) x16_tile_i8<4>(g, x, r, yn, ldy);
+    for (; r + 2 <= M; r += 2) x16_tile_i8<2>(g, x, r, yn, ldy);
+    if (r < M) x16_tile_i8<1>(g, x, r, yn, ldy);
+  }
+}
+#else
+// Without VNNI (QuantStack.interleave only makes the layout where the loaded level has it): the same sums in scalar
+// code, for correctness.
+void x16_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* g = w.data + n / 16 * 16 * row_bytes(w);
+    const int64_t j = n % 16;
+    for (int64_t r = 0; r < M; ++r) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < x.nb; ++b) {
+        const uint8_t* o = g + b * Q8X16_BLOCK;
+        const int8_t* xq = x.q + r * x.K + b * QK;
+        int32_t dot = 0;
+        for (int t = 0; t < 8; ++t)
+          for (int i = 0; i < 4; ++i) dot += (int8_t)o[32 + 64 * t + 4 * j + i] * xq[4 * t + i];
+        acc += half_to_float(o[2 * j] | o[2 * j + 1] << 8) * x.d[r * x.nb + b] * (float)dot;
+      }
+      y[r * ldy + n] = acc;
+    }
+  }
+}
+#endif
+
 // gemm_range_i8 for w's kind (one of int8_kind's).
 void gemm_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
   switch (w.kind) {
+    case Q8X16: x16_range_i8(w, n0, n1, x, M, y, ldy); break;
     case Q8: gemm_range_i8<Q8>(w, n0, n1, x, M, y, ldy); break;
     case Q4: gemm_range_i8<Q4>(w, n0, n1, x, M, y, ldy); break;
     case Q4K: gemm_range_i8<Q4K>(w, n0, n1, x, M, y, ldy); break;
@@ -2523,7 +2607,13 @@ int moe(const float* x, int64_t n, int64_t hidden, const int64_t* ids, const flo
   // dynamically; the expert's cnt tokens sit from sorted position p0.
   const auto for_items = [&](int64_t rows, auto&& fn) {
     std::vector<std::pair<int64_t, int64_t>> items;
-    const int64_t chunk = std::max<int64_t>(ROW_CHUNK, (rows / 8 + ROW_CHUNK - 1) / ROW_CHUNK * ROW_CHUNK);
+    // With plenty of active experts (a decode batch), whole experts: each weight one stream start to end (16-stream
+    // medium V3 step's experts, 11 layers: 37 -> 33 ms at 1 thread, 20.4 -> 17.6 at 2); few experts: row chunks, so
+    // every thread has work.
+    int64_t active = 0;
+    for (int64_t e = 0; e < n_experts; ++e) active += offset[e + 1] > offset[e];
+    const int64_t chunk = active >= 4 * omp_get_max_threads() ? rows
+        : std::max<int64_t>(ROW_CHUNK, (rows / 8 + ROW_CHUNK - 1) / ROW_CHUNK * ROW_CHUNK);
     for (int64_t e = 0; e < n_experts; ++e)
       if (offset[e + 1] > offset[e])
         for (int64_t r = 0; r < rows; r += chunk) items.emplace_back(e, r);
@@ -2608,6 +2698,15 @@ int selfseek_linear_int8(const Mat* w, const float* x, int64_t M, int64_t ldx, f
 
 // The most rows of x the int8 products take at this level (INT8_MAX_ROWS).
 int64_t selfseek_int8_max_rows() { return INT8_MAX_ROWS; }
+
+// Whether this level reads Q8X16 in vectors (kernels.interleaves_q8).
+int selfseek_q8x16_native() {
+#if defined(__AVX512VNNI__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Rows [n0, n1) of W as float32 into out [n1 - n0, K].
 int selfseek_dequantize(const Mat* w, int64_t n0, int64_t n1, float* out) {

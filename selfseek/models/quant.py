@@ -260,8 +260,29 @@ class QuantStack(nn.Module):
     def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.expert(index)).to(x.dtype)
 
+    def interleave(self) -> bool:
+        """Re-store a q8 stack (no offsets, out_features a multiple of 16) in the q8_0x16 layout the int8 products
+        read without transposing (kernels.interleave_q8): the same values and bytes, in another order. False when
+        the stack is not such a stack. Its buffers become new tensors (one expert's copy at a time)."""
+        if self.bits != 8 or self.mins is not None or self.out_features % 16 or self.qweight.device.type != "cpu":
+            return False
+        data = torch.empty(self.n, self.out_features, self.in_features // GROUP * 34, dtype=torch.uint8)
+        for e in range(self.n):
+            data[e] = kernels.interleave_q8(self.qweight[e], self.scales[e])
+        self.qweight, self.scales = data, torch.empty(self.n, self.out_features, 0, dtype=torch.uint8)
+        self.bits = "q8_0x16"
+        return True
+
     def extra_repr(self) -> str:
         return f"experts={self.n}, in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def interleave_stacks(model: nn.Module) -> int:
+    """Give the model's q8 expert stacks the q8_0x16 layout where the int8 products read it fast
+    (kernels.interleaves_q8): the serving engine's start-up. The number of stacks changed."""
+    if not kernels.interleaves_q8():
+        return 0
+    return sum(m.interleave() for m in model.modules() if isinstance(m, QuantStack))
 
 
 class QuantEmbedding(QuantLinear):
