@@ -147,25 +147,34 @@ def test_native_step_with_int8_activations(family, model_type, one_thread, monke
     assert calls and got == want
 
 
-def test_int8_serving_interleaves_q8_experts_and_keeps_the_answers(one_thread, monkeypatch):
-    """With int8 activations on a level that reads it in vectors, the engine re-stores q8 expert stacks as q8_0x16
-    (the same weights; kernels' tests compare the products): greedy tokens as from the row-major stacks, logprobs
-    up to the int8 products' summation order, on the native step and the module path."""
+@pytest.mark.parametrize("family,model_type", [("llama_linear", "llama"), ("v3_noaux", "deepseek_v3")])
+def test_int8_serving_interleaves_q8_weights_and_keeps_the_answers(family, model_type, one_thread, monkeypatch):
+    """With int8 activations on a level that reads it in vectors, the engine re-stores q8 layers and expert stacks
+    as q8_0x16 (the same weights; the kernels' tests compare the products), the output head too, but not kv_b_proj
+    (read per head) nor an embedding only looked up: greedy tokens as from the row-major weights, logprobs up to the
+    int8 products' summation order, on the native step and the module path."""
     from selfseek import kernels
-    from selfseek.models.quant import QuantStack
+    from selfseek.models.quant import QuantLinear, QuantStack
 
     monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", True)
     if not kernels.interleaves_q8():
-        pytest.skip("this CPU's kernels read q8_0x16 in scalar code only: the engine keeps q8 stacks as they are")
-    model = tiny_llama(8, "v3_noaux", "deepseek_v3", (), q_lora_rank=64)
-    stacks = [m for m in model.modules() if isinstance(m, QuantStack)]
+        pytest.skip("this CPU's kernels read q8_0x16 in scalar code only: the engine keeps q8 weights as they are")
+    model = (tiny_llama(8, tie_word_embeddings=True) if model_type == "llama"
+             else tiny_llama(8, family, model_type, (), q_lora_rank=64))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantStack))}
     with monkeypatch.context() as m:
         m.setattr(kernels, "interleaves_q8", lambda: False)
         want, _ = run(model, True, monkeypatch)
-    assert {s.bits for s in stacks} == {8}
+    assert {m.bits for m in layers.values()} == {8}
     for native in (True, False):
         got, calls = run(model, native, monkeypatch)
-        assert {s.bits for s in stacks} == {"q8_0x16"} and (calls > 0) == native
+        # kept: those, layers of rows not in whole groups of 16 and their siblings fused with them (same input)
+        odd = {(n.rpartition(".")[0], m.in_features) for n, m in layers.items() if m.out_features % 16}
+        kept = {n for n, m in layers.items() if m.bits == 8}
+        assert kept == {n for n, m in layers.items() if n.endswith("kv_b_proj") or (n.rpartition(".")[0],
+                        m.in_features) in odd or n == "model.embed_tokens" and m is not model.lm_head}
+        assert (calls > 0) == native and not any(isinstance(layers[n], QuantStack) for n in kept)
+        assert model.lm_head.bits == "q8_0x16"
         for r in want:
             assert [t for t, _ in got[r]] == [t for t, _ in want[r]]
             for (_, a), (_, b) in zip(got[r], want[r], strict=True):

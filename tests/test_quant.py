@@ -239,19 +239,24 @@ def test_packed_layers_fuse_by_rows(fmt):
 
 
 def test_interleaving_a_q8_stack_keeps_its_weights():
-    from selfseek.models.quant import QuantStack
+    from selfseek.models.quant import QuantStack, interleave
 
     g = torch.Generator().manual_seed(3)
     stack = QuantStack(3, 64, 48, 8)
     for e in range(3):
         stack.set_from_float(e, torch.randn(48, 64, generator=g))
     before = [kernels.to_float(stack.expert(e)) for e in range(3)]
-    assert stack.interleave() and stack.bits == "q8_0x16" and not stack.interleave()
+    assert interleave(stack) and stack.bits == "q8_0x16" and not interleave(stack)
     assert stack.qweight.shape == (3, 48, 2 * 34) and stack.scales.shape == (3, 48, 0)
     assert all(torch.equal(kernels.to_float(stack.expert(e)), before[e]) for e in range(3))
     x = torch.randn(2, 64, generator=g)
     assert torch.allclose(stack.linear(1, x), x @ before[1].T, atol=1e-5)
     with pytest.raises(TypeError, match="q8_0x16 stack holds its file's encoding"):
         stack.set_from_float(0, torch.randn(48, 64))
-    assert not QuantStack(2, 64, 40, 8).interleave()  # 40 rows: not whole groups of 16
-    assert not QuantStack(2, 64, 48, 4).interleave()  # q4: offsets, and not the int8 kernels' q8 layout
+    assert not interleave(QuantStack(2, 64, 40, 8))  # 40 rows: not whole groups of 16
+    assert not interleave(QuantStack(2, 64, 48, 4))  # q4: offsets, and not the int8 kernels' q8 layout
+    layer = QuantLinear(64, 32, 8)
+    layer.set_from_float(torch.randn(32, 64, generator=g))
+    want = layer(x)
+    assert interleave(layer) and layer.bits == "q8_0x16" and layer.qweight.shape == (32, 68) and layer.mins is None
+    assert torch.allclose(layer(x), want, atol=1e-5)

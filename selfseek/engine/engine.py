@@ -34,7 +34,7 @@ from selfseek.engine.sequence import Sequence
 from selfseek.engine.speculative import SpeculativeRunner
 from selfseek.models.lora_serving import LoRARegistry
 from selfseek.models.model import CausalLM
-from selfseek.models.quant import interleave_stacks
+from selfseek.models.quant import interleave_q8_weights
 from selfseek.sampling_params import SamplingParams
 from selfseek.tokenizer import Tokenizer
 
@@ -194,7 +194,7 @@ class LLMEngine:
                                                                max_blocks=window_blocks))
         self.scheduler = (Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs) if dp is None
                           else dp.new_scheduler(self.blocks, args))
-        interleave_stacks(model)  # after the fingerprint: the same weights in another order
+        interleave_q8_weights(model)  # after the fingerprint: the same weights in another order
         try:
             if dp is not None:
                 self.runner = dp.new_runner(model, self.blocks, cache_dtype)

@@ -260,29 +260,51 @@ class QuantStack(nn.Module):
     def linear(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.expert(index)).to(x.dtype)
 
-    def interleave(self) -> bool:
-        """Re-store a q8 stack (no offsets, out_features a multiple of 16) in the q8_0x16 layout the int8 products
-        read without transposing (kernels.interleave_q8): the same values and bytes, in another order. False when
-        the stack is not such a stack. Its buffers become new tensors (one expert's copy at a time)."""
-        if self.bits != 8 or self.mins is not None or self.out_features % 16 or self.qweight.device.type != "cpu":
-            return False
-        data = torch.empty(self.n, self.out_features, self.in_features // GROUP * 34, dtype=torch.uint8)
-        for e in range(self.n):
-            data[e] = kernels.interleave_q8(self.qweight[e], self.scales[e])
-        self.qweight, self.scales = data, torch.empty(self.n, self.out_features, 0, dtype=torch.uint8)
-        self.bits = "q8_0x16"
-        return True
-
     def extra_repr(self) -> str:
         return f"experts={self.n}, in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-def interleave_stacks(model: nn.Module) -> int:
-    """Give the model's q8 expert stacks the q8_0x16 layout where the int8 products read it fast
-    (kernels.interleaves_q8): the serving engine's start-up. The number of stacks changed."""
+def _interleavable(layer: QuantLinear | QuantStack) -> bool:
+    return (layer.bits == 8 and layer.mins is None and layer.out_features % 16 == 0
+            and layer.qweight.device.type == "cpu")
+
+
+def interleave(layer: QuantLinear | QuantStack) -> bool:
+    """Re-store a q8 layer or stack (no offsets, out_features a multiple of 16, on the CPU) in the q8_0x16 layout the
+    int8 products read without transposing (kernels.interleave_q8): the same values and bytes in another order, read
+    by every kernel (and the torch fallback) but no longer filled by rows. False when it is not such a weight."""
+    if not _interleavable(layer):
+        return False
+    lead, rows, cols = layer.qweight.shape[:-2], layer.out_features, layer.in_features
+    q, d = layer.qweight.reshape(-1, rows, cols), layer.scales.reshape(-1, rows, cols // GROUP)
+    data = torch.empty(q.shape[0], rows, cols // GROUP * 34, dtype=torch.uint8)
+    for e in range(q.shape[0]):  # an expert at a time: the copy's peak is one expert's bytes
+        data[e] = kernels.interleave_q8(q[e], d[e])
+    layer.qweight = data.view(*lead, rows, -1)
+    layer.scales = torch.empty(*lead, rows, 0, dtype=torch.uint8)
+    layer.bits = "q8_0x16"
+    return True
+
+
+def interleave_q8_weights(model: nn.Module) -> int:
+    """Give the model's q8 products the q8_0x16 layout where the int8 products read it fast (kernels.interleaves_q8):
+    the serving engine's start-up. Not kv_b_proj (MLA reads it per head, at row offsets inside the 16-row groups) nor
+    an embedding that is only looked up. The number of weights changed."""
     if not kernels.interleaves_q8():
         return 0
-    return sum(m.interleave() for m in model.modules() if isinstance(m, QuantStack))
+    head, changed = getattr(model, "lm_head", None), 0
+    for parent in model.modules():
+        # Siblings reading the same input (q/k/v, gate/up, q_a/kv_a) are fused by rows (layers.fused_rows) only in
+        # one format: all of them or none.
+        groups: dict[int, list[QuantLinear | QuantStack]] = {}
+        for name, m in parent.named_children():
+            if (isinstance(m, (QuantLinear, QuantStack)) and name != "kv_b_proj"
+                    and (type(m) is not QuantEmbedding or m is head)):
+                groups.setdefault(m.in_features, []).append(m)
+        for group in groups.values():
+            if all(map(_interleavable, group)):
+                changed += sum(map(interleave, group))
+    return changed
 
 
 class QuantEmbedding(QuantLinear):
