@@ -500,6 +500,9 @@ def run_prefix(engine, vocab: int, prefix_len: int) -> Result:
     return warm
 
 
+PROFILE_TOKENS = 40  # decode steps the profile times
+
+
 def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) -> Result:
     """Where a decode step's time goes: attention, router, MoE / MLP, the rest of the forward, sampling, scheduling.
     The native step's layer loop runs in one C call: it times its parts itself (_CLayers.timings)."""
@@ -538,7 +541,7 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
         else:
             timed(layer.self_attn, "attention")
             timed(layer.mlp, ffn_key)
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=PROFILE_TOKENS, ignore_eos=True)
     for i, p in enumerate(random_prompts(concurrency, input_len, vocab, seed=77)):
         engine.add_request(f"p{i}", p, params)
     while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -548,8 +551,9 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
     if c_layers is not None:
         c_layers.timings = (ctypes.c_double * (3 * len(model.model.layers)))()
     engine.timings.update({k: 0.0 for k in engine.timings})
-    t0 = time.perf_counter()
+    t0, rows = time.perf_counter(), 0
     while engine.has_work():
+        rows += len(engine.scheduler.running)
         engine.step()
     wall = time.perf_counter() - t0
     for h in hooks:
@@ -569,7 +573,9 @@ def profile_decode(engine, model, vocab: int, input_len: int, concurrency: int) 
                  "sampling": t["sample"], "scheduling": t["schedule"], "outputs (detokenize, stops)": t["output"]}
     # significant digits, not decimals: a tiny model's part takes microseconds and must not print as 0
     extra = {k: float(f"{(v if k == 'step' else v / n) * 1e3:.4g}") for k, v in breakdown.items()}
-    return Result("selfseek", f"profile c={concurrency}", concurrency, input_len, 40, wall, 0.0, extra=extra)
+    extra["streams per step"] = round(rows / n, 2)  # all `concurrency` of them, unless the KV pool held fewer
+    return Result("selfseek", f"profile c={concurrency}", concurrency, input_len, PROFILE_TOKENS, wall, 0.0,
+                  extra=extra)
 
 
 def scenarios(args) -> list[tuple[str, int, int, int]]:
@@ -626,7 +632,8 @@ def bench_config(args, source: str, gguf: str | None, hf: str | None, threads: i
                 hf_cache[key] = HFRunner(hf, model.dtype if model.dtype != torch.bfloat16 else torch.float32)
             peers["transformers"] = hf_cache[key]
     longest = max(max(c * (args.short_len + args.output_len + 64) for c in args.concurrency),
-                  args.input_len + args.output_len + 64, args.prefix_len + 100)
+                  args.input_len + args.output_len + 64, args.prefix_len + 100,
+                  args.profile * (args.input_len + PROFILE_TOKENS + 64))  # the profile's streams all at once
     max_seqs = max(args.concurrency + [args.profile])
 
     def engine():

@@ -127,19 +127,20 @@ def test_bench_end_to_end_writes_json_and_plot(v3, tmp_path, capsys):
     png = tmp_path / "b.png"
     args = parser.parse_args(["bench", "--model", str(v3), "--dtype", "float32", "--input-len", "24",
                               "--short-len", "8", "--output-len", "3", "--concurrency", "1,3", "--threads", "1",
-                              "--repeat", "2", "--profile", "2", "--json", str(out), "--plot", str(png)])
+                              "--repeat", "2", "--profile", "4", "--json", str(out), "--plot", str(png)])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "| v3_noaux" not in printed and "c=3 aggregate tok/s" in printed and "decode step breakdown" in printed
     data = json.loads(out.read_text())
     assert [c["threads"] for c in data] == [1]
     scenarios = [r["scenario"] for r in data[0]["results"]]
-    assert scenarios == ["prefill", "decode 1x24", "decode c=1", "decode c=3", "profile c=2"]
+    assert scenarios == ["prefill", "decode 1x24", "decode c=1", "decode c=3", "profile c=4"]
     c3 = next(r for r in data[0]["results"] if r["scenario"] == "decode c=3")
     assert c3["requests"] == 3 and c3["output_tok_s"] > 0 and c3["extra"]["preemptions"] == 0
     assert {r["metric"] for r in data[0]["table"]} >= {"prefill 24 tok/s", "% of bandwidth bound"}
     # the native step's one C call times its own parts: each seen, together within the step
-    parts = next(r for r in data[0]["results"] if r["scenario"] == "profile c=2")["extra"]
+    parts = next(r for r in data[0]["results"] if r["scenario"] == "profile c=4")["extra"]
+    assert parts["streams per step"] == 4  # the KV pool holds the profile's 4 streams of 24 + 40 tokens at once
     assert min(parts["attention"], parts["router"], parts["moe"], parts["dense_mlp"]) > 0
     assert parts["attention"] + parts["router"] + parts["moe"] + parts["dense_mlp"] < parts["step"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
