@@ -528,11 +528,15 @@ def test_cache_salt_separates_tenants(model):
     assert cached("alice") >= 256 and cached("bob") >= 256
 
 
-def test_fingerprint_follows_the_weights(model):
+def test_fingerprint_follows_the_weights(model, monkeypatch):
+    from selfseek import kernels
     from selfseek.engine.engine import model_fingerprint
 
     before = model_fingerprint(model)
     assert model_fingerprint(model) == before
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", not kernels.INT8_ACTIVATIONS)  # another KV for the same weights
+    assert model_fingerprint(model) != before
+    monkeypatch.undo()
     w = next(model.parameters())
     with torch.no_grad():
         w.view(-1)[0] += 1.0

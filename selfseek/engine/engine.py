@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfseek import kernels
 from selfseek.engine.async_engine import RequestDelta
 from selfseek.engine.disk_cache import open_disk_cache
 from selfseek.engine.errors import EngineDead, EngineError, Overloaded, RequestError, RequestFailed
@@ -107,8 +108,10 @@ def _cache_dtype(name: str, model: CausalLM) -> torch.dtype | None:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap identity of a model's weights: its config, and per tensor its name, shape, dtype and 64
-    values sampled evenly across it (different weights under the same config give a different value)."""
-    h = hashlib.sha256()
+    values sampled evenly across it (different weights under the same config give a different value); and whether
+    activations are rounded to int8 (kernels.INT8_ACTIVATIONS): its KV differs from the float path's, so a disk
+    prefix cache written by one must not serve the other."""
+    h = hashlib.sha256(f"int8_activations={kernels.INT8_ACTIVATIONS}".encode())
     cfg = getattr(model, "config", None)
     h.update(json.dumps(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg), sort_keys=True,
                         default=repr).encode())
