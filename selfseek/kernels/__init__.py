@@ -109,8 +109,9 @@ def int8_max_rows() -> int:
 
 
 def interleaves_q8() -> bool:
-    """Whether q8 expert stacks should take the q8_0x16 layout: int8 activations on and a loaded level whose int8
-    products read it in vectors (VNNI; other levels read it in scalar code, for correctness only)."""
+    """Whether q8 weights should take the q8_0x16 layout (models.quant.interleave_q8_weights): int8 activations on
+    and a loaded level whose int8 products read it in vectors (VNNI; the others read it in scalar code, for
+    correctness only)."""
     return INT8_ACTIVATIONS and (lib := _load()) is not None and bool(lib.selfseek_q8x16_native())
 
 

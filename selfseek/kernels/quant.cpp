@@ -75,7 +75,7 @@ constexpr int64_t unit_bytes(int kind) {
 }
 
 // Q8X16: q8 weights (Q8_0's values and fp16 scales, no offsets) with each 16 rows interleaved, the layout of the
-// int8 products' transposed tile stored once at load (QuantStack.interleave): per group of 16 rows and 32-block, the
+// int8 products' transposed tile stored once at start (models.quant.interleave): per group of 16 rows and 32-block, the
 // 16 scales (32 bytes), then 8 x 64 bytes, where bytes 64 t + 4 j .. + 3 are values 4 t .. 4 t + 3 of row j. One
 // stream per tile, no transpose and no horizontal sums: a vector of 16 rows' dot products per block.
 constexpr int64_t Q8X16_BLOCK = 16 * 34;
@@ -2350,7 +2350,9 @@ constexpr int64_t INT8_MAX_ROWS = 63;
 // selfseek_linear_int8, W^UV's heads and the MoE's experts (kernels.takes_int8 in Python).
 constexpr bool takes_i8(int kind, int64_t rows) { return rows <= INT8_MAX_ROWS && int8_kind(kind); }
 
-// Q8X16 with int8 activations: rows [n0, n1) (whole groups of 16) against the M rows of x.
+// Q8X16 with int8 activations: rows [n0, n1) (whole groups of 16: every caller splits rows by ROW_CHUNK) against
+// the M rows of x.
+static_assert(ROW_CHUNK % 16 == 0, "Q8X16 row ranges are whole 16-row groups");
 #if defined(__AVX512VNNI__)
 // MR rows of x against the 16 rows of the group at g: per block the 8 vectors of 4-byte groups are loaded as they
 // are stored, made unsigned (w + 128, corrected by XQ::c as in tile_i8_t) and broadcast-multiplied with x's 4-byte
@@ -2361,9 +2363,10 @@ void x16_tile_i8(const uint8_t* g, const XQ& x, int64_t r0, float* y, int64_t ld
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int64_t b = 0; b < x.nb; ++b) {
-    const uint8_t* o = g + b * Q8X16_BLOCK;  // one stream: the hardware prefetcher alone keeps up (measured: software
-    // prefetches PF_BYTES ahead were 0-20% slower)
-    if (MR > 4) prefetch_range(o + PF_BYTES, Q8X16_BLOCK);  // but from 8 rows on, compute hides it: 19 -> 10 ms
+    // One stream: up to 4 rows the hardware prefetcher alone keeps up (software prefetches PF_BYTES ahead were 0-20%
+    // slower); with more rows' compute between the loads it does not (129280 x 1024, 8 rows: 19 -> 10 ms with them).
+    const uint8_t* o = g + b * Q8X16_BLOCK;
+    if (MR > 4) prefetch_range(o + PF_BYTES, Q8X16_BLOCK);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)o));
     __m512i W[8];
     for (int t = 0; t < 8; ++t) W[t] = _mm512_xor_si512(_mm512_loadu_si512(o + 32 + 64 * t), flip);
@@ -2398,8 +2401,8 @@ void x16_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, 
       X16_TILES[std::min<int64_t>(16, M - r) - 1](w.data + n * row_bytes(w), x, r, y + n, ldy);
 }
 #else
-// Without VNNI (QuantStack.interleave only makes the layout where the loaded level has it): the same sums in scalar
-// code, for correctness.
+// Without VNNI (models.quant.interleave_q8_weights makes the layout only where the loaded level has it): the same sums
+// in scalar code, for correctness.
 void x16_range_i8(const Mat& w, int64_t n0, int64_t n1, const XQ& x, int64_t M, float* y, int64_t ldy) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* g = w.data + n / 16 * 16 * row_bytes(w);
