@@ -4,12 +4,12 @@ Per weight kind and batch rows M: milliseconds per y = x W^T call (best of sever
 (the figure that bounds decode), billions of weights per second, and the same product through a whole-weight
 float32 copy and torch.mm (the path quantized layers took before for M >= 16) for comparison; with --int8 also
 the opt-in int8-activation path (SELFSEEK_INT8_ACTIVATIONS) for quantized kinds and M <= kernels.int8_max_rows().
-Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4) and the packed formats q2_k .. q6_k, fp8, fp4 (random
-bytes). --shape NxK times a non-square [N out, K in] weight instead of --size's square one: a big one (e.g. the
-medium V3 lm_head, 129280x1024) is read from DRAM on every call, as in decode. With --moe: one routed-experts
-layer of the medium bench model's shape (64 experts of 1024 -> 256 -> 1024, top-6), fused kernel against the
-per-expert loop (Experts._forward_torch), with --int8 also the fused kernel with int8 activations. Not a test:
-timings depend on the machine.
+Kinds: f32, bf16, f16, q8, q4 (models/quant.py's int8/int4), the packed formats q2_k .. q6_k, fp8, fp4 (random
+bytes) and q8_0x16 (q8 16 rows interleaved, as the int8 engine re-stores it). --shape NxK times a non-square [N out,
+K in] weight instead of --size's square one: a big one (e.g. the medium V3 lm_head, 129280x1024) is read from DRAM
+on every call, as in decode. With --moe: one routed-experts layer of the medium bench model's shape (64 experts of
+1024 -> 256 -> 1024, top-6), fused kernel against the per-expert loop (Experts._forward_torch), with --int8 also the
+fused kernel with int8 activations. Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -64,9 +64,12 @@ def packed_weight(kind: str, n: int, k: int) -> kernels.Packed:
 def weight(kind: str, n: int, k: int) -> kernels.Weight:
     from selfseek.models.quant import quantize_weight
 
+    w = torch.randn(n, k) * 0.02
+    if kind == "q8_0x16":  # q8 as the int8 engine re-stores it
+        q, d, _ = quantize_weight(w, 8)
+        return kernels.Packed(kind, kernels.interleave_q8(q, d), torch.empty(n, 0, dtype=torch.uint8), k)
     if kind in kernels.FORMATS:
         return packed_weight(kind, n, k)
-    w = torch.randn(n, k) * 0.02
     if kind in ("q8", "q4"):
         return quantize_weight(w, 8 if kind == "q8" else 4)
     return w.to({"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[kind])
