@@ -276,8 +276,10 @@ class _CLayers:
         self.layers = layers
         self.mla = type(layers[0].attn) is _MLA
         self.timings: ctypes.Array | None = None
-        if any(type(la.ffn) is _MoE for la in layers) and routing_library() is None:
+        routing = routing_library()
+        if any(type(la.ffn) is _MoE for la in layers) and routing is None:
             raise Unsupported("no routing kernel")
+        self.gate = None if routing is None else ctypes.cast(routing.selfseek_gate, ctypes.c_void_p).value
         self.structs = (fused_ops.DecodeLayer * len(layers))()
         for st, la in zip(self.structs, layers, strict=True):
             at = la.attn.attn
@@ -321,7 +323,7 @@ class _CLayers:
             attention=ctypes.cast(s.alib.selfseek_paged_attention, ctypes.c_void_p).value,
             heads=ctypes.cast(kernels.entry(s.qlib, "selfseek_heads"), ctypes.c_void_p).value,
             moe=ctypes.cast(kernels.entry(s.qlib, "selfseek_moe"), ctypes.c_void_p).value,
-            gate=ctypes.cast(routing_library().selfseek_gate, ctypes.c_void_p).value,
+            gate=self.gate,
             timings=None if self.timings is None else ctypes.addressof(self.timings),
             rows=s.T, hidden=h.shape[1], cos=s.cos.data_ptr(), sin=s.sin.data_ptr(), slots=slots.data_ptr(),
             block_tables=paged.block_tables.data_ptr(), cu_q=paged.cu_q.data_ptr(),
